@@ -1,0 +1,44 @@
+"""Array-module switch: numpy on CPU, CuPy on GPU, one code path.
+
+``get_xp("auto")`` returns CuPy when it imports and sees a GPU, else numpy. ``to_numpy`` brings arrays home.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+
+def cupy_available() -> bool:
+    """True when CuPy imports and at least one CUDA device is visible."""
+    try:
+        import cupy  # type: ignore
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def get_xp(backend: str = "auto") -> ModuleType:
+    """Return the array module for ``backend`` in {"auto", "numpy", "cupy"}."""
+    if backend == "numpy":
+        return np
+    if backend in ("cupy", "auto"):
+        if cupy_available():
+            import cupy  # type: ignore
+
+            return cupy
+        if backend == "cupy":
+            raise RuntimeError("backend 'cupy' requested but CuPy or a CUDA GPU is not available; "
+                               "install the 'gpu' extra (pip install cupy-cuda12x) or set transitions.backend: numpy")
+        return np
+    raise ValueError(f"unknown backend {backend!r}; use auto, numpy or cupy")
+
+
+def to_numpy(a: Any) -> np.ndarray:
+    """Convert a numpy or CuPy array to numpy."""
+    if hasattr(a, "get"):
+        return a.get()
+    return np.asarray(a)

@@ -1,0 +1,15 @@
+rule demo_data:
+    """Synthetic differentiation atlas (counts + TFinfo base GRN + planted ground truth), offline."""
+    output:
+        counts="resources/demo/counts.h5ad",
+        tfinfo="resources/demo/base_grn_tfinfo.parquet",
+        truth="resources/demo/ground_truth.json",
+    params:
+        settings=config.get("demo_data", {}),
+        code=code_version("demo_data"),
+    log:
+        "results/logs/demo_data.log",
+    benchmark:
+        "results/benchmarks/demo_data.tsv"
+    script:
+        "../workflow_scripts/demo_data.py"

@@ -1,0 +1,28 @@
+rule evaluate:
+    """Test protocol: trained agent vs greedy, random and BFS optimum; episodes, summary and plots."""
+    input:
+        model="results/{dataset}/oracle/model.npz",
+        table="results/{dataset}/transitions/table.npy",
+        actions="results/{dataset}/transitions/actions.tsv",
+        agent="results/{dataset}/models/{run}/model.zip",
+        progress="results/{dataset}/models/{run}/progress.csv",
+        bfs="results/{dataset}/benchmark/bfs.parquet",
+        truth=lambda w: (
+            ["resources/demo/ground_truth.json"]
+            if str(config["datasets"][w.dataset]["rna"]["path"]).startswith("resources/demo/")
+            else []
+        ),
+    output:
+        episodes="results/{dataset}/benchmark/{run}/episodes.parquet",
+        summary="results/{dataset}/benchmark/{run}/summary.json",
+        plots=directory("results/{dataset}/benchmark/{run}/plots"),
+    params:
+        env=settings("env", run=True),
+        settings=settings("evaluate", run=True),
+        code=code_version("evaluate"),
+    log:
+        "results/{dataset}/logs/evaluate_{run}.log",
+    benchmark:
+        "results/{dataset}/benchmarks/evaluate_{run}.tsv"
+    script:
+        "../workflow_scripts/evaluate.py"

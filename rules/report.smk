@@ -1,0 +1,32 @@
+rule software_env:
+    """Versions of the key packages and the git commit that produced this dataset's results."""
+    output:
+        "results/{dataset}/software.json",
+    params:
+        code=code_version("report"),
+    log:
+        "results/{dataset}/logs/software_env.log",
+    benchmark:
+        "results/{dataset}/benchmarks/software_env.tsv"
+    script:
+        "../workflow_scripts/software_env.py"
+
+
+rule report:
+    """Self-contained HTML report: oracle, transitions, training, evaluation, ground truth, plots."""
+    input:
+        summaries=expand("results/{{dataset}}/benchmark/{run}/summary.json", run=RUNS),
+        plots=expand("results/{{dataset}}/benchmark/{run}/plots", run=RUNS),
+        oracle_stats="results/{dataset}/oracle/stats.json",
+        transition_stats="results/{dataset}/transitions/stats.json",
+        software="results/{dataset}/software.json",
+    output:
+        "results/{dataset}/report.html",
+    params:
+        code=code_version("report"),
+    log:
+        "results/{dataset}/logs/report.log",
+    benchmark:
+        "results/{dataset}/benchmarks/report.tsv"
+    script:
+        "../workflow_scripts/report.py"

@@ -1,0 +1,29 @@
+def train_hpo_input(wildcards):
+    use_hpo = dataset_config(config, wildcards.dataset, wildcards.run)["train"]["use_hpo"]
+    return [f"results/{wildcards.dataset}/hpo/best_params.yaml"] if use_hpo else []
+
+
+rule train:
+    """MaskablePPO with the reference network, curriculum, checkpoints (exact resume) and logging."""
+    input:
+        model="results/{dataset}/oracle/model.npz",
+        table="results/{dataset}/transitions/table.npy",
+        hpo=train_hpo_input,
+    output:
+        model="results/{dataset}/models/{run}/model.zip",
+        summary="results/{dataset}/models/{run}/train_summary.json",
+        progress="results/{dataset}/models/{run}/progress.csv",
+    params:
+        env=settings("env", run=True),
+        train=settings("train", run=True),
+        out_dir=lambda w: f"results/{w.dataset}/models/{w.run}",
+        code=code_version("train"),
+    threads: 2
+    resources:
+        gpu=1,
+    log:
+        "results/{dataset}/logs/train_{run}.log",
+    benchmark:
+        "results/{dataset}/benchmarks/train_{run}.tsv"
+    script:
+        "../workflow_scripts/train.py"

@@ -1,0 +1,10 @@
+"""Rule evaluate: agent vs greedy vs random vs BFS on the test protocol, with plots."""
+from cellrl.evaluate import evaluate_files
+from cellrl.smk import log_to
+
+with log_to(snakemake.log[0]):
+    evaluate_files(model=snakemake.input.model, table=snakemake.input.table, actions=snakemake.input.actions,
+                   agent=snakemake.input.agent, progress=snakemake.input.progress, bfs=snakemake.input.bfs,
+                   truth=snakemake.input.truth[0] if snakemake.input.truth else None,
+                   episodes_out=snakemake.output.episodes, summary_out=snakemake.output.summary,
+                   plots_dir=snakemake.output.plots, env=snakemake.params.env, **snakemake.params.settings)
