@@ -6,6 +6,7 @@ configfile: "config/config.yaml"
 
 include: "rules/common.smk"
 include: "rules/demo_data.smk"
+include: "rules/download.smk"
 include: "rules/ingest.smk"
 include: "rules/filter.smk"
 include: "rules/split.smk"

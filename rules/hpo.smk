@@ -1,18 +1,6 @@
-# Two-phase Optuna search shared by parallel workers (one study per phase in hpo/study.db or a journal).
-
-
-def hpo_worker_ids(wildcards):
-    n = dataset_config(config, wildcards.dataset)["hpo"]["n_workers"]
-    return [
-        f"results/{wildcards.dataset}/hpo/phase{wildcards.phase}/worker{i}.done"
-        for i in range(n)
-    ]
-
-
-def hpo_previous_phase(wildcards):
-    if wildcards.phase == "2":
-        return [f"results/{wildcards.dataset}/hpo/phase1.yaml"]
-    return []
+# Two-phase Optuna search shared by parallel workers (one study per phase in hpo/study.db or hpo/study.journal).
+# `snakemake --jobs 8 --profile profiles/slurm` runs hpo.n_workers hpo_worker jobs of a phase at once; each
+# runs trials until the phase's trial budget is used, so the study ends the same whatever the parallelism.
 
 
 rule hpo_worker:
@@ -20,9 +8,9 @@ rule hpo_worker:
     input:
         model="results/{dataset}/oracle/model.npz",
         table="results/{dataset}/transitions/table.npy",
-        previous=hpo_previous_phase,
+        previous=lambda w: [f"results/{w.dataset}/hpo/phase1.yaml"] if w.phase == "2" else [],
     output:
-        touch("results/{dataset}/hpo/phase{phase}/worker{worker}.done"),
+        "results/{dataset}/hpo/phase{phase}/worker{worker}.done",
     params:
         settings=settings("hpo"),
         env=settings("env"),
@@ -43,9 +31,14 @@ rule hpo_worker:
 rule hpo_phase:
     """Finish a phase: best parameters, importances (phase 1 picks the top-k for phase 2), plots."""
     input:
-        hpo_worker_ids,
+        lambda w: [
+            f"results/{w.dataset}/hpo/phase{w.phase}/worker{i}.done"
+            for i in range(dataset_config(config, w.dataset)["hpo"]["n_workers"])
+        ],
     output:
-        "results/{dataset}/hpo/phase{phase}.yaml",
+        summary="results/{dataset}/hpo/phase{phase}.yaml",
+        plots=multiext("results/{dataset}/hpo/phase{phase}_", "history.png", "importances.png", "parallel.png",
+                       "intermediate.png"),
     params:
         settings=settings("hpo"),
         study_dir=lambda w: f"results/{w.dataset}/hpo",
@@ -59,14 +52,23 @@ rule hpo_phase:
 
 
 rule hpo_best:
-    """Best parameters of the two-phase search, in the form `train` reads."""
+    """Best parameters of the two-phase search, in the form `train` reads; tuned vs reference on fresh seeds."""
     input:
         phase1="results/{dataset}/hpo/phase1.yaml",
         phase2="results/{dataset}/hpo/phase2.yaml",
+        model="results/{dataset}/oracle/model.npz",
+        table="results/{dataset}/transitions/table.npy",
     output:
-        "results/{dataset}/hpo/best_params.yaml",
+        best="results/{dataset}/hpo/best_params.yaml",
+        comparison="results/{dataset}/hpo/tuned_vs_reference.json",
     params:
+        settings=settings("hpo"),
+        env=settings("env"),
+        train=settings("train"),
         code=code_version("hpo"),
+    threads: 1
+    resources:
+        gpu=1,
     log:
         "results/{dataset}/logs/hpo_best.log",
     benchmark:

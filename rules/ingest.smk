@@ -1,7 +1,14 @@
+def ingest_inputs(wildcards):
+    """The matrix (file or 10x folder) plus the cell-type table when one is configured."""
+    rna = config["datasets"][wildcards.dataset]["rna"]
+    table = (rna.get("cell_type") or {}).get("table")
+    return [rna["path"]] + ([table] if table else [])
+
+
 rule ingest:
     """Read raw scRNA (h5ad, 10x h5/mtx, CSV/TSV), attach cell types, normalise gene symbols."""
     input:
-        rna_input,
+        ingest_inputs,
     output:
         "results/{dataset}/rna/raw.h5ad",
     params:

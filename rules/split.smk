@@ -1,9 +1,10 @@
 rule split:
-    """Seeded train/val/test split per cell type."""
+    """Seeded train/val/test split per cell type; split_report.json lists types too small for val/test."""
     input:
         "results/{dataset}/rna/filtered.h5ad",
     output:
-        "results/{dataset}/split.tsv",
+        tsv="results/{dataset}/split.tsv",
+        report="results/{dataset}/split_report.json",
     params:
         settings=settings("split"),
         code=code_version("split"),

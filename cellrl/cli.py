@@ -1,0 +1,264 @@
+"""Command line: ``cellrl plan`` - the perturbation sequence a trained agent proposes, next to the BFS optimum.
+
+    cellrl plan --results results/demo --start Stem --target FateA
+    cellrl plan --results results/demo --run default --start cell00042 --target FateA --json
+    cellrl plan --model m.npz --table table.npy --agent model.zip --start Stem --target FateA
+
+The start is a cell name, or a cell type (then the test cell of that type closest to its centroid stands for
+it). Exit status: 0 the agent reaches the target; 1 it does not, but a path exists (the BFS optimum is shown);
+2 bad input (unknown cell or type, missing files); 3 the target is unreachable from the start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .errors import CellrlError, InputError
+
+EXIT_OK, EXIT_AGENT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+class UnreachableError(CellrlError):
+    """No sequence of allowed perturbations leads from the start cell to the target type."""
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def resolve_paths(results: str | Path | None, run: str, model: str | None, table: str | None,
+                  agent: str | None, actions: str | None) -> dict[str, Path | None]:
+    """Paths of model.npz, table.npy, actions.tsv, model.zip and train_summary.json.
+
+    A results folder (``results/{dataset}``) supplies the defaults; explicit paths win.
+    """
+    r = Path(results) if results else None
+    if r is not None and not r.is_dir():
+        raise InputError("results folder not found", path=r, fix="give results/<dataset> of a finished run")
+    paths: dict[str, Path | None] = {
+        "model": Path(model) if model else (r / "oracle" / "model.npz" if r else None),
+        "table": Path(table) if table else (r / "transitions" / "table.npy" if r else None),
+        "actions": Path(actions) if actions else (r / "transitions" / "actions.tsv" if r else None),
+        "agent": Path(agent) if agent else (r / "models" / run / "model.zip" if r else None),
+    }
+    agent_dir = paths["agent"].parent if paths["agent"] else None
+    paths["train_summary"] = agent_dir / "train_summary.json" if agent_dir else None
+    for k in ("model", "table", "agent"):
+        if paths[k] is None:
+            raise InputError(f"no {k} given", field=f"--{k}", fix="pass --results results/<dataset> or every path")
+        if not paths[k].exists():
+            raise InputError(f"{k} file not found", path=paths[k],
+                             fix="check --results/--run, or run the pipeline up to this file first")
+    if paths["actions"] is not None and not paths["actions"].exists():
+        paths["actions"] = None
+    return paths
+
+
+def env_settings(train_summary: Path | None, results: str | Path | None, run: str) -> dict[str, Any]:
+    """Environment settings of the run: train_summary.json's ``env`` (what the agent was trained with), else
+    the dataset's entry in config/config.yaml, else the reference defaults."""
+    if train_summary is not None and train_summary.exists():
+        env = json.loads(train_summary.read_text()).get("env")
+        if env:
+            return dict(env)
+    if results:
+        try:
+            from .config import dataset_config, load_config
+
+            cfg = load_config()
+            ds = Path(results).name
+            if ds in cfg["datasets"]:
+                return dataset_config(cfg, ds, run if run in cfg["runs"] else None)["env"]
+        except CellrlError:
+            pass
+    return {}
+
+
+def find_type(geometry: Any, name: str, what: str) -> int:
+    """Index of a cell type by name (exact, then case-insensitive); InputError listing the types."""
+    names = [str(t) for t in geometry.type_names]
+    if name in names:
+        return names.index(name)
+    low = [n.lower() for n in names]
+    if name.lower() in low:
+        return low.index(name.lower())
+    raise InputError(f"unknown {what} cell type {name!r}; known types: {', '.join(names)}", field=what)
+
+
+def resolve_start(model: Any, geometry: Any, start: str) -> tuple[int, str]:
+    """(cell index, how it was chosen) for a cell name or a cell type.
+
+    A type stands for its representative: the test cell of that type most cosine-similar to the type's
+    centroid (any cell of the type when it has no test cell).
+    """
+    names = np.asarray(model.cell_names).astype(str)
+    hit = np.flatnonzero(names == start)
+    if len(hit):
+        return int(hit[0]), "cell name"
+    try:
+        t = find_type(geometry, start, "start")
+    except InputError:
+        raise InputError(f"unknown start {start!r}: neither a cell name nor a cell type; cell types: "
+                         f"{', '.join(str(x) for x in geometry.type_names)}; cell names look like {names[0]!r}",
+                         field="start") from None
+    of_type = geometry.type_ids == t
+    test = of_type & (np.asarray(geometry.split).astype(str) == "test")
+    pool = np.flatnonzero(test if test.any() else of_type)
+    best = pool[np.argmax(geometry.cos_sim[pool, t])]
+    return int(best), f"representative of type {geometry.type_names[t]} ({'test' if test.any() else 'any'} cell " \
+                      "closest to its centroid)"
+
+
+# ---------------------------------------------------------------------------------------------- planning
+def _steps(start: int, actions: Sequence[int], cells: Sequence[int], target: int, model: Any, geometry: Any,
+           acts: Any) -> list[dict[str, Any]]:
+    names = np.asarray(model.cell_names).astype(str)
+    tn = np.asarray(geometry.type_names).astype(str)
+
+    def row(step: int, a: int | None, c: int) -> dict[str, Any]:
+        return {"step": step, "action": a, "gene": None if a is None else str(acts.gene[a]),
+                "kind": None if a is None else str(acts.kind[a]), "cell": names[c], "cell_index": int(c),
+                "cell_type": tn[geometry.type_ids[c]],
+                "cos_dist": round(float(1.0 - geometry.cos_sim[c, target]), 4),
+                "at_goal": bool(geometry.goal_mask[target, c])}
+
+    return [row(0, None, start)] + [row(i + 1, int(a), int(c)) for i, (a, c) in enumerate(zip(actions, cells))]
+
+
+def plan(model: Any, table: np.ndarray, agent: Any, start: str, target: str, env: Mapping[str, Any] | None = None,
+         actions: Any = None, deterministic: bool = True, max_steps: int | None = None) -> dict[str, Any]:
+    """Plan from ``start`` (cell name or type) to cell type ``target`` with the agent and with BFS.
+
+    ``agent`` is a MaskablePPO model or a zero-argument function that loads one (called only once the names
+    are resolved and a path exists, so bad input fails fast). Raises InputError for unknown names,
+    UnreachableError when no path exists. Returns a JSON-ready dict.
+    """
+    from .bfs import eval_allowed_mask, shortest_paths
+    from .env import EnvParams
+    from .evaluate import action_table, agent_chooser, check_agent_spaces, rollout
+    from .tasks import TaskGeometry
+
+    params = EnvParams.from_config(env)
+    geo = TaskGeometry.from_model(model, params.goal_percentile, params.centroid_percentile)
+    acts = actions if actions is not None else action_table(table.shape[1], model.regulators)
+    t = find_type(geo, target, "target")
+    c, how = resolve_start(model, geo, start)
+    if geo.type_ids[c] == t:
+        raise InputError(f"start cell {model.cell_names[c]} is already of type {geo.type_names[t]}; "
+                         "choose a start of another type", field="start")
+    limit = int(max_steps or params.eval_max_steps(geo.n_types))
+    res = shortest_paths(table, geo.goal_mask[t:t + 1], eval_allowed_mask(model, table))
+    d = int(res.dist[c, 0])
+    out: dict[str, Any] = {
+        "start": {"cell": str(model.cell_names[c]), "cell_index": c, "cell_type": str(geo.type_names[geo.type_ids[c]]),
+                  "split": str(geo.split[c]), "chosen_as": how},
+        "target": {"cell_type": str(geo.type_names[t]), "goal_threshold": float(geo.goal_threshold[t]),
+                   "start_cos_dist": float(1.0 - geo.cos_sim[c, t])},
+        "max_steps": limit, "deterministic": bool(deterministic),
+    }
+    if d < 0:
+        raise UnreachableError(f"target {geo.type_names[t]} is unreachable from cell {model.cell_names[c]} "
+                               f"(type {geo.type_names[geo.type_ids[c]]}): no sequence of allowed perturbations "
+                               "in the transition table reaches a goal cell of that type (exact BFS)")
+    b_acts, b_cells = res.path(table, c, 0)
+    out["bfs"] = {"length": d, "within_max_steps": d <= limit,
+                  "steps": _steps(c, b_acts, b_cells, t, model, geo, acts)}
+    if callable(agent) and not hasattr(agent, "predict"):
+        agent = agent()
+    check_agent_spaces(agent, geo, table.shape[1])
+    r = rollout(geo, table, params, np.array([c]), np.array([t]), agent_chooser(agent, deterministic),
+                max_steps=limit)
+    out["agent"] = {"success": bool(r["success"][0]), "length": int(r["length"][0]),
+                    "steps": _steps(c, r["actions"][0], r["cells"][0], t, model, geo, acts)}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- printing
+def format_plan(p: Mapping[str, Any]) -> str:
+    """Human-readable plan: the agent's sequence and the BFS optimum as aligned tables."""
+    s, t = p["start"], p["target"]
+    lines = [f"start : {s['cell']} (type {s['cell_type']}, {s['split']} split; {s['chosen_as']})",
+             f"target: {t['cell_type']} (reached when cosine distance to its centroid <= "
+             f"{t['goal_threshold']:.3f} in a cell of that type; start distance {t['start_cos_dist']:.3f})", ""]
+
+    def table(title: str, steps: Sequence[Mapping[str, Any]]) -> list[str]:
+        out = [title, f"  {'step':>4}  {'gene':<14} {'KO/OE':<5}  {'cell reached':<16} {'cell type':<16} "
+                      f"{'cos dist':>8}"]
+        for r in steps:
+            gene = r["gene"] if r["gene"] is not None else "(start)"
+            kind = r["kind"] or ""
+            mark = "  <- target reached" if r["at_goal"] else ""
+            out.append(f"  {r['step']:>4}  {gene:<14} {kind:<5}  {r['cell']:<16} {r['cell_type']:<16} "
+                       f"{r['cos_dist']:>8.3f}{mark}")
+        return out
+
+    a = p.get("agent")
+    if a is not None:
+        verdict = f"reaches {t['cell_type']} in {a['length']} steps" if a["success"] else \
+            f"does NOT reach {t['cell_type']} within {p['max_steps']} steps"
+        lines += table(f"agent plan ({'deterministic' if p['deterministic'] else 'sampled'}): {verdict}", a["steps"])
+        lines.append("")
+    b = p.get("bfs")
+    if b is not None:
+        note = "" if b["within_max_steps"] else f" (longer than the episode limit of {p['max_steps']})"
+        lines += table(f"BFS optimal sequence: {b['length']} steps{note}", b["steps"])
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cellrl", description="cellrl command line")
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("plan", help="plan a perturbation sequence from a start cell to a target cell type",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("--results", help="results folder of a dataset, e.g. results/demo")
+    q.add_argument("--run", default="default", help="training run under <results>/models/ (default: default)")
+    q.add_argument("--model", help="model.npz (default: <results>/oracle/model.npz)")
+    q.add_argument("--table", help="table.npy (default: <results>/transitions/table.npy)")
+    q.add_argument("--actions", help="actions.tsv (default: <results>/transitions/actions.tsv)")
+    q.add_argument("--agent", help="MaskablePPO zip (default: <results>/models/<run>/model.zip)")
+    q.add_argument("--start", required=True, help="start cell name, or a cell type (its representative cell)")
+    q.add_argument("--target", required=True, help="target cell type")
+    q.add_argument("--max-steps", type=int, help="episode step limit (default: the evaluation limit of the run)")
+    q.add_argument("--stochastic", action="store_true", help="sample the agent's actions instead of argmax")
+    q.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cellrl`` command; returns the exit status (see module docstring)."""
+    args = _parser().parse_args(argv)
+    try:
+        from .bfs import load_table
+        from .evaluate import action_table, load_agent
+        from .model import load_model
+
+        paths = resolve_paths(args.results, args.run, args.model, args.table, args.agent, args.actions)
+        model = load_model(paths["model"])
+        table = load_table(paths["table"], model.n_cells, model.n_actions)
+        acts = action_table(table.shape[1], model.regulators, paths["actions"])
+        env = env_settings(paths["train_summary"], args.results, args.run)
+        p = plan(model, table, lambda: load_agent(paths["agent"]), args.start, args.target, env=env, actions=acts,
+                 deterministic=not args.stochastic, max_steps=args.max_steps)
+    except UnreachableError as e:
+        if args.json:
+            print(json.dumps({"error": "unreachable", "message": str(e)}))
+        print(f"cellrl plan: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except CellrlError as e:
+        if args.json:
+            print(json.dumps({"error": "input", "message": str(e)}))
+        print(f"cellrl plan: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    print(json.dumps(p, indent=2) if args.json else format_plan(p))
+    if not p["agent"]["success"]:
+        print(f"cellrl plan: the agent does not reach {p['target']['cell_type']} within {p['max_steps']} steps; "
+              f"the BFS optimum ({p['bfs']['length']} steps) is shown for comparison", file=sys.stderr)
+        return EXIT_AGENT_FAILED
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Fit a real CellOracle oracle and convert it into the portable ``model.npz`` (:mod:`cellrl.model`).
+
+The steps are CellOracle's tutorial (celloracle 0.20.0), with the settings of the ``oracle:`` config section:
+
+1. import: the oracle gets the filtered matrix ``X`` (log1p of per-cell normalised counts) through
+   ``import_anndata_as_normalized_count``. CellOracle still reads ``layers["raw_count"]`` there, for its
+   CV-vs-mean QC only; it gets count-scale values (``layers["normalized"]`` for ``expression: counts``,
+   ``expm1(X)`` for ``expression: lognorm``), multiplied by one constant when needed so that the largest gene
+   mean is at most 30 (CellOracle drops genes with mean > 35 from that fit and then fails when too few are
+   left; the CV is scale-free, so the constant changes nothing else). Both declarations therefore give
+   CellOracle the same log-normalised matrix that ``import_anndata_as_raw_count`` would build from
+   normalised counts, without its failure on small or log-normalised gene sets (design.md section 6).
+2. ``perform_PCA``; number of PCs from the explained-variance elbow (tutorial rule, at most 50) unless
+   ``n_pcs`` is set.
+3. ``knn_imputation``: k = ``knn_k_fraction`` x cells, balanced, ``b_sight = 8k``, ``b_maxl = 4k``.
+4. ``get_links`` per cell type (bagging ridge, ``alpha``, ``bagging_number``), ``filter_links(p, top N)``.
+5. ``get_cluster_specific_TFdict_from_Links`` + ``fit_GRN_for_simulation(alpha, cluster-specific TF dict)``.
+
+:func:`model_from_oracle` turns the fitted oracle into an :class:`~cellrl.model.OracleModel`;
+:func:`fit_oracle_files` is the ``fit_oracle`` rule (writes the CellOracle objects, ``model.npz`` and
+``stats.json``, each atomically).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .errors import InputError
+from .grn import load_tf_targets, to_celloracle_tfdict
+from .io import atomic_path, write_json
+from .model import SPLITS, OracleModel
+
+log = logging.getLogger(__name__)
+
+CLUSTER_COLUMN = "cell_type"
+MAX_PSEUDO_MEAN = 30.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------------
+def _dense(a: Any) -> np.ndarray:
+    return np.asarray(a.toarray() if sp.issparse(a) else a, dtype=np.float64)
+
+
+def oe_values(X: np.ndarray, sd: float = 1.5, iqr: float = 3.0) -> np.ndarray:
+    """Overexpression value per column of ``X``: mean + ``sd`` x SD (ddof 1) of the values inside
+    [Q1 - ``iqr`` x IQR, Q3 + ``iqr`` x IQR], floored at 0."""
+    X = np.asarray(X, dtype=np.float64)
+    out = np.empty(X.shape[1])
+    q1, q3 = np.percentile(X, [25, 75], axis=0)
+    width = q3 - q1
+    for j in range(X.shape[1]):
+        v = X[:, j]
+        v = v[(v >= q1[j] - iqr * width[j]) & (v <= q3[j] + iqr * width[j])]
+        out[j] = v.mean() + sd * (v.std(ddof=1) if v.size > 1 else 0.0)
+    return np.maximum(out, 0.0)
+
+
+def _split_array(split: Any, cell_names: Sequence[str], source: object = "split") -> np.ndarray:
+    """Split labels aligned to ``cell_names`` from an array, a Series (index = cell) or a (cell, split) frame."""
+    names = pd.Index(np.asarray(cell_names, dtype=str))
+    if isinstance(split, pd.DataFrame):
+        if not {"cell", "split"} <= set(split.columns):
+            raise InputError(f"split table needs columns cell, split (has {list(split.columns)})", path=source)
+        split = pd.Series(split["split"].to_numpy(), index=split["cell"].astype(str).to_numpy())
+    if isinstance(split, pd.Series):
+        missing = names.difference(split.index)
+        if len(missing):
+            raise InputError(f"{len(missing)} cells of the expression matrix have no split, e.g. "
+                             f"{list(missing[:3])}", path=source, fix="re-run the split rule")
+        arr = split.reindex(names).astype(str).to_numpy()
+    else:
+        arr = np.asarray(split).astype(str)
+        if arr.shape != (len(names),):
+            raise InputError(f"split has shape {arr.shape}, expected ({len(names)},)", path=source)
+    bad = ~np.isin(arr, SPLITS)
+    if bad.any():
+        raise InputError(f"split labels must be in {SPLITS}; found {sorted(set(arr[bad]))[:3]}", path=source)
+    return arr
+
+
+def read_split(path: str | os.PathLike) -> pd.DataFrame:
+    """Read ``split.tsv`` (columns cell, split)."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError("split table not found", path=p, fix="run the split rule first")
+    return pd.read_csv(p, sep="\t", dtype=str)
+
+
+def _pseudo_counts(adata: Any, expression: str) -> tuple[np.ndarray, float]:
+    """Count-scale values for CellOracle's ``raw_count`` layer (QC only) and the scale factor applied."""
+    if expression == "counts" and "normalized" in adata.layers:
+        pc = _dense(adata.layers["normalized"])
+    else:
+        pc = np.expm1(_dense(adata.X))
+    top = float(pc.mean(0).max()) if pc.size else 0.0
+    scale = MAX_PSEUDO_MEAN / top if top > MAX_PSEUDO_MEAN else 1.0
+    return pc * scale, scale
+
+
+def check_overlap(genes: Sequence[str], tf_targets: Mapping[str, Sequence[str]], adata_src: object = "expression",
+                  grn_src: object = "base GRN") -> tuple[list[str], int]:
+    """Base-GRN TFs and targets present among ``genes``; InputError naming both sources when none."""
+    g = set(map(str, genes))
+    tfs = sorted(t for t in tf_targets if t in g)
+    n_targets = sum(1 for t in {x for v in tf_targets.values() for x in v} if t in g)
+    if not tfs or not n_targets:
+        ex_genes = sorted(g)[:3]
+        ex_tfs = sorted(tf_targets)[:3]
+        what = "TFs" if not tfs else "targets"
+        raise InputError(
+            f"no overlap between the base GRN's {what} ({grn_src}; e.g. {ex_tfs}) and the genes of the "
+            f"expression matrix ({adata_src}; e.g. {ex_genes}); CellOracle would have nothing to fit",
+            fix="make the gene symbols match: set ingest.gene_symbols (as_is | capitalize | upper; mouse "
+                "symbols look like 'Gata1') or use a base GRN of the same species")
+    return tfs, n_targets
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# conversion
+# ---------------------------------------------------------------------------------------------------------------
+def model_from_oracle(oracle: Any, split: Any, oe_sd: float = 1.5, oe_iqr: float = 3.0,
+                      meta: Mapping[str, Any] | None = None) -> OracleModel:
+    """Portable :class:`OracleModel` from a fitted CellOracle ``Oracle`` (after ``fit_GRN_for_simulation``).
+
+    ``split`` is an array aligned to ``oracle.adata.obs_names``, a Series indexed by cell, or the
+    ``split.tsv`` frame. Coefficient matrices are re-indexed to the gene order of ``oracle.adata`` and kept
+    exactly (row = regulator, column = target), stored sparse.
+    """
+    ad = oracle.adata
+    genes = ad.var_names.astype(str).to_numpy()
+    cells = ad.obs_names.astype(str).to_numpy()
+    X = _dense(ad.layers["imputed_count"])
+    types = ad.obs[oracle.cluster_column_name].astype(str).to_numpy()
+    cluster_names = np.array(sorted(set(types)))
+    cluster_ids = np.searchsorted(cluster_names, types).astype(np.int32)
+    coefs = []
+    for c in cluster_names:
+        key = c if c in oracle.coef_matrix_per_cluster else next(
+            k for k in oracle.coef_matrix_per_cluster if str(k) == c)
+        m = oracle.coef_matrix_per_cluster[key].reindex(index=genes, columns=genes).fillna(0.0)
+        coefs.append(sp.csr_matrix(m.to_numpy(dtype=np.float64)))
+    regs = np.array(sorted(map(str, oracle.active_regulatory_genes)), dtype=str)
+    gpos = {g: i for i, g in enumerate(genes)}
+    reg_idx = np.array([gpos[r] for r in regs], dtype=np.int64)
+    model = OracleModel(
+        X=X, embedding=np.asarray(oracle.embedding, dtype=np.float64), cell_names=cells, gene_names=genes,
+        cell_types=types, cluster_names=cluster_names, cluster_ids=cluster_ids, coefs=coefs, regulators=regs,
+        regulator_idx=reg_idx, ko_values=np.zeros(len(regs)),
+        oe_values=oe_values(X[:, reg_idx], oe_sd, oe_iqr) if len(regs) else np.zeros(0),
+        split=_split_array(split, cells), meta=dict(meta or {}) | {"oe_sd": oe_sd, "oe_iqr": oe_iqr},
+    )
+    model.validate("model_from_oracle")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fit
+# ---------------------------------------------------------------------------------------------------------------
+def choose_n_pcs(explained_variance_ratio: np.ndarray, cap: int = 50) -> int:
+    """CellOracle tutorial rule: first PC where the cumulative explained variance stops rising by > 0.002
+    per component, at most ``cap``, at least 2."""
+    d = np.diff(np.diff(np.cumsum(explained_variance_ratio)) > 0.002)
+    idx = np.where(d)[0]
+    n = int(idx[0]) if len(idx) else len(explained_variance_ratio)
+    return int(max(2, min(n, cap, len(explained_variance_ratio))))
+
+
+def fit_oracle(adata: Any, tf_targets: Mapping[str, Sequence[str]], split: Any, *, expression: str = "counts",
+               n_pcs: int | None = None, knn_k_fraction: float = 0.025, alpha: float = 10,
+               bagging_number: int = 20, p_cutoff: float = 0.001, top_n_links: int = 2000,
+               embedding: str = "X_umap", oe_sd: float = 1.5, oe_iqr: float = 3.0, seed: int = 123,
+               threads: int = 1, sources: tuple[object, object] = ("expression", "base GRN"),
+               meta: Mapping[str, Any] | None = None) -> tuple[Any, Any, OracleModel, dict[str, Any]]:
+    """Fit CellOracle on a filtered AnnData (contract of ``rna/filtered.h5ad``) and a TF -> targets dict.
+
+    Returns ``(oracle, links, model, stats)``: the CellOracle ``Oracle`` and ``Links`` objects, the portable
+    :class:`OracleModel` and a JSON-able dict of sizes, active regulators, links per cluster and timings.
+    ``sources`` names the expression and base-GRN files in error messages.
+    """
+    import celloracle as co
+
+    t_all = time.time()
+    timings: dict[str, float] = {}
+    adata_src, grn_src = sources
+    if CLUSTER_COLUMN not in adata.obs:
+        raise InputError(f"obs[{CLUSTER_COLUMN!r}] missing", path=adata_src, fix="re-run the filter rule")
+    if embedding not in adata.obsm:
+        raise InputError(f"obsm[{embedding!r}] missing (has {list(adata.obsm)})", path=adata_src,
+                         field="oracle.embedding", fix="set oracle.embedding to one of the obsm keys")
+    if expression not in ("counts", "lognorm"):
+        raise InputError(f"expression must be counts or lognorm, not {expression!r}", field="rna.expression")
+    tfs, n_targets = check_overlap(adata.var_names, tf_targets, adata_src, grn_src)
+    log.info("base GRN: %d TFs and %d targets among the %d genes", len(tfs), n_targets, adata.n_vars)
+
+    np.random.seed(seed)
+    random.seed(seed)
+    t = time.time()
+    import anndata as ad
+
+    X = _dense(adata.X)
+    if not np.isfinite(X).all() or X.min() < 0:
+        raise InputError("expression matrix X must be finite and non-negative (log1p of normalised counts)",
+                         path=adata_src, fix="re-run the filter rule")
+    obs = pd.DataFrame({CLUSTER_COLUMN: pd.Categorical(adata.obs[CLUSTER_COLUMN].astype(str))},
+                       index=adata.obs_names.astype(str))
+    oad = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=adata.var_names.astype(str)))
+    oad.obsm[embedding] = np.asarray(adata.obsm[embedding], dtype=np.float64)[:, :2]
+    raw, scale = _pseudo_counts(adata, expression)
+    oad.layers["raw_count"] = raw
+    if f"{CLUSTER_COLUMN}_colors" in adata.uns:
+        oad.uns[f"{CLUSTER_COLUMN}_colors"] = adata.uns[f"{CLUSTER_COLUMN}_colors"]
+    oracle = co.Oracle()
+    oracle.import_anndata_as_normalized_count(adata=oad, cluster_column_name=CLUSTER_COLUMN,
+                                              embedding_name=embedding)
+    gene_set = set(oad.var_names)
+    tfdict = to_celloracle_tfdict({tf: [g for g in tg if g in gene_set] for tf, tg in tf_targets.items()
+                                   if tf in gene_set})
+    oracle.import_TF_data(TFdict=tfdict)
+    timings["import"] = time.time() - t
+
+    t = time.time()
+    oracle.perform_PCA()
+    n_comps = int(n_pcs) if n_pcs else choose_n_pcs(oracle.pca.explained_variance_ratio_)
+    n_comps = min(n_comps, oracle.pcs.shape[1])
+    k = max(2, int(knn_k_fraction * oad.n_obs))
+    oracle.knn_imputation(n_pca_dims=n_comps, k=k, balanced=True, b_sight=k * 8, b_maxl=k * 4,
+                          n_jobs=max(1, int(threads)))
+    timings["pca_knn_imputation"] = time.time() - t
+    log.info("PCA: %d components; kNN imputation with k = %d", n_comps, k)
+
+    t = time.time()
+    links = oracle.get_links(cluster_name_for_GRN_unit=CLUSTER_COLUMN, alpha=alpha,
+                             bagging_number=bagging_number, verbose_level=0, n_jobs=max(1, int(threads)))
+    links.filter_links(p=p_cutoff, weight="coef_abs", threshold_number=top_n_links)
+    timings["get_links"] = time.time() - t
+
+    t = time.time()
+    oracle.get_cluster_specific_TFdict_from_Links(links_object=links)
+    oracle.fit_GRN_for_simulation(alpha=alpha, use_cluster_specific_TFdict=True, verbose_level=0)
+    timings["fit_grn"] = time.time() - t
+
+    params = dict(expression=expression, n_pcs=n_comps, knn_k=k, knn_k_fraction=knn_k_fraction, alpha=alpha,
+                  bagging_number=bagging_number, p_cutoff=p_cutoff, top_n_links=top_n_links,
+                  embedding=embedding, seed=seed, raw_count_scale=scale, celloracle=co.__version__)
+    t = time.time()
+    model = model_from_oracle(oracle, split, oe_sd=oe_sd, oe_iqr=oe_iqr,
+                              meta=dict(meta or {}) | {"oracle": params})
+    timings["convert"] = time.time() - t
+    timings["total"] = time.time() - t_all
+    stats = dict(
+        n_cells=int(model.n_cells), n_genes=int(model.n_genes), n_clusters=int(len(model.cluster_names)),
+        cells_per_cluster={str(c): int((model.cluster_ids == i).sum()) for i, c in enumerate(model.cluster_names)},
+        n_base_grn_tfs_in_data=len(tfs), base_grn_tfs_in_data=tfs, n_base_grn_targets_in_data=int(n_targets),
+        n_active_regulators=int(model.n_regulators), active_regulators=model.regulators.tolist(),
+        links_per_cluster={str(c): int(len(links.filtered_links[c])) for c in links.filtered_links},
+        links_raw_per_cluster={str(c): int(len(links.links_dict[c])) for c in links.links_dict},
+        params=params, timings_s={k_: round(v, 3) for k_, v in timings.items()},
+    )
+    log.info("active regulators (%d): %s", model.n_regulators, ", ".join(model.regulators))
+    log.info("timings: %s", stats["timings_s"])
+    return oracle, links, model, stats
+
+
+def fit_oracle_files(adata_path: str | os.PathLike, tf_targets_path: str | os.PathLike,
+                     split_path: str | os.PathLike, *, oracle_path: str | os.PathLike,
+                     links_path: str | os.PathLike, model_path: str | os.PathLike,
+                     stats_path: str | os.PathLike, **settings: Any) -> dict[str, Any]:
+    """Rule ``fit_oracle``: read filtered.h5ad, tf_targets.json and split.tsv; write the oracle, links,
+    ``model.npz`` and ``stats.json``. Every output is written to a temporary name and renamed, so an error
+    leaves none of them behind."""
+    import anndata as ad
+
+    adata_path, tf_targets_path = Path(adata_path), Path(tf_targets_path)
+    if not adata_path.exists():
+        raise InputError("filtered expression file not found", path=adata_path, fix="run the filter rule first")
+    tf_targets = load_tf_targets(tf_targets_path)
+    split = read_split(split_path)
+    adata = ad.read_h5ad(adata_path)
+    settings = dict(settings)
+    meta = {"dataset": settings.pop("dataset", adata_path.parent.parent.name)}
+    oracle, links, model, stats = fit_oracle(adata, tf_targets, split, sources=(adata_path, tf_targets_path),
+                                             meta=meta, **settings)
+    t = time.time()
+    with atomic_path(oracle_path) as tmp:
+        oracle.to_hdf5(str(tmp))
+    with atomic_path(links_path) as tmp:
+        links.to_hdf5(str(tmp))
+    model.save(model_path)
+    stats["timings_s"]["save"] = round(time.time() - t, 3)
+    write_json(stats_path, stats)
+    return stats

@@ -1,0 +1,307 @@
+"""Self-contained HTML report per dataset, and the software-environment record it cites.
+
+``write_report`` gathers the evaluation summaries of every run (tables), their plots (PNG embedded as base64,
+so the one file can be mailed or archived), the oracle and transition-table statistics and the software
+versions into ``results/{dataset}/report.html``. Nothing is fetched from the network when it is opened.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import logging
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .config import ROOT
+from .io import write_json, write_text
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("numpy", "pandas", "scipy", "scanpy", "anndata", "celloracle", "torch", "stable-baselines3",
+            "sb3-contrib", "gymnasium", "optuna", "snakemake", "matplotlib", "pyarrow", "cupy-cuda12x", "cupy")
+
+# Plot file stems written by cellrl.evaluate, in report order, with their captions.
+PLOT_CAPTIONS: dict[str, str] = {
+    "umap_paths": "Embedding coloured by cell type. Red arrows: the agent's path from a test cell to a target "
+                  "type; black dashed arrows: one BFS-optimal path for the same start and target.",
+    "success_by_target": "Success rate per target type for the agent, the greedy one-step policy, the random "
+                         "masked policy, and the fraction of test pairs for which BFS finds any path "
+                         "(the ceiling).",
+    "length_hist": "Path lengths of successful episodes: agent (and greedy) against the BFS optimum.",
+    "learning_curve": "Training log: evaluation success rate and mean episode reward against environment "
+                      "steps; dotted lines mark curriculum phase changes.",
+    "action_usage": "Which regulators the agent perturbs in all its test episodes, knockout vs overexpression.",
+    "action_usage_bfs": "The same for the BFS-optimal plans (what the simulator rewards).",
+}
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1150px;color:#222}
+h1{border-bottom:2px solid #1f77b4;padding-bottom:.2em} h2{margin-top:1.8em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;margin:.6em 0 1.2em 0;font-size:.88em}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:right} th{background:#f0f4f8}
+td.l,th.l{text-align:left} tr:nth-child(even) td{background:#fafafa}
+.good{color:#2ca02c;font-weight:600} .bad{color:#d62728;font-weight:600}
+figure{margin:1em 0 2em 0} figure img{max-width:100%;border:1px solid #ddd}
+figcaption{font-size:.88em;color:#555;max-width:900px} .note{font-size:.88em;color:#555;max-width:950px}
+code{background:#f4f4f4;padding:0 3px}
+"""
+
+
+# ---------------------------------------------------------------------------------------------- software
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_state(root: str | Path = ROOT) -> dict[str, Any]:
+    """Commit and dirty flag of the repository at ``root`` (``None`` values when git or the repo is absent)."""
+    def run(*args: str) -> str | None:
+        try:
+            r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    commit = run("rev-parse", "HEAD")
+    status = run("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": None if status is None else bool(status),
+            "branch": run("rev-parse", "--abbrev-ref", "HEAD")}
+
+
+def software_env() -> dict[str, Any]:
+    """Python, platform, key package versions (``None``: not installed), GPU visibility and git state."""
+    from .xp import cupy_available
+
+    pk = {p: _version(p) for p in PACKAGES}
+    if pk.get("cupy-cuda12x") is None:
+        pk.pop("cupy-cuda12x")
+    torch_cuda = None
+    try:
+        import torch
+
+        torch_cuda = bool(torch.cuda.is_available())
+    except Exception:  # pragma: no cover - torch is a dependency
+        pass
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "machine": platform.machine(),
+            "packages": pk, "cellrl": _version("cellrl"), "torch_cuda": torch_cuda, "cupy_gpu": cupy_available(),
+            "git": git_state(), "time": _dt.datetime.now().isoformat(timespec="seconds")}
+
+
+def write_software_env(out: str | Path) -> dict[str, Any]:
+    """Rule ``software_env``: write :func:`software_env` as JSON to ``out``."""
+    info = software_env()
+    write_json(out, info)
+    log.info("software: python %s, git %s%s", info["python"], info["git"]["commit"],
+             " (dirty)" if info["git"]["dirty"] else "")
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- HTML helpers
+def _e(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "&ndash;"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if v != v:  # NaN
+            return "&ndash;"
+        return f"{100 * v:.1f}%" if pct else (f"{v:.3g}" if abs(v) < 1e4 else f"{v:,.0f}")
+    if isinstance(v, int):
+        return f"{v:,}"
+    return _e(v)
+
+
+def html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
+               pct: Iterable[str] = (), left: Iterable[str] = (), headers: Mapping[str, str] | None = None) -> str:
+    """A table from a list of dicts; columns in ``pct`` are shown as percentages, ``left`` left-aligned."""
+    if not rows:
+        return "<p class='note'>(no rows)</p>"
+    columns = list(columns or rows[0].keys())
+    pct, left, headers = set(pct), set(left), dict(headers or {})
+    out = ["<table><tr>"]
+    out += [f"<th class='{'l' if c in left else ''}'>{_e(headers.get(c, c))}</th>" for c in columns]
+    out.append("</tr>")
+    for r in rows:
+        out.append("<tr>" + "".join(f"<td class='{'l' if c in left else ''}'>{_fmt(r.get(c), c in pct)}</td>"
+                                    for c in columns) + "</tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+def _flatten(d: Any, prefix: str = "", max_list: int = 12) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    if isinstance(d, Mapping):
+        for k, v in d.items():
+            out += _flatten(v, f"{prefix}.{k}" if prefix else str(k), max_list)
+    elif isinstance(d, list) and d and all(isinstance(x, Mapping) for x in d):
+        out.append((prefix, f"[{len(d)} records]"))
+    elif isinstance(d, list):
+        s = ", ".join(str(x) for x in d[:max_list]) + (f", ... ({len(d)} items)" if len(d) > max_list else "")
+        out.append((prefix, s))
+    else:
+        out.append((prefix, d))
+    return out
+
+
+def kv_table(d: Mapping[str, Any] | None) -> str:
+    """Two-column table of a (nested) JSON object."""
+    if not d:
+        return "<p class='note'>(not available)</p>"
+    return html_table([{"key": k, "value": v} for k, v in _flatten(d)], ["key", "value"], left=["key", "value"])
+
+
+def _img(path: Path, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f"<figure><img alt='{_e(path.stem)}' src='data:image/png;base64,{data}'/>"
+            f"<figcaption><b>{_e(path.stem)}</b>: {_e(caption)}</figcaption></figure>")
+
+
+def _read_json(path: str | Path | None) -> dict[str, Any]:
+    if path is None or not Path(path).exists():
+        return {}
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        log.warning("cannot parse %s: %s", path, e)
+        return {"error": f"cannot parse {path}: {e}"}
+
+
+# ---------------------------------------------------------------------------------------------- sections
+POLICY_COLUMNS = ["policy", "episodes", "success", "success_reachable", "mean_length", "median_length",
+                  "length_ratio_vs_bfs", "activation_frac", "stagnations_mean"]
+POLICY_HEADERS = {"success": "success (all test pairs)", "success_reachable": "success (BFS-reachable pairs)",
+                  "mean_length": "mean length (successes)", "median_length": "median length",
+                  "length_ratio_vs_bfs": "length / BFS (pairs both solve)", "activation_frac": "OE fraction",
+                  "stagnations_mean": "stagnations / episode"}
+
+
+def _run_section(run: str, s: Mapping[str, Any], plot_dir: Path | None) -> str:
+    parts = [f"<h2>Run <code>{_e(run)}</code>: evaluation</h2>"]
+    git = s.get("git") or {}
+    if git.get("commit"):
+        parts.append(f"<p class='note'>Evaluated at commit <code>{_e(git['commit'][:12])}</code>"
+                     f"{' (with uncommitted changes)' if git.get('dirty') else ''}.</p>")
+    proto = s.get("protocol", {})
+    parts.append(
+        "<p class='note'>Test protocol: start from test cells, target = every other cell type"
+        f"{' (a seeded sample of ' + _fmt(proto.get('n_episodes')) + ' pairs)' if proto.get('sampled') else ''}; "
+        f"{_fmt(proto.get('n_episodes'))} episodes per policy, at most {_fmt(proto.get('max_steps'))} steps, agent "
+        f"{'deterministic' if proto.get('deterministic') else 'stochastic'}. A pair is BFS-reachable when some "
+        f"sequence of allowed perturbations reaches the target at all; "
+        f"{_fmt(s.get('bfs_reachable_frac'), True)} of the pairs are, "
+        f"{_fmt(s.get('bfs_reachable_within_max_steps_frac'), True)} within the step limit.</p>")
+    rows = [{"policy": k, **v} for k, v in s.get("policies", {}).items()]
+    parts.append(html_table(rows, POLICY_COLUMNS, pct=["success", "success_reachable", "activation_frac"],
+                            left=["policy"], headers=POLICY_HEADERS))
+    per = s.get("per_target", [])
+    if per:
+        parts.append("<h3>Per target cell type</h3>")
+        cols = [c for c in ("target_type", "episodes", "bfs", "agent", "greedy", "random", "bfs_mean_length",
+                            "agent_mean_length") if c in per[0]]
+        parts.append(html_table(per, cols, pct=["bfs", "agent", "greedy", "random"], left=["target_type"],
+                                headers={"bfs": "BFS-reachable", "bfs_mean_length": "BFS mean length",
+                                         "agent_mean_length": "agent mean length"}))
+    gt = s.get("ground_truth") or {}
+    if gt.get("available"):
+        parts.append("<h3>Ground truth: planted regulators</h3>")
+        parts.append(
+            "<p class='note'>The demo generator planted master TFs whose on/off code defines each cell type. "
+            "For a (start, target) pair the planted recipe is: knock out the start type's masters that the target "
+            "lacks, overexpress the target's masters that the start lacks. A plan <i>agrees</i> when it uses at least "
+            "one planted action and no master TF in the wrong direction (KO of a master the target needs, OE of a "
+            "master the target lacks). <i>recall</i>: share of the planted actions the plan contains. "
+            "<i>planted rank</i>: where the planted actions rank, among all allowed actions of the start cells, by "
+            "how much closer to the target centroid the next cell lies (1 = best, 0.5 = no better than a random "
+            "action): low values mean the simulated transitions do not reward the planted perturbations. "
+            "<i>verdict</i> names the first stage that breaks the chain.</p>")
+        parts.append(f"<p><b>BFS plans agree: {_fmt(gt.get('bfs_agreement'), True)}</b> of test plans "
+                     f"({_fmt(gt.get('bfs_pairs_agree'), True)} of type pairs with a majority); "
+                     f"<b>agent plans agree: {_fmt(gt.get('agent_agreement'), True)}</b> of successful agent episodes "
+                     f"({_fmt(gt.get('agent_pairs_agree'), True)} of type pairs). Verdicts: "
+                     f"{_e(', '.join(f'{k}: {v}' for k, v in (gt.get('verdicts') or {}).items()))}.</p>")
+        cols = ["start", "target", "planted", "n_bfs", "bfs_agree", "bfs_recall", "n_agent", "agent_success",
+                "agent_agree", "agent_recall", "planted_rank", "verdict"]
+        parts.append(html_table(gt.get("pairs", []), cols,
+                                pct=["bfs_agree", "bfs_recall", "agent_success", "agent_agree", "agent_recall"],
+                                left=["start", "target", "planted", "verdict"],
+                                headers={"n_bfs": "BFS plans", "n_agent": "agent episodes"}))
+    train = s.get("training") or {}
+    if train:
+        parts.append("<h3>Training log</h3>" + kv_table(train))
+    if plot_dir is not None and plot_dir.is_dir():
+        pngs = {p.stem: p for p in sorted(plot_dir.glob("*.png"))}
+        order = [k for k in PLOT_CAPTIONS if k in pngs] + [k for k in pngs if k not in PLOT_CAPTIONS]
+        if order:
+            parts.append(f"<h3>Figures</h3>")
+        for k in order:
+            parts.append(_img(pngs[k], PLOT_CAPTIONS.get(k, "")))
+    return "\n".join(parts)
+
+
+def render_report(dataset: str, runs: Sequence[tuple[str, Mapping[str, Any], Path | None]],
+                  oracle_stats: Mapping[str, Any], transition_stats: Mapping[str, Any],
+                  software: Mapping[str, Any]) -> str:
+    """The report as one HTML string (see :func:`write_report`)."""
+    git = software.get("git") or {}
+    commit = (git.get("commit") or "unknown")[:12] + (" (dirty)" if git.get("dirty") else "")
+    head = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>cellrl report: {_e(dataset)}</title>",
+            f"<style>{CSS}</style></head><body>",
+            f"<h1>cellrl report: <code>{_e(dataset)}</code></h1>",
+            f"<p class='note'>Generated {_e(_dt.datetime.now().isoformat(timespec='seconds'))} from commit "
+            f"<code>{_e(commit)}</code>. Pipeline: filtered scRNA &rarr; CellOracle oracle &rarr; (cell, "
+            "perturbation) &rarr; next-cell table &rarr; MaskablePPO agent, benchmarked against exact BFS shortest "
+            "paths on the same table and two baselines (greedy one-step, random masked).</p>"]
+    # headline table across runs
+    rows = []
+    for run, s, _ in runs:
+        pol = s.get("policies", {})
+        gt = s.get("ground_truth") or {}
+        rows.append({"run": run, "agent": pol.get("agent", {}).get("success"),
+                     "agent_reachable": pol.get("agent", {}).get("success_reachable"),
+                     "greedy": pol.get("greedy", {}).get("success"), "random": pol.get("random", {}).get("success"),
+                     "bfs": s.get("bfs_reachable_frac"), "ratio": s.get("length_ratio_agent_bfs"),
+                     "gt_bfs": gt.get("bfs_agreement"), "gt_agent": gt.get("agent_agreement")})
+    head.append("<h2>Summary</h2>")
+    head.append(html_table(rows, ["run", "agent", "agent_reachable", "greedy", "random", "bfs", "ratio", "gt_bfs",
+                                  "gt_agent"],
+                           pct=["agent", "agent_reachable", "greedy", "random", "bfs", "gt_bfs", "gt_agent"],
+                           left=["run"],
+                           headers={"agent": "agent success", "agent_reachable": "agent success (reachable)",
+                                    "greedy": "greedy success", "random": "random success",
+                                    "bfs": "BFS-reachable", "ratio": "agent length / BFS",
+                                    "gt_bfs": "ground truth: BFS agree", "gt_agent": "ground truth: agent agree"}))
+    body = [_run_section(run, s, d) for run, s, d in runs]
+    tail = ["<h2>Oracle (CellOracle fit)</h2>", kv_table(oracle_stats),
+            "<h2>Transition table</h2>", kv_table(transition_stats),
+            "<h2>Software</h2>", kv_table(software), "</body></html>"]
+    return "\n".join(head + body + tail)
+
+
+def write_report(out: str | Path, dataset: str, summaries: Sequence[str | Path], plot_dirs: Sequence[str | Path],
+                 oracle_stats: str | Path | None = None, transition_stats: str | Path | None = None,
+                 software: str | Path | None = None) -> Path:
+    """Rule ``report``: one self-contained HTML file (tables + base64-embedded PNGs) for ``dataset``.
+
+    ``summaries`` and ``plot_dirs`` are parallel lists, one entry per run (``.../benchmark/{run}/summary.json``
+    and ``.../benchmark/{run}/plots``); the run name is the summary's parent folder name.
+    """
+    dirs = list(plot_dirs) + [None] * (len(summaries) - len(plot_dirs))
+    runs = [(Path(s).parent.name, _read_json(s), Path(d) if d else None) for s, d in zip(summaries, dirs)]
+    text = render_report(dataset, runs, _read_json(oracle_stats), _read_json(transition_stats), _read_json(software))
+    write_text(out, text)
+    log.info("report: %s (%.1f kB, %d runs)", out, len(text) / 1024, len(runs))
+    return Path(out)

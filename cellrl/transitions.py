@@ -1,0 +1,734 @@
+"""Transition table: for every cell and every action (knock out / overexpress one active regulator), the next cell.
+
+This is CellOracle's ``simulate_shift`` -> ``estimate_transition_prob(knn_random=True)`` ->
+``calculate_embedding_shift`` -> nearest cell, computed for all actions at once, chunked over cells, on numpy
+or CuPy (one code path over an ``xp`` module). The maths is CellOracle 0.20.0's; only the evaluation order
+changes (see ``tests/test_transitions.py`` for the equality checks against CellOracle itself).
+
+Notation: ``X`` imputed expression (cells x genes, CellOracle layer ``imputed_count``), ``W_c`` coefficient
+matrix of cluster ``c`` (row = regulator, column = target), ``E`` the 2-D embedding, ``G`` the number of genes,
+``k`` the number of sampled embedding neighbours per cell, ``A`` the number of actions.
+
+Per cell ``i`` (cluster ``c``) and action ``a`` = (gene ``g``, value ``v``):
+
+1. Propagation (``oracle_GRN._do_simulation``): ``d_in = e_g (v - X_ig)``; ``d = d_in``; ``n_propagation`` times:
+   ``d = d @ W_c``; ``d[g] = d_in[g]`` where ``d_in[g] != 0``; ``d = max(X_i + d, 0) - X_i``. Finally
+   ``delta = (X_i + d) - X_i`` (CellOracle's ``simulated_count - imputed_count``).
+   *Structure used*: ``d`` is non-zero only on genes reachable from ``g`` in ``n_propagation`` hops of ``W_c``
+   (``X >= 0``), so each cluster works on ``U_c``, the union of those sets over actions, with the sparse
+   ``W_c[U_c, U_c]``, for all actions of a chunk in one sparse product per hop.
+2. Neighbours (``estimate_transition_prob``): sklearn ``NearestNeighbors(n_neighbors + 1)`` on ``E`` (self
+   excluded, distance order); with ``knn_random`` a ``RandomState(seed)`` draws, cell after cell, ``int(
+   sampled_fraction * (n_neighbors + 1))`` of them without replacement with probabilities
+   ``linspace(0.5, 0.1)`` (identical draws to CellOracle's ``np.random.seed(random_seed)``; ``seed`` here is its
+   ``random_seed``).
+3. Correlation (velocyto ``colDeltaCorpartial``): Pearson over all ``G`` genes between ``delta`` and
+   ``X_j - X_i``: ``corr = (sum_U delta * C_j - mean(delta) * sum_g C_j) / (||C_j|| * ||delta - mean(delta)||)``
+   with ``C_j = (X_j - X_i) - mean(X_j - X_i)`` (action-independent, computed once per cell); the numerator for
+   all actions and neighbours of a cell is one small matrix product. NaN (a zero norm) -> 1, as CellOracle.
+4. ``P_ij = exp(corr_ij / sigma_corr) / sum_j exp(...)``; ``shift_i = sum_j P_ij u_ij - mean_j u_ij`` with
+   ``u_ij`` the unit vector from ``E_i`` to ``E_j`` (computed in float32 when ``E`` is float32-valued, as
+   CellOracle does with a float32 ``obsm`` embedding).
+5. Next cell: the cell nearest to ``E_i + shift_i`` (scipy cKDTree; the cell itself included; a stagnation when
+   it is ``i``).
+
+Memory: O(chunk x (A x |U| + k x G)) per chunk plus O(cells x k) for the neighbour lists; never cells x cells.
+CellOracle's ``calculate_embedding_shift`` allocates several dense cells x cells float64 arrays (see
+``celloracle_dense_bytes``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .errors import ConfigError, InputError
+from .io import save_npy, write_json, write_table
+from .model import OracleModel, load_model
+from .xp import cupy_available, get_xp, to_numpy
+
+log = logging.getLogger("cellrl.transitions")
+
+ACTION_KINDS = ("ko", "oe", "both")
+
+
+# --------------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class TransitionSettings:
+    """The ``transitions:`` config section (see config/README.md)."""
+
+    n_propagation: int = 3
+    n_neighbors: int = 200
+    sampled_fraction: float = 0.3
+    sigma_corr: float = 0.05
+    knn_random: bool = True
+    seed: int = 0
+    backend: str = "auto"
+    chunk_cells: int | None = None
+    actions: str = "both"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "TransitionSettings":
+        d = dict(d or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"transitions: unknown setting(s) {unknown}; known: {sorted(names)}")
+        s = cls(**d)
+        s.check()
+        return s
+
+    def check(self) -> None:
+        if not 1 <= int(self.n_propagation) <= 5:
+            raise ConfigError("transitions.n_propagation must be 1..5 (CellOracle's N_PROP_MIN..N_PROP_MAX)")
+        if self.n_neighbors < 1:
+            raise ConfigError("transitions.n_neighbors must be >= 1")
+        if not 0 < self.sampled_fraction <= 1:
+            raise ConfigError("transitions.sampled_fraction must be in (0, 1]")
+        if self.sigma_corr <= 0:
+            raise ConfigError("transitions.sigma_corr must be > 0")
+        if self.actions not in ACTION_KINDS:
+            raise ConfigError(f"transitions.actions must be one of {ACTION_KINDS}, got {self.actions!r}")
+        if self.backend not in ("auto", "numpy", "cupy"):
+            raise ConfigError(f"transitions.backend must be auto, numpy or cupy, got {self.backend!r}")
+        if self.chunk_cells is not None and self.chunk_cells < 1:
+            raise ConfigError("transitions.chunk_cells must be >= 1 or null")
+
+    def result_keys(self) -> dict[str, Any]:
+        """Settings that change the table (backend and chunking do not change the maths)."""
+        return {k: getattr(self, k) for k in ("n_propagation", "n_neighbors", "sampled_fraction", "sigma_corr",
+                                               "knn_random", "seed", "actions")}
+
+
+# ---------------------------------------------------------------------------------------------------- actions
+@dataclass(frozen=True)
+class Actions:
+    """Action list: ``gene_idx[a]`` is set to ``values[a]`` in every cell. KO actions first, then OE."""
+
+    gene_idx: np.ndarray  # (A,) int64
+    values: np.ndarray  # (A,) float64
+    kinds: np.ndarray  # (A,) "KO" | "OE"
+    genes: np.ndarray  # (A,) str
+
+    def __len__(self) -> int:
+        return int(len(self.gene_idx))
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame({"index": np.arange(len(self)), "gene": self.genes, "kind": self.kinds,
+                             "value": self.values})
+
+
+def build_actions(model: OracleModel, which: str = "both") -> Actions:
+    """Actions of a model: 0..R-1 knock out regulator r, R..2R-1 overexpress it (``which`` = ko | oe | both)."""
+    if which not in ACTION_KINDS:
+        raise ConfigError(f"transitions.actions must be one of {ACTION_KINDS}, got {which!r}")
+    R = model.n_regulators
+    parts = []
+    if which in ("ko", "both"):
+        parts.append((model.regulator_idx, model.ko_values, np.full(R, "KO")))
+    if which in ("oe", "both"):
+        parts.append((model.regulator_idx, model.oe_values, np.full(R, "OE")))
+    gi = np.concatenate([p[0] for p in parts]).astype(np.int64)
+    vals = np.concatenate([p[1] for p in parts]).astype(np.float64)
+    if (vals < 0).any() or not np.isfinite(vals).all():
+        raise InputError("perturbation values must be finite and >= 0 (CellOracle refuses negative values)",
+                         field="ko_values/oe_values", fix="rebuild model.npz with the fit_oracle rule")
+    return Actions(gene_idx=gi, values=vals, kinds=np.concatenate([p[2] for p in parts]),
+                   genes=model.gene_names[gi].astype(str))
+
+
+# ----------------------------------------------------------------------------------------------- neighbours
+def sample_neighbors(embedding: np.ndarray, n_neighbors: int = 200, sampled_fraction: float = 0.3,
+                     knn_random: bool = True, seed: int = 0,
+                     sampling_probs: tuple[float, float] = (0.5, 0.1)) -> np.ndarray:
+    """Embedding neighbours used for the correlation, exactly as CellOracle's ``estimate_transition_prob``.
+
+    Returns ``(cells, k)`` int64: with ``knn_random`` the sampled subset (k = int(sampled_fraction *
+    (n_neighbors + 1))), in CellOracle's order; else all ``n_neighbors + 1`` neighbours. Cell order matters
+    for the random stream, so this runs once over all cells (O(cells x n_neighbors) memory).
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    n = embedding.shape[0]
+    if n_neighbors + 1 > n - 1:
+        raise InputError(f"n_neighbors + 1 = {n_neighbors + 1} neighbours requested but only {n} cells",
+                         field="transitions.n_neighbors", fix=f"set transitions.n_neighbors <= {n - 2}")
+    nn = NearestNeighbors(n_neighbors=n_neighbors + 1)
+    nn.fit(embedding)
+    neigh = nn.kneighbors(return_distance=False)  # (n, n_neighbors + 1), distance order, self excluded
+    if not knn_random:
+        return neigh.astype(np.int64)
+    m = neigh.shape[1]
+    p = np.linspace(sampling_probs[0], sampling_probs[1], m)
+    p = p / p.sum()
+    size = int(sampled_fraction * (n_neighbors + 1))
+    pick = weighted_choice_rows(np.random.RandomState(seed), n, m, size, p)
+    return neigh[np.arange(n)[:, None], pick].astype(np.int64)
+
+
+def weighted_choice_rows(rs: np.random.RandomState, n_rows: int, m: int, size: int, p: np.ndarray) -> np.ndarray:
+    """``np.stack([rs.choice(m, size, replace=False, p=p) for _ in range(n_rows)])``, bit for bit, fast.
+
+    numpy's legacy ``choice`` (``replace=False`` with ``p``) draws ``size - found`` uniforms per round, maps them
+    through ``cdf = cumsum(p_without_found) / total`` with ``searchsorted(side="right")`` and keeps first
+    occurrences, until ``size`` distinct indices are found. The uniforms of consecutive calls are consecutive
+    doubles of the same MT19937 stream, so one pre-drawn stream replays every call; a numba kernel replays the
+    rounds (numpy loop as fallback).
+    """
+    p = np.ascontiguousarray(p, dtype=np.float64)
+    if np.count_nonzero(p > 0) < size:
+        raise ValueError("fewer non-zero probabilities than samples")
+    kern = _choice_kernel()
+    if kern is None:
+        return np.stack([rs.choice(m, size=(size,), replace=False, p=p) for _ in range(n_rows)], 0)
+    out = np.empty((n_rows, size), dtype=np.int64)
+    buf = rs.random_sample(int(n_rows * size * 1.25) + 1024)
+    row, pos = 0, 0
+    while row < n_rows:
+        row, pos = kern(buf, pos, p, size, out, row)
+        if row < n_rows:  # stream exhausted: keep the unused tail, draw more (same stream)
+            buf = np.concatenate([buf[pos:], rs.random_sample(int((n_rows - row) * size * 1.25) + 1024)])
+            pos = 0
+    return out
+
+
+def _choice_rows(buf, pos, p0, size, out, row):  # pragma: no cover - compiled by numba
+    """Replay ``RandomState.choice(m, size, replace=False, p=p0)`` for rows ``row..`` from the uniform stream
+    ``buf[pos:]``; returns (next row, next position), stopping early (at a row start) if ``buf`` runs out."""
+    m = p0.shape[0]
+    cdf = np.empty(m)
+    while row < out.shape[0]:
+        # rounds of this row need at most size * (rounds) draws; stop if the buffer may run out
+        p = p0.copy()
+        n_uniq = 0
+        start = pos
+        ok = True
+        while n_uniq < size:
+            need = size - n_uniq
+            if pos + need > buf.shape[0]:
+                ok = False
+                break
+            for t in range(n_uniq):
+                p[out[row, t]] = 0.0
+            acc = 0.0
+            for t in range(m):
+                acc += p[t]
+                cdf[t] = acc
+            last = cdf[m - 1]
+            for t in range(m):
+                cdf[t] = cdf[t] / last
+            base = n_uniq
+            for t in range(need):
+                x = buf[pos + t]
+                lo, hi = 0, m  # first index with cdf > x
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if cdf[mid] > x:
+                        hi = mid
+                    else:
+                        lo = mid + 1
+                dup = False
+                for q in range(base, n_uniq):
+                    if out[row, q] == lo:
+                        dup = True
+                        break
+                if not dup:
+                    out[row, n_uniq] = lo
+                    n_uniq += 1
+            pos += need
+        if not ok:
+            return row, start
+        row += 1
+    return row, pos
+
+
+try:  # numba comes with celloracle; the kernel is compiled once and cached next to this file
+    import numba as _numba
+
+    _choice_rows_numba: Callable | None = _numba.njit(cache=True, nogil=True)(_choice_rows)
+except Exception:  # pragma: no cover
+    _choice_rows_numba = None
+
+
+def _choice_kernel() -> Callable | None:
+    return _choice_rows_numba
+
+
+def _float32_valued(a: np.ndarray) -> bool:
+    return bool(np.array_equal(a, a.astype(np.float32).astype(a.dtype)))
+
+
+def embedding_float32(model: OracleModel) -> bool:
+    """Whether CellOracle saw a float32 embedding (it then computes the unit vectors in float32).
+
+    ``model.meta["embedding_dtype"]`` (or ``meta["oracle"]["embedding_dtype"]``) says so when the fit recorded it;
+    otherwise float32 is assumed exactly when every coordinate is a float32 value (scanpy's UMAP is float32).
+    Either way the shift differs by < 1e-6 relative; this only makes it bit-faithful.
+    """
+    meta = model.meta or {}
+    dt = meta.get("embedding_dtype") or (meta.get("oracle") or {}).get("embedding_dtype")
+    if dt:
+        return np.dtype(dt) == np.float32
+    return _float32_valued(np.asarray(model.embedding))
+
+
+def unit_vectors(xp: ModuleType, embedding: Any, nbr: Any, float32: bool) -> tuple[Any, Any]:
+    """``u[i, m]`` = unit vector from E_i to E_nbr[i, m] (0 where they coincide) and ``ubar[i]`` = mean_m u.
+
+    ``float32``: do the arithmetic in float32 like CellOracle does when ``obsm`` holds float32.
+    Shapes: (n, k, 2) float64 and (n, 2) float64.
+    """
+    dt = xp.float32 if float32 else xp.float64
+    E = embedding.astype(dt)
+    dE = E[nbr] - E[:, None, :]
+    norm = xp.sqrt(dE[..., 0] * dE[..., 0] + dE[..., 1] * dE[..., 1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = dE / norm[..., None]
+    u = xp.where(norm[..., None] > 0, u, xp.zeros_like(u)).astype(xp.float64)
+    ubar = u.sum(axis=1) / u.shape[1]
+    return u, ubar
+
+
+# ------------------------------------------------------------------------------------------------ propagation
+def reachable(W: sp.csr_matrix, start: int, hops: int) -> np.ndarray:
+    """Genes whose simulated delta can be non-zero: ``start`` and all targets within ``hops`` steps of ``W``."""
+    seen = np.zeros(W.shape[0], dtype=bool)
+    seen[start] = True
+    frontier = np.array([start])
+    for _ in range(hops):
+        if frontier.size == 0:
+            break
+        tg = np.unique(np.concatenate([W.indices[W.indptr[r]:W.indptr[r + 1]] for r in frontier]))
+        new = tg[~seen[tg]]
+        seen[new] = True
+        frontier = new
+    return np.flatnonzero(seen)
+
+
+@dataclass
+class ClusterPlan:
+    """Propagation data of one cluster: gene set ``U``, the sparse transposed ``W[U, U]``, action pin rows."""
+
+    genes: np.ndarray  # (|U|,) gene indices
+    WT: Any  # CSR (|U|, |U|): W[U][:, U].T, on the backend
+    pin_rows: Any  # (A,) row of each action's gene in U, on the backend
+    nnz: int
+
+
+def plan_cluster(xp: ModuleType, W: sp.csr_matrix, actions: Actions, hops: int, all_genes: bool) -> ClusterPlan:
+    """Union of the reachable sets of the actions' genes (every gene when ``all_genes``)."""
+    W = sp.csr_matrix(W)
+    if all_genes:
+        U = np.arange(W.shape[0])
+    else:
+        U = np.unique(np.concatenate([reachable(W, int(g), hops) for g in np.unique(actions.gene_idx)]))
+    WU = W[U][:, U]
+    WT = sp.csr_matrix(WU.T)
+    pos = np.searchsorted(U, actions.gene_idx)
+    return ClusterPlan(genes=U, WT=_sparse_to(xp, WT), pin_rows=xp.asarray(pos), nnz=int(WT.nnz))
+
+
+def _sparse_to(xp: ModuleType, m: sp.csr_matrix) -> Any:
+    if xp is np:
+        return m
+    import cupyx.scipy.sparse as csp  # type: ignore
+
+    return csp.csr_matrix(m)
+
+
+def propagate(xp: ModuleType, XU: Any, plan: ClusterPlan, values: Any, hops: int) -> Any:
+    """Simulated delta of a chunk for all actions, gene-major: (|U|, n, A).
+
+    ``XU`` is (n, |U|) (the chunk's imputed expression on U), ``values`` (A,) the perturbation values.
+    Follows ``_do_simulation`` step by step (same float operations except the order inside ``d @ W``).
+    """
+    nU, n = XU.shape[1], XU.shape[0]
+    A = int(values.shape[0])
+    ar = xp.arange(A)
+    XT = XU.T[:, :, None]  # (|U|, n, 1)
+    d_in = values[:, None] - XU[:, plan.pin_rows].T  # (A, n): input - X on the perturbed gene
+    pinned = d_in != 0
+    d = xp.zeros((nU, n, A), dtype=xp.float64)
+    d[plan.pin_rows, :, ar] = d_in
+    for _ in range(hops):
+        d = (plan.WT @ d.reshape(nU, n * A)).reshape(nU, n, A)  # d @ W, gene-major
+        d[plan.pin_rows, :, ar] = xp.where(pinned, d_in, d[plan.pin_rows, :, ar])
+        d += XT  # gem_tmp = gem + delta
+        xp.maximum(d, 0.0, out=d)  # gem_tmp[gem_tmp < 0] = 0 (same result, -0.0 and NaN included)
+        d -= XT  # delta = gem_tmp - gem
+    d += XT  # simulated_count = gem + delta
+    d -= XT  # delta_X = simulated_count - imputed_count
+    return d
+
+
+# ------------------------------------------------------------------------------------------------ one chunk
+@dataclass
+class Context:
+    """Everything a chunk needs, prepared once (on the backend)."""
+
+    xp: ModuleType
+    settings: TransitionSettings
+    actions: Actions
+    X: Any  # (N, G)
+    rowsum: Any  # (N,) sum_g X
+    E: Any  # (N, 2)
+    nbr: Any  # (N, k)
+    u: Any  # (N, k, 2)
+    ubar: Any  # (N, 2)
+    values: Any  # (A,)
+    plans: list[ClusterPlan]
+    tree: Any  # scipy cKDTree on E (CPU)
+    n_genes: int
+    _perm_cache: dict = dataclasses.field(default_factory=dict)
+
+    def permuted_X(self, cluster: int) -> Any:
+        """X with the columns of the cluster's reachable genes U first (U, then the rest, each ascending), so
+        that the displacement block on U is a view. One cluster is cached at a time (chunks come by cluster)."""
+        if cluster not in self._perm_cache:
+            self._perm_cache.clear()
+            U = self.plans[cluster].genes
+            if U.size == self.n_genes:
+                self._perm_cache[cluster] = self.X
+            else:
+                rest = np.setdiff1d(np.arange(self.n_genes), U)
+                perm = self.xp.asarray(np.concatenate([U, rest]))
+                self._perm_cache[cluster] = self.xp.ascontiguousarray(self.X[:, perm])
+        return self._perm_cache[cluster]
+
+
+def prepare(model: OracleModel, settings: TransitionSettings, xp: ModuleType,
+            nbr: np.ndarray | None = None) -> Context:
+    """Neighbours, unit vectors, per-cluster propagation plans and the KD-tree: the action-independent part."""
+    from scipy.spatial import cKDTree
+
+    acts = build_actions(model, settings.actions)
+    if nbr is None:
+        nbr = sample_neighbors(model.embedding, settings.n_neighbors, settings.sampled_fraction,
+                               settings.knn_random, settings.seed)
+    X = np.ascontiguousarray(model.X, dtype=np.float64)
+    all_genes = bool(X.min() < 0)  # clipping can then move genes the network does not reach
+    plans = [plan_cluster(xp, W, acts, settings.n_propagation, all_genes) for W in model.coefs]
+    E = np.asarray(model.embedding, dtype=np.float64)
+    Ex = xp.asarray(E)
+    nbr_x = xp.asarray(nbr)
+    u, ubar = unit_vectors(xp, Ex, nbr_x, embedding_float32(model))
+    Xx = xp.asarray(X)
+    return Context(xp=xp, settings=settings, actions=acts, X=Xx, rowsum=Xx.sum(axis=1), E=Ex, nbr=nbr_x, u=u, ubar=ubar,
+                   values=xp.asarray(acts.values), plans=plans, tree=cKDTree(E), n_genes=X.shape[1])
+
+
+@dataclass
+class ChunkResult:
+    next_cell: np.ndarray  # (n, A) int32
+    shift: Any  # (n, A, 2) on the backend
+    delta: Any | None = None  # (|U|, n, A) when asked for
+
+
+def run_chunk(ctx: Context, cells: np.ndarray, cluster: int, keep_delta: bool = False) -> ChunkResult:
+    """Next cell of every (cell in ``cells``, action); all cells must belong to cluster ``cluster``."""
+    xp = ctx.xp
+    plan = ctx.plans[cluster]
+    G = ctx.n_genes
+    ci = xp.asarray(cells)
+    Xp = ctx.permuted_X(cluster)  # (N, G), columns U first
+    Xc = Xp[ci]  # (n, G)
+    nbr = ctx.nbr[ci]  # (n, k)
+    nU = int(plan.genes.size)
+
+    # 1. propagation on the reachable genes U, all actions at once
+    delta = propagate(xp, Xc[:, :nU], plan, ctx.values, ctx.settings.n_propagation)  # (|U|, n, A)
+
+    # 2. displacement to the sampled neighbours (action-independent): D = X_j - X_i over all genes
+    Dn = xp.take(Xp, nbr.reshape(-1), axis=0).reshape(nbr.shape[0], nbr.shape[1], G)
+    Dn -= Xc[:, None, :]
+    s1 = ctx.rowsum[nbr] - ctx.rowsum[ci][:, None]  # sum_g D (n, k)
+    ssA = xp.einsum("nkg,nkg->nk", Dn, Dn) - s1 * s1 / G  # sum_g (D - mean D)^2
+    xp.maximum(ssA, 0.0, out=ssA)
+    C = Dn[:, :, :nU]  # (n, k, |U|) view
+
+    # 3. Pearson correlation over all G genes, centring done algebraically (delta is zero off U):
+    #    sum_g (d - mean d)(D - mean D) = sum_U d D - sum_d * mean D
+    sum_d = delta.sum(axis=0)  # (n, A)
+    mu_d = sum_d / G
+    ssb = ((delta - mu_d[None]) ** 2).sum(axis=0) + (G - nU) * mu_d * mu_d  # (n, A)
+    num = xp.matmul(delta.transpose(1, 2, 0), C.transpose(0, 2, 1))  # (n, A, k)
+    del Dn, C
+    num -= sum_d[:, :, None] * (s1 / G)[:, None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv_a = 1.0 / xp.sqrt(ssA)
+        inv_b = 1.0 / xp.sqrt(ssb)
+        corr = num * inv_a[:, None, :] * inv_b[:, :, None]
+    if ctx.settings.knn_random:  # CellOracle fixes NaNs only in knn_random mode
+        corr = xp.where(xp.isnan(corr), 1.0, corr)
+
+    # 4. transition probabilities and embedding shift
+    e = xp.exp(corr / ctx.settings.sigma_corr)
+    P = e / e.sum(axis=2, keepdims=True)
+    shift = xp.matmul(P, ctx.u[ci]) - ctx.ubar[ci][:, None, :]  # (n, A, 2)
+
+    # 5. nearest cell to the shifted point (CPU KD-tree; NaN shift = no move)
+    target = to_numpy(ctx.E[ci][:, None, :] + shift).reshape(-1, 2)
+    ok = np.isfinite(target).all(axis=1)
+    nxt = np.repeat(np.asarray(cells), len(ctx.actions)).astype(np.int64)
+    if ok.any():
+        _, idx = ctx.tree.query(target[ok], k=1, workers=-1 if ok.sum() > 50_000 else 1)
+        nxt[ok] = idx
+    return ChunkResult(next_cell=nxt.reshape(len(cells), -1).astype(np.int32), shift=shift,
+                       delta=delta if keep_delta else None)
+
+
+# --------------------------------------------------------------------------------------------- whole table
+def chunk_plan(cluster_ids: np.ndarray, chunk_cells: int) -> list[tuple[int, np.ndarray]]:
+    """Cells grouped by cluster (one coefficient matrix per chunk), then cut into chunks of <= chunk_cells."""
+    out = []
+    for c in np.unique(cluster_ids):
+        cells = np.flatnonzero(cluster_ids == c)
+        for s in range(0, cells.size, chunk_cells):
+            out.append((int(c), cells[s:s + chunk_cells]))
+    return out
+
+
+def bytes_per_cell(n_genes: int, n_union: int, n_actions: int, k: int) -> int:
+    """Working memory of one cell in a chunk (float64): ~4 copies of the delta block + 2 of the neighbour block."""
+    return 8 * (4 * n_union * n_actions + 2 * k * n_genes + 6 * n_actions * k + n_genes)
+
+
+def choose_chunk_cells(xp: ModuleType, per_cell: int, override: int | None = None,
+                       fraction: float = 0.25, cap_bytes: int = 512 << 20) -> tuple[int, str]:
+    """Chunk size from free memory (GPU memory for CuPy, RAM for numpy), unless ``override`` is given.
+
+    The working set is ``fraction`` of free memory, capped (CPU: 512 MiB, which keeps the arrays close to the
+    caches and costs nothing in BLAS efficiency since the big products are per cell; GPU: 8x that)."""
+    if override:
+        return int(override), "transitions.chunk_cells"
+    if xp is np:
+        import psutil
+
+        free = int(psutil.virtual_memory().available)
+        where = "RAM"
+    else:
+        free = int(xp.cuda.runtime.memGetInfo()[0])
+        where = "GPU memory"
+        cap_bytes = 8 * cap_bytes
+    budget = min(int(free * fraction), cap_bytes)
+    n = max(1, min(4096, budget // max(per_cell, 1)))
+    return int(n), (f"{fraction:.0%} of free {where} ({free / 2**30:.1f} GiB) capped at {cap_bytes / 2**20:.0f} MiB, "
+                    f"{per_cell / 2**20:.2f} MiB per cell")
+
+
+def select_backend(backend: str) -> tuple[ModuleType, str]:
+    """(xp, reason) for the ``transitions.backend`` setting."""
+    if backend == "numpy":
+        return np, "numpy: transitions.backend = numpy"
+    if backend == "cupy":
+        return get_xp("cupy"), "cupy: transitions.backend = cupy"
+    if cupy_available():
+        return get_xp("cupy"), "cupy: backend auto and CuPy sees a CUDA GPU"
+    try:
+        import cupy  # noqa: F401  # type: ignore
+
+        why = "CuPy is installed but sees no CUDA GPU"
+    except Exception:
+        why = "CuPy is not installed (pip install cupy-cuda12x for the GPU path)"
+    return np, f"numpy: backend auto and {why}"
+
+
+def model_fingerprint(model: OracleModel) -> str:
+    """sha256 over every model array the table depends on."""
+    h = hashlib.sha256()
+    for a in (model.X, model.embedding, model.cluster_ids, model.regulator_idx, model.ko_values,
+              model.oe_values):
+        a = np.ascontiguousarray(a)
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(a.tobytes())
+    for W in model.coefs:
+        W = sp.csr_matrix(W)
+        for a in (W.data, W.indices, W.indptr):
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _code_hash() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+def _peak_rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def compute_table(model: OracleModel, settings: TransitionSettings | dict | None = None,
+                  chunk_dir: str | Path | None = None,
+                  on_chunk: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, Actions, dict]:
+    """The whole table ``(cells, A)`` int32, the actions and diagnostics.
+
+    ``chunk_dir``: finished chunks are stored there under a key of (model, settings, chunk size, code,
+    backend) and reused by a later call with the same key (resume after an interruption).
+    ``on_chunk(i, n_chunks)`` is called after each chunk is stored (progress; tests raise from it).
+    """
+    if not isinstance(settings, TransitionSettings):
+        settings = TransitionSettings.from_dict(settings)
+    t0 = time.time()
+    xp, why = select_backend(settings.backend)
+    log.info("backend %s", why)
+    ctx = prepare(model, settings, xp)
+    t_prep = time.time() - t0
+    A, N, G = len(ctx.actions), model.n_cells, model.n_genes
+    k = int(ctx.nbr.shape[1])
+    max_u = max(int(p.genes.size) for p in ctx.plans)
+    per_cell = bytes_per_cell(G, max_u, A, k)
+    backend_name = "cupy" if xp is not np else "numpy"
+    key_src = json.dumps({"model": model_fingerprint(model), "settings": settings.result_keys(),
+                          "code": _code_hash(), "backend": backend_name}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
+    cdir, stored = None, None
+    if chunk_dir is not None:
+        root = Path(chunk_dir)
+        cdir = root / key
+        if root.exists():
+            for stale in root.iterdir():  # chunks of other inputs/settings/code can never be reused
+                if stale.is_dir() and stale.name != key:
+                    shutil.rmtree(stale, ignore_errors=True)
+        if (cdir / "meta.json").exists():
+            stored = json.loads((cdir / "meta.json").read_text()).get("chunk_cells")
+    if stored and settings.chunk_cells is None:
+        chunk, chunk_why = int(stored), "reused from the interrupted run in chunk_dir"
+    else:
+        chunk, chunk_why = choose_chunk_cells(xp, per_cell, settings.chunk_cells)
+    if cdir is not None:
+        if stored and stored != chunk:
+            shutil.rmtree(cdir, ignore_errors=True)
+        cdir.mkdir(parents=True, exist_ok=True)
+        (cdir / "meta.json").write_text(json.dumps({"chunk_cells": chunk, "key_source": json.loads(key_src)}))
+    chunks = chunk_plan(np.asarray(model.cluster_ids), chunk)
+    log.info("%d cells x %d actions, %d genes, k=%d neighbours, |U| <= %d; %d chunks of <= %d cells (%s)",
+             N, A, G, k, max_u, len(chunks), chunk, chunk_why)
+
+    table = np.empty((N, A), dtype=np.int32)
+    shift_norm_sum = np.zeros(A)
+    reused = 0
+    gpu_peak = 0
+    t_chunks = time.time()
+    for i, (c, cells) in enumerate(chunks):
+        f = cdir / f"chunk_{i:05d}.npz" if cdir is not None else None
+        if f is not None and f.exists():
+            z = np.load(f)
+            if np.array_equal(z["cells"], cells):
+                table[cells] = z["next_cell"]
+                shift_norm_sum += z["shift_norm_sum"]
+                reused += 1
+                continue
+        r = run_chunk(ctx, cells, c)
+        sn = to_numpy(xp.sqrt((r.shift ** 2).sum(axis=2)).sum(axis=0))
+        table[cells] = r.next_cell
+        shift_norm_sum += sn
+        if xp is not np:
+            gpu_peak = max(gpu_peak, int(xp.get_default_memory_pool().total_bytes()))
+        if f is not None:
+            tmp = f.with_name(f".{f.name}.tmp.npz")
+            np.savez(tmp, cells=cells, next_cell=r.next_cell, shift_norm_sum=sn)
+            os.replace(tmp, f)
+        if on_chunk is not None:
+            on_chunk(i, len(chunks))
+        if (i + 1) % max(1, len(chunks) // 10) == 0:
+            log.info("chunk %d/%d (%.1f s)", i + 1, len(chunks), time.time() - t_chunks)
+
+    elapsed = time.time() - t0
+    self_frac = (table == np.arange(N, dtype=np.int32)[:, None]).mean(axis=0)
+    stats = {
+        "n_cells": N, "n_genes": G, "n_actions": A, "n_neighbors_sampled": k,
+        "settings": dataclasses.asdict(settings),
+        "backend": backend_name, "backend_reason": why,
+        "chunk_cells": chunk, "chunk_cells_reason": chunk_why, "n_chunks": len(chunks), "chunks_reused": reused,
+        "max_reachable_genes": max_u, "reachable_genes_per_cluster": [int(p.genes.size) for p in ctx.plans],
+        "self_transition_fraction": float(self_frac.mean()),
+        "self_transition_fraction_per_action": {f"{kd}:{g}": float(v) for kd, g, v in
+                                                zip(ctx.actions.kinds, ctx.actions.genes, self_frac)},
+        "mean_shift": float(shift_norm_sum.sum() / (N * A)) if A else 0.0,
+        "mean_shift_per_action": {f"{kd}:{g}": float(v / N) for kd, g, v in
+                                  zip(ctx.actions.kinds, ctx.actions.genes, shift_norm_sum)},
+        "time_s": round(elapsed, 3), "prepare_s": round(t_prep, 3),
+        "cell_actions_per_s": (N * A) / elapsed if elapsed > 0 else None,
+        "peak_rss_bytes": _peak_rss_bytes(), "peak_gpu_pool_bytes": gpu_peak,
+        "table_sha256": hashlib.sha256(table.tobytes()).hexdigest(),
+        "code": _code_hash(), "chunk_key": key,
+    }
+    return table, ctx.actions, stats
+
+
+def transitions_files(model_path: str | Path, table_out: str | Path, actions_out: str | Path,
+                      stats_out: str | Path, chunk_dir: str | Path | None = None, **settings: Any) -> dict:
+    """Rule ``transitions``: model.npz -> table.npy (int32 cells x actions), actions.tsv, stats.json.
+
+    Resumable: chunks finished by an interrupted run are reused (``chunk_dir``); removed after success.
+    """
+    s = TransitionSettings.from_dict(settings)
+    model = load_model(model_path)
+    table, acts, stats = compute_table(model, s, chunk_dir=chunk_dir)
+    stats["model"] = str(model_path)
+    stats["dataset"] = model.meta.get("dataset")
+    save_npy(table_out, table)
+    write_table(actions_out, acts.frame())
+    write_json(stats_out, stats)
+    if chunk_dir is not None:
+        shutil.rmtree(chunk_dir, ignore_errors=True)
+    log.info("table %s: %d x %d, self-transitions %.3f, %.1f s, peak RSS %.2f GiB (%s)", table_out,
+             *table.shape, stats["self_transition_fraction"], stats["time_s"], stats["peak_rss_bytes"] / 2**30,
+             stats["backend_reason"])
+    return stats
+
+
+# ------------------------------------------------------------------------------------- single-action helpers
+def simulate_actions(model: OracleModel, settings: TransitionSettings | dict | None = None,
+                     action_ids: Sequence[int] | None = None, xp: ModuleType | None = None,
+                     chunk_cells: int = 512) -> dict[str, np.ndarray]:
+    """Dense per-action outputs for checks against CellOracle (small data only): delta (A', N, G), shift
+    (A', N, 2) and next cell (A', N), computed by the same chunk code as the table."""
+    if not isinstance(settings, TransitionSettings):
+        settings = TransitionSettings.from_dict(settings)
+    xp = xp or select_backend(settings.backend)[0]
+    ctx = prepare(model, settings, xp)
+    ids = np.arange(len(ctx.actions)) if action_ids is None else np.asarray(action_ids)
+    N, G = model.n_cells, model.n_genes
+    delta = np.zeros((len(ids), N, G))
+    shift = np.zeros((len(ids), N, 2))
+    nxt = np.zeros((len(ids), N), dtype=np.int32)
+    for c, cells in chunk_plan(np.asarray(model.cluster_ids), chunk_cells):
+        r = run_chunk(ctx, cells, c, keep_delta=True)
+        d = to_numpy(r.delta)[:, :, ids]  # (|U|, n, A')
+        g = ctx.plans[c].genes
+        delta[:, cells[:, None], g[None, :]] = d.transpose(2, 1, 0)
+        shift[:, cells] = to_numpy(r.shift)[:, ids].transpose(1, 0, 2)
+        nxt[:, cells] = r.next_cell[:, ids].T
+    return {"delta": delta, "shift": shift, "next_cell": nxt, "neighbors": to_numpy(ctx.nbr)}
+
+
+def nearest_cells(embedding: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Next cell for a given shift (N, 2): the cell nearest to E_i + shift_i (same KD-tree query as the table)."""
+    from scipy.spatial import cKDTree
+
+    E = np.asarray(embedding, dtype=np.float64)
+    target = E + shift
+    out = np.arange(len(E))
+    ok = np.isfinite(target).all(axis=1)
+    out[ok] = cKDTree(E).query(target[ok], k=1, workers=-1)[1]
+    return out.astype(np.int32)
+
+
+def celloracle_dense_bytes(n_cells: int) -> int:
+    """Lower bound on CellOracle's peak for one perturbation (calculate_embedding_shift): corrcoef, the dense
+    kNN mask (twice), transition_prob and the (2, N, N) unit vectors (+ a same-size norm temporary), float64."""
+    return 8 * n_cells * n_cells * (1 + 2 + 1 + 2 + 1)

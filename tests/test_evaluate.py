@@ -1,0 +1,140 @@
+"""Evaluation protocol: policies on shared tasks, metrics, ground-truth check, files and plots."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from results_fixture import ENV, UNREACHABLE_TYPE, build_results
+
+from cellrl.bfs import bfs_file
+from cellrl.errors import InputError
+from cellrl.evaluate import (_plan_flags, action_table, eval_tasks, evaluate, evaluate_files, load_agent,
+                             policy_stats)
+from cellrl.model import load_model
+from cellrl.plots import read_progress
+from cellrl.tasks import TaskGeometry
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_results(tmp_path_factory.mktemp("eval"))
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny):
+    out = tiny["results"] / "benchmark"
+    bfs_file(tiny["model"], tiny["table"], out / "bfs.parquet", env=ENV)
+    summary = evaluate_files(model=tiny["model"], table=tiny["table"], actions=tiny["actions"], agent=tiny["agent"],
+                             progress=tiny["progress"], bfs=out / "bfs.parquet", truth=tiny["truth"],
+                             episodes_out=out / "default" / "episodes.parquet",
+                             summary_out=out / "default" / "summary.json", plots_dir=out / "default" / "plots",
+                             env=ENV, n_episodes=2000, seed=0, deterministic=True)
+    return out, summary
+
+
+def test_bfs_file_covers_test_pairs(tiny, evaluated):
+    out, _ = evaluated
+    df = pd.read_parquet(out / "bfs.parquet")
+    m = load_model(tiny["model"])
+    n_test = int(m.split_mask("test").sum())
+    assert len(df) == n_test * 3 and (df.start_type != df.target_type).all()
+    # the planted unreachable type is unreachable from every other type, the others are reached
+    assert (df[df.target_type == UNREACHABLE_TYPE].length == -1).all()
+    ok = df[df.reachable]
+    assert len(ok) and (ok.actions.map(len) == ok.length).all() and ok.plan.str.contains("KO:|OE:").all()
+
+
+def test_summary_and_episodes(evaluated):
+    out, s = evaluated
+    ep = pd.read_parquet(out / "default" / "episodes.parquet")
+    assert set(ep.policy) == {"agent", "greedy", "random", "bfs"}
+    n = s["protocol"]["n_episodes"]
+    assert n == s["protocol"]["n_pairs_total"] and not s["protocol"]["sampled"]
+    assert (ep.groupby("policy").size() == n).all()
+    # the BFS policy is the ceiling: it solves exactly the pairs with an optimal path within the step limit
+    b = ep[ep.policy == "bfs"]
+    within = (b.bfs_length >= 0) & (b.bfs_length <= s["protocol"]["max_steps"])
+    assert (b.success == within).all() and s["policies"]["bfs"]["success"] == pytest.approx(within.mean())
+    assert s["policies"]["bfs"]["success_reachable"] == 1.0
+    for p in ("agent", "greedy", "random"):
+        d = ep[ep.policy == p]
+        assert not (d.success & ~within.to_numpy()).any()  # nobody beats the exact optimum
+        assert (d.length[d.success] >= d.bfs_length[d.success]).all()
+        assert s["policies"][p]["success"] <= s["policies"]["bfs"]["success"] + 1e-12
+    assert 0 < s["bfs_reachable_frac"] < 1  # T3 is unreachable
+    # per-episode records are consistent: one action and one visited cell per step
+    assert (ep.actions.map(len) == ep.length).all() and (ep.cells.map(len) == ep.length).all()
+    assert ep.activation_frac.dropna().between(0, 1).all() and (ep.stagnations >= 0).all()
+    assert {r["target_type"] for r in s["per_target"]} == {"T0", "T1", "T2", "T3"}
+    t3 = next(r for r in s["per_target"] if r["target_type"] == UNREACHABLE_TYPE)
+    assert t3["bfs"] == 0 and t3["agent"] == 0
+    assert s["training"]["final_success_rate"] == pytest.approx(0.3) and s["training"]["timesteps"] == 64
+    json.loads((out / "default" / "summary.json").read_text())  # valid JSON on disk
+
+
+def test_ground_truth_table(evaluated):
+    _, s = evaluated
+    gt = s["ground_truth"]
+    assert gt["available"] and gt["n_pairs"] == 12
+    assert 0 <= gt["bfs_agreement"] <= 1 and gt["bfs_plans"] > 0
+    pair = next(p for p in gt["pairs"] if p["target"] == UNREACHABLE_TYPE)
+    assert pair["verdict"] == "table: target unreachable"
+    assert all(p["verdict"] for p in gt["pairs"])
+
+
+def test_plots_written(evaluated):
+    out, s = evaluated
+    names = {p.name for p in (out / "default" / "plots").glob("*.png")}
+    assert {"umap_paths.png", "success_by_target.png", "length_hist.png", "learning_curve.png",
+            "action_usage.png", "action_usage_bfs.png"} <= names
+    assert set(s["plots"]) == names
+
+
+def test_plan_flags():
+    planted, wrong = {0, 5}, {1, 4}
+    assert _plan_flags([0, 2], planted, wrong) == (True, 0.5)
+    assert _plan_flags([0, 5, 1], planted, wrong) == (False, 1.0)  # a master in the wrong direction
+    assert _plan_flags([2, 3], planted, wrong) == (False, 0.0)
+
+
+def test_sampled_protocol_is_seeded(small_model):
+    geo = TaskGeometry.from_model(small_model)
+    s1, t1, n = eval_tasks(geo, n_episodes=10, seed=3)
+    s2, t2, _ = eval_tasks(geo, n_episodes=10, seed=3)
+    assert n > 10 and len(s1) == 10 and (s1 == s2).all() and (t1 == t2).all()
+    assert (geo.type_ids[s1] != t1).all() and (geo.split[s1] == "test").all()
+
+
+def test_baselines_without_agent_and_stagnation(tiny):
+    m = load_model(tiny["model"])
+    table = np.load(tiny["table"])
+    ev = evaluate(m, table, None, env=ENV, n_episodes=40, seed=1, policies=("random", "bfs"))
+    assert set(ev.episodes.policy) == {"random", "bfs"} and len(ev.episodes) == 80
+    st = policy_stats(ev.episodes, ev.summary["protocol"]["max_steps"])
+    b = ev.episodes[(ev.episodes.policy == "bfs") & ev.episodes.success]
+    assert len(b) and (b.stagnations == 0).all()  # shortest paths never revisit a cell
+    assert st["random"]["episodes"] == 40 and "agent" not in st
+
+
+def test_errors(tiny, tmp_path):
+    with pytest.raises(InputError, match="agent not found"):
+        load_agent(tmp_path / "nope.zip")
+    bad = tmp_path / "actions.tsv"
+    bad.write_text("index\tgene\n0\tg1\n")
+    with pytest.raises(InputError, match="lacks columns"):
+        action_table(12, [], bad)
+    with pytest.raises(InputError, match="actions table lists"):
+        action_table(10, [], tiny["actions"])
+
+
+def test_read_progress_variants(tmp_path):
+    p = tmp_path / "progress.csv"
+    p.write_text("time/total_timesteps,eval/success_rate,rollout/ep_rew_mean\n100,0.1,-5\n200,,-4\n300,0.4,-3\n")
+    df = read_progress(p)
+    assert df.timesteps.tolist() == [100, 200, 300] and df.success.dropna().tolist() == [0.1, 0.4]
+    assert read_progress(tmp_path / "missing.csv").empty
+    (tmp_path / "junk.csv").write_text("a,b\n1,2\n")
+    assert read_progress(tmp_path / "junk.csv").empty
