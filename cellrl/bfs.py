@@ -253,17 +253,19 @@ def bfs_file(model_path: str | Path, table_path: str | Path, out_path: str | Pat
     """Rule ``bfs``: write ``benchmark/bfs.parquet`` (test cells x other target types; see module docstring)."""
     import time
 
+    from .env import EnvParams
     from .io import write_table
     from .model import load_model
     from .tasks import TaskGeometry
 
-    env = dict(env or {})
     model = load_model(model_path)
     table = load_table(table_path, model.n_cells, model.n_actions)
-    geometry = TaskGeometry.from_model(model, env.get("goal_percentile", 25), env.get("centroid_percentile", 95))
+    params = EnvParams.from_config(env)
+    geometry = TaskGeometry.from_model(model, params.goal_percentile, params.centroid_percentile)
     allowed = eval_allowed_mask(model, table)
     t0 = time.perf_counter()
-    df, res = bfs_table(model, table, geometry, allowed, max_steps=env.get("max_steps"))
+    max_steps = params.eval_max_steps(geometry.n_types)  # the test episodes' step limit
+    df, res = bfs_table(model, table, geometry, allowed, max_steps=max_steps)
     log.info("BFS over %d cells x %d actions, %d target types: %.2f s", table.shape[0], table.shape[1],
              res.dist.shape[1], time.perf_counter() - t0)
     if len(df):

@@ -313,22 +313,60 @@ def training_summary(progress: str | Path | None) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- ground truth
-def _plan_flags(actions: Sequence[int], planted: set[int], wrong: set[int]) -> tuple[bool, float]:
+def _plan_flags(actions: Sequence[int], planted: set[int], wrong: set[int]) -> tuple[bool, float, bool]:
+    """(agrees, recall, uses a master in the wrong direction) of one plan (see :func:`ground_truth_check`)."""
     s = set(int(a) for a in actions)
     agree = bool(s & planted) and not (s & wrong)
     recall = len(s & planted) / len(planted) if planted else float("nan")
-    return agree, recall
+    return agree, recall, bool(s & wrong)
+
+
+def planted_responses(model: Any, settings: Mapping[str, Any] | None, action_ids: Sequence[int],
+                      max_values: float = 2e8) -> dict[str, Any] | None:
+    """The simulator's raw response to the planted actions: expression change ``delta`` (A', cells, genes) and
+    embedding ``shift`` (A', cells, 2), from the same code as the table (:func:`cellrl.transitions.simulate_actions`).
+
+    ``None`` when the transition settings are unknown or the arrays would be too large (demo-sized data only).
+    """
+    if settings is None or not len(action_ids):
+        return None
+    ids = np.asarray(sorted(set(int(a) for a in action_ids)))
+    if len(ids) * model.n_cells * model.n_genes > max_values:
+        log.info("ground truth: simulator check skipped (%d actions x %d cells x %d genes too large)", len(ids),
+                 model.n_cells, model.n_genes)
+        return None
+    from .transitions import simulate_actions
+
+    t0 = time.perf_counter()
+    r = simulate_actions(model, dict(settings), action_ids=ids)
+    log.info("ground truth: simulated %d planted actions (%.1f s)", len(ids), time.perf_counter() - t0)
+    return {"ids": ids, "delta": r["delta"], "shift": r["shift"]}
+
+
+def _toward(vectors: np.ndarray, directions: np.ndarray) -> np.ndarray:
+    """Per row: does ``vectors`` point towards ``directions`` (cosine > 0)? NaN where either is zero."""
+    num = np.einsum("ij,ij->i", vectors, directions)
+    den = np.linalg.norm(vectors, axis=1) * np.linalg.norm(directions, axis=1)
+    return np.where(den > 0, (num > 0).astype(float), np.nan)
 
 
 def ground_truth_check(truth: Mapping[str, Any], ep: pd.DataFrame, bfs_df: pd.DataFrame, acts: pd.DataFrame,
-                       geometry: Any, table: np.ndarray, allowed: np.ndarray) -> dict[str, Any]:
+                       geometry: Any, table: np.ndarray, allowed: np.ndarray, model: Any = None,
+                       transition_settings: Mapping[str, Any] | None = None, seed: int = 0) -> dict[str, Any]:
     """Compare BFS and agent plans with the planted recipe of every (start type, target type) pair.
 
     A plan *agrees* when it contains at least one planted action (KO of a start master the target lacks, OE of
     a target master the start lacks) and no master TF in the wrong direction (KO of a master that is on in the
-    target, OE of one that is off in it). ``planted_rank`` measures whether the simulated transitions favour the
-    planted actions at all: the mean percentile (0..1, 0.5 = like a random action) of their one-step gain in
-    cosine similarity to the target centroid among the allowed actions of the start type's test cells.
+    target, OE of one that is off in it; ``bfs_wrong``: share of plans that do). ``bfs_recall``: share of the
+    planted actions a plan contains. ``bfs_chance``: the agreement of uniformly random action sequences of the
+    same lengths (the null). Where a pair fails, three measurements on the start type's test cells say which
+    stage loses the planted signal:
+
+    * ``grn_toward``: share of (cell, planted action) whose simulated expression change (GRN propagation) points
+      towards the target centroid (cosine > 0 in z-space);
+    * ``shift_toward``: share whose embedding shift points towards the target type's embedding centroid;
+    * ``planted_rank``: percentile (0..1, 0.5 = like a random action) of the planted actions' one-step gain in
+      cosine similarity to the target centroid among all allowed actions in the transition table.
     """
     gene_l = acts.gene.str.lower().to_numpy()
     kind = acts.kind.to_numpy()
@@ -337,79 +375,109 @@ def ground_truth_check(truth: Mapping[str, Any], ep: pd.DataFrame, bfs_df: pd.Da
     state = {str(t).lower(): {str(m).lower(): int(v) for m, v in ms.items()}
              for t, ms in (truth.get("master_state") or {}).items()}
     safe = np.clip(table, 0, None)
-    pairs, verdicts = [], {}
-    all_bfs, all_agent = [], []
+    rng = np.random.default_rng(seed)
+    recs = []
     for rec in truth.get("reprogramming", []):
         s_name, t_name = str(rec["start"]), str(rec["target"])
-        if s_name.lower() not in type_l or t_name.lower() not in type_l:
-            continue
+        if s_name.lower() in type_l and t_name.lower() in type_l:
+            planted = {index[k] for k in [("KO", g.lower()) for g in rec.get("knockout", [])]
+                       + [("OE", g.lower()) for g in rec.get("overexpress", [])] if k in index}
+            recs.append((rec, s_name, t_name, planted))
+    if not recs:
+        return {"available": False, "reason": "no (start, target) pair of the ground truth matches the model's types"}
+    sim = None
+    if model is not None:
+        sim = planted_responses(model, transition_settings, sorted(set().union(*(r[3] for r in recs))))
+    emb = np.asarray(model.embedding, dtype=np.float64) if model is not None else None
+    pairs, verdicts = [], {}
+    all_bfs, all_agent, all_chance = [], [], []
+    for rec, s_name, t_name, planted in recs:
         ti = type_l[t_name.lower()]
-        planted = {index[k] for k in [("KO", g.lower()) for g in rec.get("knockout", [])]
-                   + [("OE", g.lower()) for g in rec.get("overexpress", [])] if k in index}
         n_planted = len(rec.get("knockout", [])) + len(rec.get("overexpress", []))
         tstate = state.get(t_name.lower(), {})
         wrong = {index[k] for k in [("KO", m) for m, v in tstate.items() if v == 1]
                  + [("OE", m) for m, v in tstate.items() if v == 0] if k in index}
         recipe = [f"KO:{g}" for g in rec.get("knockout", [])] + [f"OE:{g}" for g in rec.get("overexpress", [])]
-        b = bfs_df[(bfs_df.start_type.str.lower() == s_name.lower())
-                   & (bfs_df.target_type.str.lower() == t_name.lower()) & (bfs_df.length > 0)]
-        bf = [_plan_flags(a, planted, wrong) for a in b.actions]
+        pair_rows = bfs_df[(bfs_df.start_type.str.lower() == s_name.lower())
+                           & (bfs_df.target_type.str.lower() == t_name.lower())]
+        b = pair_rows[pair_rows.length > 0]
+        bf = [_plan_flags(x, planted, wrong) for x in b.actions]
+        chance = [_plan_flags(rng.integers(0, table.shape[1], len(x)), planted, wrong)[0]
+                  for x in b.actions for _ in range(20)]
         a = ep[(ep.policy == "agent") & (ep.start_type.str.lower() == s_name.lower())
                & (ep.target_type.str.lower() == t_name.lower())]
         af = [_plan_flags(x, planted, wrong) for x in a[a.success].actions]
         all_bfs += [f[0] for f in bf]
         all_agent += [f[0] for f in af]
-        # Do the transitions reward the planted actions? Percentile of their one-step gain per start cell.
-        cells = np.unique(np.concatenate([b.cell.to_numpy(np.int64), a.start_cell.to_numpy(np.int64)]))
-        rank = None
+        all_chance += chance
+        cells = np.unique(np.concatenate([pair_rows.cell.to_numpy(np.int64), a.start_cell.to_numpy(np.int64)]))
+        rank = grn = shift = None
         if planted and len(cells):
+            # table level: percentile of the planted actions' one-step gain among the allowed actions
             gain = geometry.cos_sim[safe[cells], ti] - geometry.cos_sim[cells, ti][:, None]  # (n, A)
             vals = []
             for j in sorted(planted):
-                ok = allowed[cells, j]
-                for ci in np.flatnonzero(ok):
+                for ci in np.flatnonzero(allowed[cells, j]):
                     others = gain[ci][allowed[cells[ci]]]
                     if len(others) > 1:
                         g = gain[ci, j]
                         vals.append(((others < g).sum() + 0.5 * ((others == g).sum() - 1)) / (len(others) - 1))
             rank = float(np.mean(vals)) if vals else None
+            if sim is not None:
+                pos = {int(x): k for k, x in enumerate(sim["ids"])}
+                ks = [pos[j] for j in sorted(planted)]
+                dz = sim["delta"][ks][:, cells] / geometry.std[None, None, :]  # (P, n, G) in z units
+                to_c = np.broadcast_to(geometry.centroids[ti][None] - geometry.z[cells], dz.shape)
+                grn = _mean(_toward(dz.reshape(-1, dz.shape[-1]), to_c.reshape(-1, dz.shape[-1])))
+                sh = sim["shift"][ks][:, cells]
+                to_e = np.broadcast_to(geometry.embedding_centroids[ti][None] - emb[cells], sh.shape)
+                shift = _mean(_toward(sh.reshape(-1, 2), to_e.reshape(-1, 2)))
         row = dict(start=s_name, target=t_name, planted=" ".join(recipe), n_planted=n_planted,
                    n_planted_in_actions=len(planted), n_bfs=len(bf),
-                   bfs_agree=_mean([f[0] for f in bf]), bfs_recall=_mean([f[1] for f in bf]),
+                   bfs_agree=_mean([f[0] for f in bf]), bfs_chance=_mean(chance), bfs_recall=_mean([f[1] for f in bf]),
+                   bfs_wrong=_mean([f[2] for f in bf]),
                    n_agent=int(len(a)), agent_success=_mean(a.success) if len(a) else None,
                    agent_agree=_mean([f[0] for f in af]), agent_recall=_mean([f[1] for f in af]),
-                   planted_rank=rank)
-        row["verdict"] = _verdict(row, bfs_reachable=bool((bfs_df[(bfs_df.start_type.str.lower() == s_name.lower())
-                                                                  & (bfs_df.target_type.str.lower()
-                                                                     == t_name.lower())].length >= 0).any()))
+                   grn_toward=grn, shift_toward=shift, planted_rank=rank,
+                   bfs_mean_length=_mean(b.length) if len(b) else None)
+        row["verdict"] = _verdict(row, bfs_reachable=bool((pair_rows.length >= 0).any()))
         verdicts[row["verdict"]] = verdicts.get(row["verdict"], 0) + 1
         pairs.append(row)
-    if not pairs:
-        return {"available": False, "reason": "no (start, target) pair of the ground truth matches the model's types"}
 
     def frac_pairs(key: str) -> float | None:
         v = [p[key] for p in pairs if p[key] is not None]
         return float(np.mean([x >= 0.5 for x in v])) if v else None
 
+    def mean_of(key: str) -> float | None:
+        return _mean([p[key] for p in pairs if p[key] is not None])
+
     return {"available": True, "n_pairs": len(pairs),
             "bfs_agreement": _mean(all_bfs), "agent_agreement": _mean(all_agent),
-            "bfs_plans": len(all_bfs), "agent_plans": len(all_agent),
+            "chance_agreement": _mean(all_chance), "bfs_plans": len(all_bfs), "agent_plans": len(all_agent),
             "bfs_pairs_agree": frac_pairs("bfs_agree"), "agent_pairs_agree": frac_pairs("agent_agree"),
-            "mean_planted_rank": _mean([p["planted_rank"] for p in pairs if p["planted_rank"] is not None]),
+            "mean_grn_toward": mean_of("grn_toward"), "mean_shift_toward": mean_of("shift_toward"),
+            "mean_planted_rank": mean_of("planted_rank"), "simulator_checked": sim is not None,
             "verdicts": verdicts, "pairs": pairs}
 
 
 def _verdict(row: Mapping[str, Any], bfs_reachable: bool) -> str:
-    """First stage that breaks the chain planted GRN -> oracle -> table -> BFS -> agent for one pair."""
+    """First stage that breaks the chain planted GRN -> oracle -> simulator -> table -> BFS -> agent."""
     if row["n_planted"] and row["n_planted_in_actions"] == 0:
         return "oracle: planted masters are not perturbable regulators"
     if not bfs_reachable:
         return "table: target unreachable"
-    bfs_ok = (row["bfs_agree"] or 0) >= 0.5
-    if not bfs_ok:
+    if (row["bfs_agree"] or 0) < 0.5:
+        if row["grn_toward"] is not None and row["grn_toward"] < 0.5:
+            return "simulator (GRN propagation): planted perturbations do not move expression towards the target"
+        if row["shift_toward"] is not None and row["shift_toward"] < 0.5:
+            return "simulator (embedding shift): planted perturbations do not push cells towards the target"
         if row["planted_rank"] is not None and row["planted_rank"] < 0.6:
-            return "simulator/table: planted perturbations do not move cells towards the target"
+            return "table: planted perturbations are not among the best next-cell moves"
+        if (row["bfs_wrong"] or 0) >= 0.5:
+            return "table: shortest paths also move masters in the wrong direction"
         return "table: shortest paths use other regulators"
+    if row["n_agent"] == 0:
+        return "ok (BFS; no agent evaluated)"
     if (row["agent_success"] or 0) < 0.5:
         return "agent: fails to reach the target"
     if (row["agent_agree"] or 0) < 0.5:
@@ -484,7 +552,8 @@ def evaluate(model: Any, table: np.ndarray, agent: Any | None, env: Mapping[str,
              actions: pd.DataFrame | None = None, n_episodes: int | None = 2000, seed: int = 0,
              deterministic: bool = True, bfs_df: pd.DataFrame | None = None,
              truth: Mapping[str, Any] | None = None, progress: str | Path | None = None,
-             policies: Sequence[str] = POLICIES) -> Evaluation:
+             policies: Sequence[str] = POLICIES,
+             transition_settings: Mapping[str, Any] | None = None) -> Evaluation:
     """Run the test protocol in memory (``agent=None`` skips the agent)."""
     from .bfs import bfs_table
     from .env import EnvParams
@@ -549,7 +618,8 @@ def evaluate(model: Any, table: np.ndarray, agent: Any | None, env: Mapping[str,
         "training": training_summary(progress),
     }
     if truth is not None:
-        summary["ground_truth"] = ground_truth_check(truth, ep, bfs_df, actions, geo, table, allowed)
+        summary["ground_truth"] = ground_truth_check(truth, ep, bfs_df, actions, geo, table, allowed, model=model,
+                                                     transition_settings=transition_settings, seed=seed)
         gt = summary["ground_truth"]
         if gt.get("available"):
             log.info("ground truth: BFS plans agree %.1f%%, agent plans %s", 100 * (gt["bfs_agreement"] or 0),
@@ -574,8 +644,12 @@ def evaluate_files(model: str | Path, table: str | Path, actions: str | Path | N
                    progress: str | Path | None, bfs: str | Path | None, truth: str | Path | None,
                    episodes_out: str | Path, summary_out: str | Path, plots_dir: str | Path,
                    env: Mapping[str, Any] | None = None, n_episodes: int = 2000, seed: int = 0,
-                   deterministic: bool = True) -> dict[str, Any]:
-    """Rule ``evaluate``: write ``episodes.parquet``, ``summary.json`` and ``plots/`` for one run."""
+                   deterministic: bool = True, transition_stats: str | Path | None = None) -> dict[str, Any]:
+    """Rule ``evaluate``: write ``episodes.parquet``, ``summary.json`` and ``plots/`` for one run.
+
+    ``transition_stats`` (the transitions rule's stats.json) supplies the simulator settings for the
+    ground-truth check's simulator level; without it that level is skipped.
+    """
     import json
 
     from .io import write_json, write_table
@@ -587,8 +661,12 @@ def evaluate_files(model: str | Path, table: str | Path, actions: str | Path | N
     ag = load_agent(agent)
     bfs_df = pd.read_parquet(bfs) if bfs is not None and Path(bfs).exists() else None
     tr = json.loads(Path(truth).read_text()) if truth else None
+    tset = None
+    if transition_stats is not None and Path(transition_stats).exists():
+        tset = json.loads(Path(transition_stats).read_text()).get("settings")
     ev = evaluate(m, tab, ag, env=env, actions=acts, n_episodes=n_episodes, seed=seed,
-                  deterministic=deterministic, bfs_df=bfs_df, truth=tr, progress=progress)
+                  deterministic=deterministic, bfs_df=bfs_df, truth=tr, progress=progress,
+                  transition_settings=tset)
     ep, summary, geo = ev.episodes, ev.summary, ev.geometry
     summary["dataset"] = m.meta.get("dataset")
     summary["run"] = Path(episodes_out).parent.name

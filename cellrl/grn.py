@@ -171,6 +171,36 @@ def _genome_for_scan(fasta: Path, workdir: Path) -> Path:
     return link
 
 
+class _StrXXHash:
+    """xxhash whose hash constructors also take str (UTF-8), as gimmemotifs 0.17 expects of xxhash < 4."""
+
+    def __init__(self, mod: Any):
+        self._mod = mod
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self._mod, name)
+        if not name.startswith("xxh") or not callable(fn):
+            return fn
+        return lambda data=b"", *a, **k: fn(data.encode() if isinstance(data, str) else data, *a, **k)
+
+
+def _gimmemotifs_xxhash_compat() -> None:
+    """gimmemotifs 0.17.2 hashes str with xxhash; xxhash >= 4 only takes bytes. Wrap its module reference."""
+    import xxhash
+
+    try:
+        xxhash.xxh64("a")
+        return
+    except TypeError:
+        pass
+    import gimmemotifs.motif as gm_motif
+    import gimmemotifs.scanner as gm_scanner
+
+    for mod in (gm_motif, gm_scanner):
+        if getattr(mod, "xxhash", None) is xxhash:
+            mod.xxhash = _StrXXHash(xxhash)
+
+
 def scan_atac(peak_gene: str | os.PathLike, genome_fasta: str | os.PathLike | None, *,
               peaks: str | os.PathLike | None = None, motifs: str | os.PathLike | None = None,
               motif_fpr: float = 0.02, motif_score_threshold: float = 10.0, peak_gene_score_min: float = 0.8,
@@ -204,6 +234,8 @@ def scan_atac(peak_gene: str | os.PathLike, genome_fasta: str | os.PathLike | No
 
     import celloracle.motif_analysis as ma  # heavy import, only on this path
     from genomepy import Genome
+
+    _gimmemotifs_xxhash_compat()
 
     work = Path(workdir) if workdir is not None else pg_path.parent
     gpath = _genome_for_scan(fasta, work / "genome_index")

@@ -105,7 +105,7 @@ def _read_10x_mtx(path: Path):
         raise InputError(f"10x mtx directory lacks {missing}", path=path, field="rna.path",
                          fix="a 10x mtx folder needs matrix.mtx, features.tsv (or genes.tsv) and barcodes.tsv, "
                              "each optionally .gz")
-    with _open_text(mtx) as fh:
+    with (gzip.open(mtx, "rb") if mtx.suffix == ".gz" else open(mtx, "rb")) as fh:
         m = scipy.io.mmread(fh)
     with _open_text(feats) as fh:
         f = pd.read_csv(fh, sep="\t", header=None, dtype=str)

@@ -275,10 +275,10 @@ def fit_oracle(adata: Any, tf_targets: Mapping[str, Sequence[str]], split: Any, 
 def fit_oracle_files(adata_path: str | os.PathLike, tf_targets_path: str | os.PathLike,
                      split_path: str | os.PathLike, *, oracle_path: str | os.PathLike,
                      links_path: str | os.PathLike, model_path: str | os.PathLike,
-                     stats_path: str | os.PathLike, **settings: Any) -> dict[str, Any]:
+                     stats_path: str | os.PathLike, dataset: str | None = None, **settings: Any) -> dict[str, Any]:
     """Rule ``fit_oracle``: read filtered.h5ad, tf_targets.json and split.tsv; write the oracle, links,
-    ``model.npz`` and ``stats.json``. Every output is written to a temporary name and renamed, so an error
-    leaves none of them behind."""
+    ``model.npz`` and ``stats.json``. Each output is written under a temporary name and renamed, and on any
+    error the outputs already written are removed, so a failure leaves none of them behind."""
     import anndata as ad
 
     adata_path, tf_targets_path = Path(adata_path), Path(tf_targets_path)
@@ -287,16 +287,21 @@ def fit_oracle_files(adata_path: str | os.PathLike, tf_targets_path: str | os.Pa
     tf_targets = load_tf_targets(tf_targets_path)
     split = read_split(split_path)
     adata = ad.read_h5ad(adata_path)
-    settings = dict(settings)
-    meta = {"dataset": settings.pop("dataset", adata_path.parent.parent.name)}
+    meta = {"dataset": dataset or adata_path.parent.parent.name}
     oracle, links, model, stats = fit_oracle(adata, tf_targets, split, sources=(adata_path, tf_targets_path),
                                              meta=meta, **settings)
     t = time.time()
-    with atomic_path(oracle_path) as tmp:
-        oracle.to_hdf5(str(tmp))
-    with atomic_path(links_path) as tmp:
-        links.to_hdf5(str(tmp))
-    model.save(model_path)
-    stats["timings_s"]["save"] = round(time.time() - t, 3)
-    write_json(stats_path, stats)
+    outputs = [Path(p) for p in (oracle_path, links_path, model_path, stats_path)]
+    try:
+        with atomic_path(oracle_path) as tmp:
+            oracle.to_hdf5(str(tmp))
+        with atomic_path(links_path) as tmp:
+            links.to_hdf5(str(tmp))
+        model.save(model_path)
+        stats["timings_s"]["save"] = round(time.time() - t, 3)
+        write_json(stats_path, stats)
+    except BaseException:
+        for p in outputs:
+            p.unlink(missing_ok=True)
+        raise
     return stats

@@ -28,7 +28,7 @@ Steps, in order:
    the result can exceed ``n_top_genes`` by the number of such regulators. When the data have no more genes
    than ``n_top_genes`` all are kept.
 4. **Normalise** over the selected genes (total per cell -> median total) and **log1p**.
-5. **PCA** (arpack, seeded), **kNN** graph, **UMAP** (seeded), and **Leiden** (igraph, seeded) when there are
+5. **PCA** (arpack, seeded), exact **kNN** graph, **UMAP** (seeded), and **Leiden** (igraph, seeded) when there are
    no cell types.
 """
 
@@ -116,6 +116,7 @@ def filter_adata(adata, regulators: Iterable[str] = (), expression: str = "count
                          path=source, field="filter.min_cells_per_gene", fix="lower filter.min_cells_per_gene")
     X, var = X[:, np.flatnonzero(gene_ok)], var.iloc[np.flatnonzero(gene_ok)]
     steps["after_qc"] = [int(X.shape[0]), int(X.shape[1])]
+    timings = {"qc": time.time() - t0}
     log.info("QC: dropped %d cells and %d genes -> %d x %d", n_drop, int((~gene_ok).sum()), *X.shape)
 
     # 2. cap cells ---------------------------------------------------------------------------------------
@@ -126,6 +127,7 @@ def filter_adata(adata, regulators: Iterable[str] = (), expression: str = "count
         X, obs = X[keep], obs.iloc[keep]
     steps["after_cap"] = [int(X.shape[0]), int(X.shape[1])]
 
+    t = time.time()
     # 3. genes ------------------------------------------------------------------------------------------
     counts = X if expression == "counts" else X.copy()
     if expression == "lognorm":
@@ -159,6 +161,7 @@ def filter_adata(adata, regulators: Iterable[str] = (), expression: str = "count
         k = np.flatnonzero(~empty)
         X, counts, obs = X[k], counts[k], obs.iloc[k]
     steps["after_genes"] = [int(X.shape[0]), int(X.shape[1])]
+    timings["hvg"] = time.time() - t
 
     # 4. normalise + log -----------------------------------------------------------------------------------
     if expression == "counts":
@@ -178,13 +181,21 @@ def filter_adata(adata, regulators: Iterable[str] = (), expression: str = "count
 
     # 5. embedding -----------------------------------------------------------------------------------------
     n_comps = int(min(n_pcs, out.n_obs - 1, out.n_vars - 1))
+    t = time.time()
     sc.pp.pca(out, n_comps=n_comps, svd_solver="arpack", random_state=seed)
+    timings["pca"] = time.time() - t
+    t = time.time()
     k = int(min(n_neighbors, out.n_obs - 1))
-    sc.pp.neighbors(out, n_neighbors=k, n_pcs=n_comps, random_state=seed)
+    # exact kNN (sklearn, brute force): deterministic, and scanpy's pynndescent path (>= 8,192 cells) breaks
+    # with pynndescent 0.7 + scipy >= 1.14 (csr_array has no getnnz); at the 30,000-cell cap this takes seconds
+    sc.pp.neighbors(out, n_neighbors=k, n_pcs=n_comps, random_state=seed, transformer="sklearn")
+    timings["knn"] = time.time() - t
+    t = time.time()
     sc.tl.umap(out, random_state=seed)
+    timings["umap"] = time.time() - t
     if has_types:
         lab = out.obs["cell_type"].astype(str)
-        ct_source = "given"
+        ct_source = f"given: {adata.uns.get('cellrl', {}).get('cell_type_source', 'obs cell_type')}"
     else:
         sc.tl.leiden(out, resolution=leiden_resolution, random_state=seed, flavor="igraph", n_iterations=2,
                      directed=False, key_added="leiden")
@@ -199,9 +210,11 @@ def filter_adata(adata, regulators: Iterable[str] = (), expression: str = "count
     out.uns["cellrl"] = {**dict(adata.uns.get("cellrl", {})), "expression": expression, "filter": params,
                          "hvg_method": hvg_method, "normalize_target_sum": target, "n_pcs_used": n_comps,
                          "n_neighbors_used": k, "cell_type_source": ct_source, "steps": steps,
-                         "n_regulators_kept": int(out.var["regulator"].sum())}
-    log.info("filtered: %d cells x %d genes (%d regulators), %d cell types, %.1f s", out.n_obs, out.n_vars,
-             int(out.var["regulator"].sum()), len(sizes), time.time() - t0)
+                         "n_regulators_kept": int(out.var["regulator"].sum()),
+                         "timings_s": {k_: round(v, 2) for k_, v in timings.items()}}
+    log.info("filtered: %d cells x %d genes (%d regulators), %d cell types, %.1f s (%s)", out.n_obs, out.n_vars,
+             int(out.var["regulator"].sum()), len(sizes), time.time() - t0,
+             ", ".join(f"{k_} {v:.1f} s" for k_, v in timings.items()))
     return out
 
 

@@ -223,22 +223,36 @@ def _run_section(run: str, s: Mapping[str, Any], plot_dir: Path | None) -> str:
             "For a (start, target) pair the planted recipe is: knock out the start type's masters that the target "
             "lacks, overexpress the target's masters that the start lacks. A plan <i>agrees</i> when it uses at least "
             "one planted action and no master TF in the wrong direction (KO of a master the target needs, OE of a "
-            "master the target lacks). <i>recall</i>: share of the planted actions the plan contains. "
-            "<i>planted rank</i>: where the planted actions rank, among all allowed actions of the start cells, by "
-            "how much closer to the target centroid the next cell lies (1 = best, 0.5 = no better than a random "
-            "action): low values mean the simulated transitions do not reward the planted perturbations. "
-            "<i>verdict</i> names the first stage that breaks the chain.</p>")
+            "master the target lacks; <i>wrong</i>: share of plans that do). <i>recall</i>: share of the planted "
+            "actions a plan contains. <i>chance</i>: agreement of random action sequences of the same lengths. "
+            "Where the signal is lost, three measurements on the start type's test cells locate it: "
+            "<i>GRN</i>: share of (cell, planted action) whose simulated expression change points towards the "
+            "target centroid; <i>shift</i>: share whose embedding shift points towards the target's embedding "
+            "centroid; <i>table rank</i>: where the planted actions rank among all allowed actions by how much "
+            "closer to the target the next cell in the table lies (1 = best, 0.5 = like a random action). "
+            "<i>verdict</i> names the first stage that breaks the chain (oracle &rarr; simulator &rarr; table "
+            "&rarr; agent).</p>")
         parts.append(f"<p><b>BFS plans agree: {_fmt(gt.get('bfs_agreement'), True)}</b> of test plans "
-                     f"({_fmt(gt.get('bfs_pairs_agree'), True)} of type pairs with a majority); "
+                     f"(chance {_fmt(gt.get('chance_agreement'), True)}; "
+                     f"{_fmt(gt.get('bfs_pairs_agree'), True)} of type pairs with a majority); "
                      f"<b>agent plans agree: {_fmt(gt.get('agent_agreement'), True)}</b> of successful agent episodes "
-                     f"({_fmt(gt.get('agent_pairs_agree'), True)} of type pairs). Verdicts: "
-                     f"{_e(', '.join(f'{k}: {v}' for k, v in (gt.get('verdicts') or {}).items()))}.</p>")
-        cols = ["start", "target", "planted", "n_bfs", "bfs_agree", "bfs_recall", "n_agent", "agent_success",
-                "agent_agree", "agent_recall", "planted_rank", "verdict"]
+                     f"({_fmt(gt.get('agent_pairs_agree'), True)} of type pairs). Mean over pairs: GRN "
+                     f"{_fmt(gt.get('mean_grn_toward'), True)}, shift {_fmt(gt.get('mean_shift_toward'), True)}, "
+                     f"table rank {_fmt(gt.get('mean_planted_rank'))}. Verdicts: "
+                     f"{_e('; '.join(f'{k}: {v}' for k, v in (gt.get('verdicts') or {}).items()))}.</p>")
+        cols = ["start", "target", "planted", "n_bfs", "bfs_agree", "bfs_chance", "bfs_recall", "bfs_wrong",
+                "n_agent", "agent_success", "agent_agree", "agent_recall", "grn_toward", "shift_toward",
+                "planted_rank", "verdict"]
         parts.append(html_table(gt.get("pairs", []), cols,
-                                pct=["bfs_agree", "bfs_recall", "agent_success", "agent_agree", "agent_recall"],
+                                pct=["bfs_agree", "bfs_chance", "bfs_recall", "bfs_wrong", "agent_success",
+                                     "agent_agree", "agent_recall", "grn_toward", "shift_toward"],
                                 left=["start", "target", "planted", "verdict"],
-                                headers={"n_bfs": "BFS plans", "n_agent": "agent episodes"}))
+                                headers={"n_bfs": "BFS plans", "bfs_agree": "BFS agree", "bfs_chance": "chance",
+                                         "bfs_recall": "BFS recall", "bfs_wrong": "BFS wrong",
+                                         "n_agent": "agent episodes", "agent_success": "agent success",
+                                         "agent_agree": "agent agree", "agent_recall": "agent recall",
+                                         "grn_toward": "GRN", "shift_toward": "shift",
+                                         "planted_rank": "table rank"}))
     train = s.get("training") or {}
     if train:
         parts.append("<h3>Training log</h3>" + kv_table(train))

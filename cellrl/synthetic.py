@@ -54,6 +54,7 @@ TF_NOISE = 0.8           # per-cell SD of other TFs' own activity beyond their m
                          # enough to survive kNN imputation, so that TFs are not collinear within a type
 GENE_NOISE = 0.1         # per-cell SD of target log-expression beyond its regulators
 SIZE_SD = 0.3            # log-normal SD of cell size factors
+LOG_DEPTH = 0.0          # log of the mean size factor (sequencing depth)
 CHUNK_CELLS = 4096
 
 
@@ -225,19 +226,23 @@ def generate_atlas(n_cells: int = 2400, n_genes: int = 400, n_master_tfs: int = 
     neg = (W[:, targets] < 0).sum(0) > (W[:, targets] > 0).sum(0)
     base[targets[neg]] += 1.0
     theta = np.exp(rng.normal(np.log(6.0), 0.4, n_genes))     # NB inverse dispersion per gene
-    log_size = rng.normal(0, SIZE_SD, n_cells)
+    log_size = rng.normal(LOG_DEPTH, SIZE_SD, n_cells)
     Wt = W[:, targets]
 
     blocks = []
+    theta32 = theta.astype(np.float32)
     for start in range(0, n_cells, CHUNK_CELLS):
         sl = slice(start, min(start + CHUNK_CELLS, n_cells))
         m = sl.stop - sl.start
-        logmu = np.empty((m, n_genes))
+        logmu = np.empty((m, n_genes), dtype=np.float32)
         logmu[:, :n_tfs] = base[:n_tfs] + act[sl]
-        logmu[:, n_tfs:] = base[targets] + act[sl] @ Wt + rng.normal(0, GENE_NOISE, (m, n_targets))
-        logmu += log_size[sl, None]
-        mu = np.exp(np.minimum(logmu, 12.0))
-        lam = rng.gamma(theta, mu / theta)
+        logmu[:, n_tfs:] = base[targets] + act[sl] @ Wt
+        logmu[:, n_tfs:] += GENE_NOISE * rng.standard_normal((m, n_targets), dtype=np.float32)
+        logmu += log_size[sl, None].astype(np.float32)
+        np.minimum(logmu, 12.0, out=logmu)
+        mu = np.exp(logmu, out=logmu)
+        lam = rng.standard_gamma(np.broadcast_to(theta32, mu.shape), dtype=np.float32)  # Gamma(theta, 1)
+        lam *= mu / theta32                                                            # -> mean mu
         counts = rng.poisson(lam).astype(np.float32)
         blocks.append(sp.csr_matrix(counts))
     X = sp.vstack(blocks, format="csr")

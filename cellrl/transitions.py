@@ -27,8 +27,8 @@ Per cell ``i`` (cluster ``c``) and action ``a`` = (gene ``g``, value ``v``):
    with ``C_j = (X_j - X_i) - mean(X_j - X_i)`` (action-independent, computed once per cell); the numerator for
    all actions and neighbours of a cell is one small matrix product. NaN (a zero norm) -> 1, as CellOracle.
 4. ``P_ij = exp(corr_ij / sigma_corr) / sum_j exp(...)``; ``shift_i = sum_j P_ij u_ij - mean_j u_ij`` with
-   ``u_ij`` the unit vector from ``E_i`` to ``E_j`` (computed in float32 when ``E`` is float32-valued, as
-   CellOracle does with a float32 ``obsm`` embedding).
+   ``u_ij`` the unit vector from ``E_i`` to ``E_j`` (in float32 when ``model.meta["embedding_dtype"]`` says
+   CellOracle had a float32 ``obsm`` embedding, as it then computes them in float32).
 5. Next cell: the cell nearest to ``E_i + shift_i`` (scipy cKDTree; the cell itself included; a stagnation when
    it is ``i``).
 
@@ -268,22 +268,15 @@ def _choice_kernel() -> Callable | None:
     return _choice_rows_numba
 
 
-def _float32_valued(a: np.ndarray) -> bool:
-    return bool(np.array_equal(a, a.astype(np.float32).astype(a.dtype)))
-
-
 def embedding_float32(model: OracleModel) -> bool:
     """Whether CellOracle saw a float32 embedding (it then computes the unit vectors in float32).
 
-    ``model.meta["embedding_dtype"]`` (or ``meta["oracle"]["embedding_dtype"]``) says so when the fit recorded it;
-    otherwise float32 is assumed exactly when every coordinate is a float32 value (scanpy's UMAP is float32).
-    Either way the shift differs by < 1e-6 relative; this only makes it bit-faithful.
+    Read from ``model.meta["embedding_dtype"]`` (or ``meta["oracle"]["embedding_dtype"]``); float64 when absent,
+    which is what cellrl.oracle.fit_oracle hands CellOracle. A wrong guess moves the shift by ~1e-7 only.
     """
     meta = model.meta or {}
     dt = meta.get("embedding_dtype") or (meta.get("oracle") or {}).get("embedding_dtype")
-    if dt:
-        return np.dtype(dt) == np.float32
-    return _float32_valued(np.asarray(model.embedding))
+    return bool(dt) and np.dtype(dt) == np.float32
 
 
 def unit_vectors(xp: ModuleType, embedding: Any, nbr: Any, float32: bool) -> tuple[Any, Any]:
@@ -321,58 +314,115 @@ def reachable(W: sp.csr_matrix, start: int, hops: int) -> np.ndarray:
 
 @dataclass
 class ClusterPlan:
-    """Propagation data of one cluster: gene set ``U``, the sparse transposed ``W[U, U]``, action pin rows."""
+    """Propagation data of one cluster in a *packed* layout: action ``a`` owns rows ``offsets[a]:offsets[a+1]``,
+    one per gene its delta can reach (``S_a``); ``T = sum_a |S_a|`` rows in all (vs ``|U| x A`` dense).
+
+    ``genes`` is ``U`` (union of the ``S_a``, ascending); ``gene_pos[t]`` the position in ``U`` of row ``t``;
+    ``B`` the block-diagonal ``T x T`` matrix with blocks ``W[S_a, S_a].T`` (so ``B @ d`` is ``d @ W`` for every
+    action at once, gene-major); ``seg`` the ``A x T`` 0/1 matrix that sums each action's rows.
+    """
 
     genes: np.ndarray  # (|U|,) gene indices
-    WT: Any  # CSR (|U|, |U|): W[U][:, U].T, on the backend
-    pin_rows: Any  # (A,) row of each action's gene in U, on the backend
+    gene_pos: Any  # (T,) position in U of each packed row (backend)
+    act_of: Any  # (T,) action of each packed row (backend)
+    pin: Any  # (A,) packed row of each action's perturbed gene (backend)
+    row_start: Any  # (A,) first packed row of each action (backend)
+    B: Any  # CSR (T, T), backend
+    seg: Any  # CSR (A, T), backend
+    n_rows: int  # T
     nnz: int
 
 
 def plan_cluster(xp: ModuleType, W: sp.csr_matrix, actions: Actions, hops: int, all_genes: bool) -> ClusterPlan:
-    """Union of the reachable sets of the actions' genes (every gene when ``all_genes``)."""
+    """Reachable sets of the actions' genes in cluster matrix ``W`` (every gene when ``all_genes``)."""
     W = sp.csr_matrix(W)
-    if all_genes:
-        U = np.arange(W.shape[0])
-    else:
-        U = np.unique(np.concatenate([reachable(W, int(g), hops) for g in np.unique(actions.gene_idx)]))
-    WU = W[U][:, U]
-    WT = sp.csr_matrix(WU.T)
-    pos = np.searchsorted(U, actions.gene_idx)
-    return ClusterPlan(genes=U, WT=_sparse_to(xp, WT), pin_rows=xp.asarray(pos), nnz=int(WT.nnz))
+    G = W.shape[0]
+    sets: dict[int, np.ndarray] = {}
+    for g in np.unique(actions.gene_idx):
+        sets[int(g)] = np.arange(G) if all_genes else reachable(W, int(g), hops)
+    U = np.unique(np.concatenate(list(sets.values())))
+    blocks, pos, pins, sizes = [], [], [], []
+    off = 0
+    WT = sp.csr_matrix(W.T)
+    for g in actions.gene_idx:
+        S = sets[int(g)]
+        blocks.append(WT[S][:, S])
+        pos.append(np.searchsorted(U, S))
+        pins.append(off + int(np.searchsorted(S, g)))
+        sizes.append(S.size)
+        off += S.size
+    B = sp.block_diag(blocks, format="csr") if blocks else sp.csr_matrix((0, 0))
+    sizes_a = np.asarray(sizes)
+    act_of = np.repeat(np.arange(len(sizes_a)), sizes_a)
+    seg = sp.csr_matrix((np.ones(off), (act_of, np.arange(off))), shape=(len(sizes_a), off))
+    return ClusterPlan(genes=U, gene_pos=xp.asarray(np.concatenate(pos) if pos else np.zeros(0, int)),
+                       act_of=xp.asarray(act_of), pin=xp.asarray(np.asarray(pins, dtype=np.int64)),
+                       row_start=xp.asarray(np.concatenate([[0], np.cumsum(sizes_a)[:-1]]).astype(np.int64)),
+                       B=_sparse_to(xp, B), seg=_sparse_to(xp, seg), n_rows=int(off), nnz=int(B.nnz))
+
+
+def _sparse_module(xp: ModuleType) -> ModuleType:
+    if xp is np:
+        return sp
+    import cupyx.scipy.sparse as csp  # type: ignore
+
+    return csp
 
 
 def _sparse_to(xp: ModuleType, m: sp.csr_matrix) -> Any:
-    if xp is np:
-        return m
-    import cupyx.scipy.sparse as csp  # type: ignore
-
-    return csp.csr_matrix(m)
+    return m if xp is np else _sparse_module(xp).csr_matrix(m)
 
 
 def propagate(xp: ModuleType, XU: Any, plan: ClusterPlan, values: Any, hops: int) -> Any:
-    """Simulated delta of a chunk for all actions, gene-major: (|U|, n, A).
+    """Simulated delta of a chunk for all actions, packed gene-major: (T, n) (see :class:`ClusterPlan`).
 
     ``XU`` is (n, |U|) (the chunk's imputed expression on U), ``values`` (A,) the perturbation values.
     Follows ``_do_simulation`` step by step (same float operations except the order inside ``d @ W``).
     """
-    nU, n = XU.shape[1], XU.shape[0]
-    A = int(values.shape[0])
-    ar = xp.arange(A)
-    XT = XU.T[:, :, None]  # (|U|, n, 1)
-    d_in = values[:, None] - XU[:, plan.pin_rows].T  # (A, n): input - X on the perturbed gene
+    XT = xp.take(xp.ascontiguousarray(XU.T), plan.gene_pos, axis=0)  # (T, n): X of each packed row's gene
+    d_in = values[:, None] - XT[plan.pin]  # (A, n): simulation_input - gem on the perturbed gene
     pinned = d_in != 0
-    d = xp.zeros((nU, n, A), dtype=xp.float64)
-    d[plan.pin_rows, :, ar] = d_in
+    d = xp.zeros_like(XT)
+    d[plan.pin] = d_in
     for _ in range(hops):
-        d = (plan.WT @ d.reshape(nU, n * A)).reshape(nU, n, A)  # d @ W, gene-major
-        d[plan.pin_rows, :, ar] = xp.where(pinned, d_in, d[plan.pin_rows, :, ar])
+        d = plan.B @ d  # delta_simulated.dot(coef_matrix), every action at once
+        d[plan.pin] = xp.where(pinned, d_in, d[plan.pin])  # delta_simulated[delta_input != 0] = delta_input
         d += XT  # gem_tmp = gem + delta
         xp.maximum(d, 0.0, out=d)  # gem_tmp[gem_tmp < 0] = 0 (same result, -0.0 and NaN included)
         d -= XT  # delta = gem_tmp - gem
     d += XT  # simulated_count = gem + delta
     d -= XT  # delta_X = simulated_count - imputed_count
     return d
+
+
+SPARSE_NUMERATOR_BELOW = 0.2  # packed rows / (A x |U|) under which the sparse product beats the dense one
+
+
+def numerator(xp: ModuleType, d: Any, C: Any, plan: ClusterPlan, n_actions: int) -> Any:
+    """``num[i, a, m] = sum_{t in rows of a} d[t, i] * C[i, m, gene_pos[t]]`` -> (n, A, k).
+
+    Dense: unpack to (n, A, |U|) and one batched matrix product per cell (BLAS / cuBLAS). Sparse, when each
+    action reaches few of the genes in ``U``: one block-diagonal (over cells) CSR x dense product with
+    ``n x T`` non-zeros instead of ``n x A x |U|`` multiply-adds.
+    """
+    n, k, nU = C.shape
+    if plan.n_rows >= SPARSE_NUMERATOR_BELOW * n_actions * nU:
+        return xp.matmul(unpack(xp, d, plan, n_actions), C.transpose(0, 2, 1))
+    T = plan.n_rows
+    cells = xp.arange(n)
+    indptr = xp.concatenate([(plan.row_start[None, :] + (cells * T)[:, None]).ravel(), xp.asarray([n * T])])
+    indices = (plan.gene_pos[None, :] + (cells * nU)[:, None]).ravel()
+    data = xp.ascontiguousarray(d.T).ravel()
+    S = _sparse_module(xp).csr_matrix((data, indices, indptr), shape=(n * n_actions, n * nU))
+    Ct = xp.ascontiguousarray(C.transpose(0, 2, 1)).reshape(n * nU, k)
+    return (S @ Ct).reshape(n, n_actions, k)
+
+
+def unpack(xp: ModuleType, d: Any, plan: ClusterPlan, n_actions: int) -> Any:
+    """Packed (T, n) delta -> dense (n, A, |U|), zeros off each action's reachable set."""
+    out = xp.zeros((d.shape[1], n_actions, plan.genes.size), dtype=d.dtype)
+    out[:, plan.act_of, plan.gene_pos] = d.T
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ one chunk
@@ -435,7 +485,7 @@ def prepare(model: OracleModel, settings: TransitionSettings, xp: ModuleType,
 class ChunkResult:
     next_cell: np.ndarray  # (n, A) int32
     shift: Any  # (n, A, 2) on the backend
-    delta: Any | None = None  # (|U|, n, A) when asked for
+    delta: Any | None = None  # (n, A, |U|) when asked for
 
 
 def run_chunk(ctx: Context, cells: np.ndarray, cluster: int, keep_delta: bool = False) -> ChunkResult:
@@ -449,8 +499,9 @@ def run_chunk(ctx: Context, cells: np.ndarray, cluster: int, keep_delta: bool = 
     nbr = ctx.nbr[ci]  # (n, k)
     nU = int(plan.genes.size)
 
-    # 1. propagation on the reachable genes U, all actions at once
-    delta = propagate(xp, Xc[:, :nU], plan, ctx.values, ctx.settings.n_propagation)  # (|U|, n, A)
+    # 1. propagation on each action's reachable genes, all actions at once (packed rows)
+    A = len(ctx.actions)
+    d = propagate(xp, Xc[:, :nU], plan, ctx.values, ctx.settings.n_propagation)  # (T, n)
 
     # 2. displacement to the sampled neighbours (action-independent): D = X_j - X_i over all genes
     Dn = xp.take(Xp, nbr.reshape(-1), axis=0).reshape(nbr.shape[0], nbr.shape[1], G)
@@ -460,12 +511,13 @@ def run_chunk(ctx: Context, cells: np.ndarray, cluster: int, keep_delta: bool = 
     xp.maximum(ssA, 0.0, out=ssA)
     C = Dn[:, :, :nU]  # (n, k, |U|) view
 
-    # 3. Pearson correlation over all G genes, centring done algebraically (delta is zero off U):
-    #    sum_g (d - mean d)(D - mean D) = sum_U d D - sum_d * mean D
-    sum_d = delta.sum(axis=0)  # (n, A)
-    mu_d = sum_d / G
-    ssb = ((delta - mu_d[None]) ** 2).sum(axis=0) + (G - nU) * mu_d * mu_d  # (n, A)
-    num = xp.matmul(delta.transpose(1, 2, 0), C.transpose(0, 2, 1))  # (n, A, k)
+    # 3. Pearson correlation over all G genes with the centring done algebraically (delta is 0 off S_a):
+    #    sum_g (d - mean d)(D - mean D) = sum_S d D - sum_d mean D;  sum_g (d - mean d)^2 = sum_S d^2 - sum_d^2 / G
+    sum_d = (plan.seg @ d).T  # (n, A)
+    ssb = (plan.seg @ (d * d)).T - sum_d * sum_d / G
+    xp.maximum(ssb, 0.0, out=ssb)
+    num = numerator(xp, d, C, plan, A)  # (n, A, k)
+    delta = unpack(xp, d, plan, A) if keep_delta else None
     del Dn, C
     num -= sum_d[:, :, None] * (s1 / G)[:, None, :]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -502,9 +554,11 @@ def chunk_plan(cluster_ids: np.ndarray, chunk_cells: int) -> list[tuple[int, np.
     return out
 
 
-def bytes_per_cell(n_genes: int, n_union: int, n_actions: int, k: int) -> int:
-    """Working memory of one cell in a chunk (float64): ~4 copies of the delta block + 2 of the neighbour block."""
-    return 8 * (4 * n_union * n_actions + 2 * k * n_genes + 6 * n_actions * k + n_genes)
+def bytes_per_cell(n_genes: int, n_union: int, n_actions: int, k: int, n_rows: int | None = None) -> int:
+    """Working memory of one cell in a chunk (float64): the dense (A x |U|) delta for the product, ~5 packed
+    rows (T) of propagation temporaries, 2 neighbour blocks (k x G) and the (A x k) correlation arrays."""
+    T = n_rows if n_rows is not None else n_union * n_actions
+    return 8 * (n_union * n_actions + 5 * T + 2 * k * n_genes + 6 * n_actions * k + n_genes)
 
 
 def choose_chunk_cells(xp: ModuleType, per_cell: int, override: int | None = None,
@@ -589,7 +643,7 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
     A, N, G = len(ctx.actions), model.n_cells, model.n_genes
     k = int(ctx.nbr.shape[1])
     max_u = max(int(p.genes.size) for p in ctx.plans)
-    per_cell = bytes_per_cell(G, max_u, A, k)
+    per_cell = max(bytes_per_cell(G, int(p.genes.size), A, k, p.n_rows) for p in ctx.plans)
     backend_name = "cupy" if xp is not np else "numpy"
     key_src = json.dumps({"model": model_fingerprint(model), "settings": settings.result_keys(),
                           "code": _code_hash(), "backend": backend_name}, sort_keys=True)
@@ -654,6 +708,7 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
         "backend": backend_name, "backend_reason": why,
         "chunk_cells": chunk, "chunk_cells_reason": chunk_why, "n_chunks": len(chunks), "chunks_reused": reused,
         "max_reachable_genes": max_u, "reachable_genes_per_cluster": [int(p.genes.size) for p in ctx.plans],
+        "mean_reachable_genes_per_action": float(np.mean([p.n_rows / max(A, 1) for p in ctx.plans])),
         "self_transition_fraction": float(self_frac.mean()),
         "self_transition_fraction_per_action": {f"{kd}:{g}": float(v) for kd, g, v in
                                                 zip(ctx.actions.kinds, ctx.actions.genes, self_frac)},
@@ -708,9 +763,9 @@ def simulate_actions(model: OracleModel, settings: TransitionSettings | dict | N
     nxt = np.zeros((len(ids), N), dtype=np.int32)
     for c, cells in chunk_plan(np.asarray(model.cluster_ids), chunk_cells):
         r = run_chunk(ctx, cells, c, keep_delta=True)
-        d = to_numpy(r.delta)[:, :, ids]  # (|U|, n, A')
+        d = to_numpy(r.delta)[:, ids]  # (n, A', |U|)
         g = ctx.plans[c].genes
-        delta[:, cells[:, None], g[None, :]] = d.transpose(2, 1, 0)
+        delta[:, cells[:, None], g[None, :]] = d.transpose(1, 0, 2)
         shift[:, cells] = to_numpy(r.shift)[:, ids].transpose(1, 0, 2)
         nxt[:, cells] = r.next_cell[:, ids].T
     return {"delta": delta, "shift": shift, "next_cell": nxt, "neighbors": to_numpy(ctx.nbr)}

@@ -1,5 +1,6 @@
 rule base_grn:
-    """Base GRN from a CellOracle TFinfo parquet, a TF-target table, or scATAC peaks + motif scan."""
+    """Base GRN (long tf/target/source table + TF -> targets dict) from a CellOracle TFinfo parquet, a
+    TF-target table, or scATAC peaks + peak-gene links + a gimmemotifs scan of a local genome FASTA."""
     input:
         grn_inputs,
     output:
@@ -7,8 +8,9 @@ rule base_grn:
         tf_targets="results/{dataset}/grn/tf_targets.json",
     params:
         source=dataset_entry("base_grn"),
-        settings=settings("base_grn"),
+        settings=grn_settings,
         code=code_version("base_grn"),
+    threads: 4
     log:
         "results/{dataset}/logs/base_grn.log",
     benchmark:

@@ -110,12 +110,30 @@ def code_version(stage):
 
 
 def rna_input(wildcards):
-    return config["datasets"][wildcards.dataset]["rna"]["path"]
+    """Rule ingest's inputs: the matrix (file or 10x folder) plus the cell-type table when one is configured."""
+    rna = config["datasets"][wildcards.dataset]["rna"]
+    table = (rna.get("cell_type") or {}).get("table")
+    return [rna["path"]] + ([table] if table else [])
 
 
 def grn_inputs(wildcards):
+    """Rule base_grn's input files: the TFinfo/table file, or the scATAC peaks, peak-gene table, genome FASTA
+    and motif file (dataset entry first, then the base_grn.atac settings)."""
     src = config["datasets"][wildcards.dataset]["base_grn"]
-    return [src[k] for k in ("path", "peaks", "peak_gene") if src.get(k)]
+    files = [src[k] for k in ("path", "peaks", "peak_gene") if src.get(k)]
+    if src.get("source") == "atac":
+        atac = dataset_config(config, wildcards.dataset)["base_grn"].get("atac", {})
+        files += [src.get(k) or atac.get(k) for k in ("genome_fasta", "motifs") if src.get(k) or atac.get(k)]
+    return files
+
+
+def grn_settings(wildcards):
+    """params of rule base_grn: the base_grn settings, without the atac block unless the source is atac (so
+    that changing motif settings reruns only the datasets that scan motifs)."""
+    s = dict(dataset_config(config, wildcards.dataset)["base_grn"])
+    if config["datasets"][wildcards.dataset]["base_grn"].get("source") != "atac":
+        s.pop("atac", None)
+    return s
 
 
 def demo_inputs_needed():

@@ -1,4 +1,4 @@
-# Public inputs fetched through their owners' loaders (scanpy, CellOracle); used by config/examples/paul15_full.yaml.
+# Public inputs fetched through their owners' loaders (scanpy, CellOracle), for config/examples/paul15_full.yaml.
 # Local rules: on a cluster they run on the submit host, which usually has the network that compute nodes lack.
 
 
@@ -22,7 +22,7 @@ rule download_paul15:
 
 
 rule download_mouse_base_grn:
-    """CellOracle's mm10 promoter base GRN (gimmemotifs v5, fpr 1 %) via celloracle.data.load_mouse_promoter_base_GRN()."""
+    """CellOracle's mm10 promoter base GRN (gimmemotifs v5, fpr 1 %) via its data.load_mouse_promoter_base_GRN()."""
     output:
         "resources/downloads/celloracle/mm10_promoter_base_GRN.parquet",
     params:

@@ -4,6 +4,7 @@ rule evaluate:
         model="results/{dataset}/oracle/model.npz",
         table="results/{dataset}/transitions/table.npy",
         actions="results/{dataset}/transitions/actions.tsv",
+        transition_stats="results/{dataset}/transitions/stats.json",
         agent="results/{dataset}/models/{run}/model.zip",
         progress="results/{dataset}/models/{run}/progress.csv",
         bfs="results/{dataset}/benchmark/bfs.parquet",

@@ -1,14 +1,7 @@
-def ingest_inputs(wildcards):
-    """The matrix (file or 10x folder) plus the cell-type table when one is configured."""
-    rna = config["datasets"][wildcards.dataset]["rna"]
-    table = (rna.get("cell_type") or {}).get("table")
-    return [rna["path"]] + ([table] if table else [])
-
-
 rule ingest:
     """Read raw scRNA (h5ad, 10x h5/mtx, CSV/TSV), attach cell types, normalise gene symbols."""
     input:
-        ingest_inputs,
+        rna_input,
     output:
         "results/{dataset}/rna/raw.h5ad",
     params:

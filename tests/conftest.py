@@ -30,3 +30,75 @@ def small_model():
     from cellrl.model import random_model
 
     return random_model(n_cells=300, n_genes=40, n_types=4, n_regulators=6, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fitted CellOracle oracles (helper B): real Paul15 data and the synthetic demo atlas, each through the
+# pipeline's own functions: ingest -> base GRN -> filter -> split -> fit_oracle. Session-scoped: one fit each.
+# ---------------------------------------------------------------------------------------------------------------
+from typing import Any, NamedTuple  # noqa: E402
+
+MM10_PROMOTER_GRN = ("celloracle_mouse_base_grn", "mm10_promoter_base_GRN.parquet")
+DEMO_FIXTURE_SIZE = dict(n_cells=1000, n_genes=200, seed=7)
+
+
+class Fitted(NamedTuple):
+    """A fitted oracle: CellOracle objects, the portable model and what went in."""
+
+    oracle: Any           # celloracle.Oracle after fit_GRN_for_simulation
+    links: Any            # celloracle.Links after filter_links
+    model: Any            # cellrl.model.OracleModel (what model.npz holds)
+    stats: dict           # fit_oracle's stats.json content
+    adata: Any            # the filtered AnnData that went into the fit
+    tf_targets: dict      # base GRN, TF -> targets
+    truth: dict | None    # planted network (demo only)
+
+
+def fit_chain(rna: dict, base_grn: dict, *, gene_symbols: str = "capitalize", filter_settings: dict | None = None,
+              oracle_settings: dict | None = None, truth: dict | None = None) -> Fitted:
+    """Run ingest -> base GRN -> filter -> split -> fit_oracle in memory with the configured defaults."""
+    from cellrl.config import load_config
+    from cellrl.grn import build_base_grn, tf_targets_dict
+    from cellrl.ingest import read_rna
+    from cellrl.oracle import fit_oracle
+    from cellrl.preprocess import filter_adata
+    from cellrl.split import split_cells
+
+    cfg = load_config()
+    raw = read_rna(rna, gene_symbols=gene_symbols)
+    grn = build_base_grn(base_grn, **cfg["base_grn"])
+    adata = filter_adata(raw, regulators=set(grn.tf), expression=rna["expression"],
+                         **{**cfg["filter"], **(filter_settings or {})})
+    import pandas as pd
+
+    split = split_cells(pd.Series(adata.obs["cell_type"].astype(str).to_numpy(), index=adata.obs_names),
+                        **cfg["split"])
+    tf_targets = tf_targets_dict(grn)
+    settings = {**cfg["oracle"], **(oracle_settings or {})}
+    oracle, links, model, stats = fit_oracle(adata, tf_targets, split, expression=rna["expression"], threads=2,
+                                             **settings)
+    return Fitted(oracle, links, model, stats, adata, tf_targets, truth)
+
+
+@pytest.fixture(scope="session")
+def paul15_fitted() -> Fitted:
+    """Real Paul15 subset (2,660 cells x 240 genes, raw counts) + CellOracle's mm10 promoter base GRN (~35 s)."""
+    h5ad = shared_path("paul15_subset", "paul15_subset.h5ad")
+    grn = shared_path(*MM10_PROMOTER_GRN)
+    return fit_chain({"path": str(h5ad), "format": "h5ad", "expression": "counts",
+                      "cell_type": {"obs_column": "cell_type"}},
+                     {"source": "tfinfo", "path": str(grn)})
+
+
+@pytest.fixture(scope="session")
+def demo_fitted(tmp_path_factory) -> Fitted:
+    """Synthetic atlas (1,000 cells x 200 genes, planted network) written to files as the demo_data rule does,
+    then the same chain; ``truth`` holds the planted and decoy edges."""
+    from cellrl.synthetic import load_truth, write_demo_dataset
+
+    d = tmp_path_factory.mktemp("demo_fixture")
+    write_demo_dataset(d / "counts.h5ad", d / "base_grn_tfinfo.parquet", d / "truth.json", **DEMO_FIXTURE_SIZE)
+    return fit_chain({"path": str(d / "counts.h5ad"), "format": "h5ad", "expression": "counts",
+                      "cell_type": {"obs_column": "cell_type"}},
+                     {"source": "tfinfo", "path": str(d / "base_grn_tfinfo.parquet")},
+                     truth=load_truth(d / "truth.json"))

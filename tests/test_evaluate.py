@@ -85,6 +85,20 @@ def test_ground_truth_table(evaluated):
     assert all(p["verdict"] for p in gt["pairs"])
 
 
+def test_ground_truth_simulator_levels(tiny):
+    """With the transition settings the check also measures the simulator's response to the planted actions."""
+    m = load_model(tiny["model"])
+    table = np.load(tiny["table"])
+    truth = json.loads(tiny["truth"].read_text())
+    ev = evaluate(m, table, None, env=ENV, n_episodes=60, seed=0, policies=("bfs",), truth=truth,
+                  transition_settings={"n_neighbors": 30, "backend": "numpy"})
+    gt = ev.summary["ground_truth"]
+    assert gt["simulator_checked"] and 0 <= gt["mean_grn_toward"] <= 1 and 0 <= gt["mean_shift_toward"] <= 1
+    assert 0 <= gt["chance_agreement"] <= 1
+    ok = [p for p in gt["pairs"] if p["target"] != UNREACHABLE_TYPE]
+    assert all(p["grn_toward"] is not None and p["verdict"] for p in ok)
+
+
 def test_plots_written(evaluated):
     out, s = evaluated
     names = {p.name for p in (out / "default" / "plots").glob("*.png")}
@@ -95,9 +109,9 @@ def test_plots_written(evaluated):
 
 def test_plan_flags():
     planted, wrong = {0, 5}, {1, 4}
-    assert _plan_flags([0, 2], planted, wrong) == (True, 0.5)
-    assert _plan_flags([0, 5, 1], planted, wrong) == (False, 1.0)  # a master in the wrong direction
-    assert _plan_flags([2, 3], planted, wrong) == (False, 0.0)
+    assert _plan_flags([0, 2], planted, wrong) == (True, 0.5, False)
+    assert _plan_flags([0, 5, 1], planted, wrong) == (False, 1.0, True)  # a master in the wrong direction
+    assert _plan_flags([2, 3], planted, wrong) == (False, 0.0, False)
 
 
 def test_sampled_protocol_is_seeded(small_model):

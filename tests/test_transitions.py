@@ -94,6 +94,7 @@ def _celloracle_reference(model, gene: int, value: float, n_propagation=3, n_nei
 def _float32_embedding(model):
     m = copy.copy(model)
     m.embedding = model.embedding.astype(np.float32).astype(np.float64)
+    m.meta = dict(model.meta, embedding_dtype="float32")  # CellOracle saw float32 (as from scanpy's UMAP)
     return m
 
 
@@ -159,7 +160,8 @@ def test_propagation_equals_do_simulation(small_model):
     for c in range(len(m.cluster_names)):
         plan = T.plan_cluster(np, m.coefs[c], acts, 3, all_genes=False)
         cells = np.flatnonzero(m.cluster_ids == c)
-        d = T.propagate(np, m.X[cells][:, plan.genes], plan, acts.values, 3)  # (|U|, n, A)
+        packed = T.propagate(np, m.X[cells][:, plan.genes], plan, acts.values, 3)  # (T, n)
+        d = T.unpack(np, packed, plan, len(acts))  # (n, A, |U|)
         W = pd.DataFrame(m.coefs[c].toarray(), index=genes, columns=genes)
         gem = pd.DataFrame(m.X[cells], columns=genes)
         for a in range(len(acts)):
@@ -167,7 +169,7 @@ def test_propagation_equals_do_simulation(small_model):
             sim_in[acts.genes[a]] = acts.values[a]
             ref = _do_simulation(W, sim_in, gem, 3).values - m.X[cells]
             full = np.zeros_like(ref)
-            full[:, plan.genes] = d[:, :, a].T
+            full[:, plan.genes] = d[:, a]
             np.testing.assert_allclose(full, ref, rtol=1e-12, atol=1e-12)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from workflow_copy import ROOT, TinyRun, descendants, full_config, planned_jobs, rule_graph, tiny_run, write_config
+from workflow_copy import ROOT, TinyRun, changed_config, descendants, make_copy, planned_jobs, rule_graph, tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +34,11 @@ def test_lint_clean():
     proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     out = proc.stdout + proc.stderr
-    lints = [line.strip() for line in out.splitlines() if line.startswith("Lints for") or line.startswith("    * ")]
+    lints = [line.strip() for line in out.splitlines() if line.startswith(("Lints for", "    * "))]
     assert proc.returncode == 0 and not lints, "\n".join(lints) or out[-4000:]
 
 
 def test_dry_run_plans_every_stage_of_a_fresh_clone(tmp_path: Path):
-    from workflow_copy import make_copy
-
     jobs = planned_jobs(make_copy(tmp_path / "wf"))
     assert {"demo_data", "ingest", "filter", "split", "base_grn", "fit_oracle", "transitions", "train", "bfs",
             "evaluate", "report", "software_env"} <= set(jobs)
@@ -62,7 +60,7 @@ def test_nothing_to_do_after_a_full_run(run: TinyRun):
 
 
 def _plan_with(run: TinyRun, name: str, **changes) -> dict[str, int]:
-    path = write_config(run.workdir, full_config(**changes), f"config/changed_{name}.yaml")
+    path = changed_config(run.workdir, name, **changes)
     return planned_jobs(run.workdir, "--configfile", str(path))
 
 
@@ -87,9 +85,7 @@ def test_config_change_plans_the_stage_and_its_descendants_only(run, graph, chan
 @pytest.mark.slow
 def test_run_override_plans_only_that_runs_training(run, graph):
     """`runs: {default: {overrides: {train: ...}}}` is a training change for that run only."""
-    cfg = full_config()
-    cfg["runs"]["default"]["overrides"] = {"train": {"seed": 5}}
-    path = write_config(run.workdir, cfg, "config/changed_run.yaml")
+    path = changed_config(run.workdir, "run", **{"runs.default.overrides": {"train": {"seed": 5}}})
     assert set(planned_jobs(run.workdir, "--configfile", str(path))) == descendants(graph, "train")
 
 

@@ -50,9 +50,10 @@ def make_copy(dest: Path, overlay: Path | Mapping[str, Any] | None = TEST_CONFIG
     return dest
 
 
-def full_config(overlay: Path | Mapping[str, Any] | None = TEST_CONFIG, **changes: Any) -> dict[str, Any]:
-    """Checkout config + overlay + ``changes`` given as dotted keys (``full_config(**{"oracle.alpha": 5})``)."""
-    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+def full_config(overlay: Path | Mapping[str, Any] | None = TEST_CONFIG, base: Path = ROOT / "config" / "config.yaml",
+                **changes: Any) -> dict[str, Any]:
+    """``base`` config + overlay + ``changes`` given as dotted keys (``full_config(**{"oracle.alpha": 5})``)."""
+    cfg = yaml.safe_load(Path(base).read_text())
     if overlay is not None:
         over = yaml.safe_load(Path(overlay).read_text()) if isinstance(overlay, (str, Path)) else overlay
         cfg = deep_merge(cfg, over)
@@ -66,6 +67,12 @@ def full_config(overlay: Path | Mapping[str, Any] | None = TEST_CONFIG, **change
         node[leaf] = value
     validate_config(cfg, "test configuration")
     return cfg
+
+
+def changed_config(workdir: Path, name: str, **changes: Any) -> Path:
+    """A copy's own config/config.yaml with ``changes`` (dotted keys), written to config/changed_<name>.yaml."""
+    cfg = full_config(None, base=workdir / "config" / "config.yaml", **changes)
+    return write_config(workdir, cfg, f"config/changed_{name}.yaml")
 
 
 def write_config(workdir: Path, cfg: Mapping[str, Any], name: str = "config/config.yaml") -> Path:
@@ -180,7 +187,8 @@ def tiny_run() -> TinyRun:
 
 def _build_tiny_run() -> TinyRun:
     base = Path(tempfile.mkdtemp(prefix="cellrl-tiny-"))
-    atexit.register(shutil.rmtree, base, ignore_errors=True)
+    if not os.environ.get("CELLRL_KEEP_TEST_RUN"):  # set it to inspect the run after the tests
+        atexit.register(shutil.rmtree, base, ignore_errors=True)
     workdir = make_copy(base / "workflow")
     state = base / "fake_slurm_state"
     env = dict(SLURM_ENV, FAKE_SLURM_DIR=str(state),
@@ -195,4 +203,5 @@ def _build_tiny_run() -> TinyRun:
     local = snakemake(workdir, "--profile", "profiles/local", "--cores", str(min(4, os.cpu_count() or 1)),
                       timeout=900)
     seconds["local"] = time.time() - t0
+    (base / "seconds.json").write_text(json.dumps(seconds))
     return TinyRun(workdir, state, planned, slurm.stdout + slurm.stderr, local.stdout + local.stderr, seconds)

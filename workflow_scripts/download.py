@@ -1,4 +1,4 @@
-"""Rules download_paul15 / download_mouse_base_grn: fetch a public input through scanpy's or CellOracle's loader."""
+"""Rules download_paul15, download_mouse_base_grn: fetch a public input with scanpy's or CellOracle's loader."""
 import socket
 from pathlib import Path
 

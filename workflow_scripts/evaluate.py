@@ -7,4 +7,5 @@ with log_to(snakemake.log[0]):
                    agent=snakemake.input.agent, progress=snakemake.input.progress, bfs=snakemake.input.bfs,
                    truth=snakemake.input.truth[0] if snakemake.input.truth else None,
                    episodes_out=snakemake.output.episodes, summary_out=snakemake.output.summary,
-                   plots_dir=snakemake.output.plots, env=snakemake.params.env, **snakemake.params.settings)
+                   plots_dir=snakemake.output.plots, transition_stats=snakemake.input.transition_stats,
+                   env=snakemake.params.env, **snakemake.params.settings)
