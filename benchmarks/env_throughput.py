@@ -170,17 +170,18 @@ def bench_training(geo, table, iterations: int, threads: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", default="2,1", help="comma-separated torch thread counts to measure training with")
     p.add_argument("--iterations", type=int, default=2, help="PPO iterations (8192 steps each) per training run")
     p.add_argument("--seconds", type=float, default=3.0, help="seconds per raw env measurement")
     p.add_argument("--quick", action="store_true", help="raw env only, short")
     args = p.parse_args()
-    th.set_num_threads(args.threads)
+    threads = [int(t) for t in str(args.threads).split(",")]
+    th.set_num_threads(threads[0])
     load_before = os.getloadavg()
     rec: dict = dict(benchmark="env_throughput", time=time.strftime("%Y-%m-%dT%H:%M:%S"),
                      machine=platform.node(), cpu=platform.processor() or platform.machine(),
                      cpus=len(os.sched_getaffinity(0)), torch=th.__version__, numpy=np.__version__,
-                     torch_threads=th.get_num_threads(), omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+                     torch_threads=threads, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
                      load_average_before=[round(x, 2) for x in load_before])
     rec["copy_gb_per_s"] = copy_bandwidth()
     demo = problem(2400, 400, 6, 20)
@@ -193,18 +194,21 @@ def main() -> None:
             rec["raw_env"].append(r)
             print(json.dumps(r), flush=True)
     if not args.quick:
-        rec["matmul_gflop_per_s"] = matmul_flops([(64, 3000, 512), (512, 64, 3000), (8, 3000, 512),
-                                                  (2048, 2048, 2048)])
-        print("matmul", rec["matmul_gflop_per_s"], flush=True)
+        rec["matmul_gflop_per_s"] = {}
         rec["training"] = {}
-        for name, (m, table, geo) in (("demo", demo), ("3000_genes", big)):
-            r = bench_training(geo, table, args.iterations, args.threads)
-            rec["training"][name] = r
-            print(name, json.dumps(r), flush=True)
-        t = rec["training"]["3000_genes"]
-        mm = rec["matmul_gflop_per_s"]
-        t["fraction_of_matmul_same_shape"] = round(t["achieved_gflop_per_s"] / mm["64x3000x512"], 3)
-        t["fraction_of_matmul_peak"] = round(t["achieved_gflop_per_s"] / max(mm.values()), 3)
+        for nt in threads:
+            th.set_num_threads(nt)
+            mm = matmul_flops([(64, 3000, 512), (512, 64, 3000), (8, 3000, 512), (2048, 2048, 2048)])
+            rec["matmul_gflop_per_s"][f"{nt}_threads"] = mm
+            print("matmul", nt, "threads", mm, flush=True)
+            for name, (m, table, geo) in (("demo", demo), ("3000_genes", big)):
+                r = bench_training(geo, table, args.iterations, nt)
+                r["load_average"] = [round(x, 2) for x in os.getloadavg()]
+                if name == "3000_genes":
+                    r["fraction_of_matmul_same_shape"] = round(r["achieved_gflop_per_s"] / mm["64x3000x512"], 3)
+                    r["fraction_of_matmul_peak"] = round(r["achieved_gflop_per_s"] / max(mm.values()), 3)
+                rec["training"][f"{name}_{nt}_threads"] = r
+                print(name, nt, "threads", json.dumps(r), flush=True)
     rec["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     out = HERE / "out" / f"env_throughput_{time.strftime('%Y%m%d_%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -216,8 +220,9 @@ def main() -> None:
                                         "copy_gb_per_s", "matmul_gflop_per_s")}
         summary["raw_env_steps_per_s_3000_genes"] = max(r["steps_per_s"] for r in big_raw)
         summary["raw_env"] = rec["raw_env"]
-        summary["training"] = {k: {kk: vv for kk, vv in v.items() if kk != "iterations"} | {
-            "iterations": v["iterations"]} for k, v in rec["training"].items()}
+        summary["training"] = rec["training"]
+        summary["training_steps_per_s_3000_genes"] = max(v["steps_per_s"] for k, v in rec["training"].items()
+                                                         if k.startswith("3000_genes"))
         summary["targets"] = {"raw_env_steps_per_s": 100_000, "training_steps_per_s": 500,
                               "fraction_of_matmul": 0.5}
         res = HERE / "results" / "env_throughput.json"

@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .bfs import UNREACHABLE, BfsResult, eval_allowed_mask, load_table, shortest_paths
+from .bfs import BfsResult, eval_allowed_mask, load_table, shortest_paths
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -212,6 +212,20 @@ def rollout(geometry: Any, table: np.ndarray, env_params: Any, starts: np.ndarra
                 cells[i].append(int(b.cell[i]))
         active &= ~done
     return dict(success=success, length=length, final_cell=final, ret=ret, actions=acts, cells=cells)
+
+
+def _empty_rollout(starts: np.ndarray) -> dict[str, Any]:
+    n = len(starts)
+    return dict(success=np.zeros(n, bool), length=np.zeros(n, np.int64), final_cell=np.asarray(starts, np.int64).copy(),
+                ret=np.zeros(n, np.float64), actions=[[] for _ in range(n)], cells=[[] for _ in range(n)])
+
+
+def _scatter(out: dict[str, Any], sub: Mapping[str, Any], idx: np.ndarray) -> None:
+    for k in ("success", "length", "final_cell", "ret"):
+        out[k][idx] = sub[k]
+    for k in ("actions", "cells"):
+        for j, i in enumerate(idx.tolist()):
+            out[k][i] = sub[k][j]
 
 
 def episode_frame(policy: str, out: Mapping[str, Any], starts: np.ndarray, targets: np.ndarray, geometry: Any,
@@ -592,7 +606,16 @@ def evaluate(model: Any, table: np.ndarray, agent: Any | None, env: Mapping[str,
         if p not in choosers:
             continue
         t0 = time.perf_counter()
-        out = rollout(geo, table, params, starts, targets, choosers[p], max_steps=max_steps, seed=seed)
+        if p == "bfs":
+            # BFS proves unreachable pairs have no path: nothing to walk (success False, no steps)
+            walk = bfs_len >= 0
+            out = _empty_rollout(starts)
+            if walk.any():
+                sub = rollout(geo, table, params, starts[walk], targets[walk], choosers[p], max_steps=max_steps,
+                              seed=seed)
+                _scatter(out, sub, np.flatnonzero(walk))
+        else:
+            out = rollout(geo, table, params, starts, targets, choosers[p], max_steps=max_steps, seed=seed)
         frames.append(episode_frame(p, out, starts, targets, geo, model.cell_names, is_oe, bfs_len))
         log.info("%-6s: %d episodes, success %.1f%% (%.1f s)", p, len(starts), 100 * out["success"].mean(),
                  time.perf_counter() - t0)

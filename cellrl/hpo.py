@@ -375,15 +375,20 @@ def _retire_trial(study: Any, trial_id: int, number: int, params: Mapping[str, A
 
 
 def fail_stale_trials(study: Any, worker: int) -> list[int]:
-    """Retire RUNNING trials whose worker is gone: this worker id's (a previous, killed incarnation) and
-    those of dead processes on this host. Returns their numbers."""
+    """Retire RUNNING trials whose worker is gone: this worker id's (a previous, killed incarnation), those
+    of dead processes on this host, and untagged ones (call under :func:`study_lock`). Returns their numbers.
+
+    Snakemake never runs two jobs of one worker id at once, so a RUNNING trial of this worker id belongs to
+    a dead predecessor, wherever it ran (a SLURM job killed at its time limit on another node)."""
     from optuna.trial import TrialState
 
     host = socket.gethostname()
     stale = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner, t_host, pid = t.user_attrs.get("worker"), t.user_attrs.get("host"), t.user_attrs.get("pid")
-        if owner == worker and pid != os.getpid():
+        if pid is None:  # workers tag a trial under the lock right after asking: this one's worker died then
+            why = "orphaned (its worker died while starting it)"
+        elif owner == worker and pid != os.getpid():
             why = f"worker {worker} restarted (previous process {t_host}:{pid} gone)"
         elif t_host == host and pid is not None and pid != os.getpid() and not _pid_alive(int(pid)):
             why = f"process {t_host}:{pid} of worker {owner} is gone"
@@ -413,7 +418,9 @@ def _pruning_callback(trial: Any, evaluate: Callable[[Any], float], schedule: Se
             self.timesteps: list[int] = []
 
         def measure(self, agent: Any, timesteps: int) -> None:
-            s = float(evaluate(agent))
+            # points falling in one rollout share a policy: measure it once
+            same = bool(self.timesteps) and self.timesteps[-1] == int(timesteps)
+            s = self.curve[-1] if same else float(evaluate(agent))
             self.curve.append(s)
             self.timesteps.append(int(timesteps))
             k = len(self.curve)
@@ -626,7 +633,7 @@ def _run_worker(model_path: str | Path, table_path: str | Path, study_dir: str |
     with study_lock(study_dir):
         probe = open_study(study_dir, phase, hpo, env, train, inputs)
         stale = fail_stale_trials(probe, worker)
-        n_before = len(probe.get_trials(deepcopy=False))
+        n_before = sum(t.state != optuna.trial.TrialState.WAITING for t in probe.get_trials(deepcopy=False))
     seed = int(hpo.get("seed", 0)) + worker + n_before  # fresh study: hpo.seed + worker
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(hpo.get("sampler_startup_trials", 10)),
                                          constant_liar=True)
@@ -678,12 +685,14 @@ def _run_worker(model_path: str | Path, table_path: str | Path, study_dir: str |
                 study.tell(trial, state=state)
             current.clear()
             ran.append(trial.number)
-    except (_Terminated, KeyboardInterrupt):
+    except (_Terminated, KeyboardInterrupt) as e:
         if current:
             t = current[0]
             _retire_trial(study, t._trial_id, t.number, t.params, f"worker {worker} terminated",
                           study._storage.get_trial(t._trial_id).user_attrs)
-        raise SystemExit(143)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise SystemExit(143) from None
     finally:
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)

@@ -68,7 +68,8 @@ def umap_paths(embedding: np.ndarray, cell_types: np.ndarray, type_names: Sequen
                                             alpha=0.85, **style))
         s = embedding[int(ex["start"])]
         ax.plot(*s, marker="o", ms=7, mfc="white", mec="black", zorder=5)
-        ax.annotate(ex.get("label", ""), s, xytext=(4, 4), textcoords="offset points", fontsize=7)
+        ax.annotate(ex.get("label", ""), s, xytext=(5, 5 - 11 * (k % 2)), textcoords="offset points", fontsize=7,
+                    bbox=dict(boxstyle="round,pad=0.1", fc="white", alpha=0.7, lw=0))
     ax.plot([], [], color="#d62728", lw=1.6, label="agent path")
     ax.plot([], [], color="black", lw=1.2, ls="--", label="BFS optimal path")
     ax.legend(fontsize=7, markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
@@ -99,19 +100,21 @@ def success_by_target(per_target: pd.DataFrame, out: str | Path) -> Path:
 
 def length_hist(agent_lengths: np.ndarray, bfs_lengths: np.ndarray, out: str | Path,
                 other: dict[str, np.ndarray] | None = None) -> Path:
-    """Histogram of successful path lengths (agent and optional baselines) vs BFS optimal lengths."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    series = {"BFS optimum": (np.asarray(bfs_lengths), POLICY_COLORS["bfs"]),
-              "agent": (np.asarray(agent_lengths), POLICY_COLORS["agent"])}
+    """Side-by-side bars per path length: successful agent (and baseline) episodes vs BFS optimal lengths."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    series = {"BFS optimum": (np.asarray(bfs_lengths, dtype=int), POLICY_COLORS["bfs"]),
+              "agent": (np.asarray(agent_lengths, dtype=int), POLICY_COLORS["agent"])}
     for k, v in (other or {}).items():
-        series[k] = (np.asarray(v), POLICY_COLORS.get(k))
+        series[k] = (np.asarray(v, dtype=int), POLICY_COLORS.get(k))
     hi = max([int(v.max()) for v, _ in series.values() if len(v)] + [1])
-    bins = np.arange(0.5, hi + 1.5, 1)
-    for k, (v, c) in series.items():
-        if len(v):
-            ax.hist(v, bins=bins, alpha=0.5, label=f"{k} (n={len(v)}, mean {v.mean():.1f})", color=c)
+    x = np.arange(1, hi + 1)
+    w = 0.8 / len(series)
+    for i, (k, (v, c)) in enumerate(series.items()):
+        counts = np.bincount(v[v >= 1], minlength=hi + 1)[1:hi + 1] if len(v) else np.zeros(hi)
+        label = f"{k} (n={len(v)}, mean {v.mean():.1f})" if len(v) else f"{k} (none)"
+        ax.bar(x + (i - (len(series) - 1) / 2) * w, counts, w, label=label, color=c)
     ax.set_xlabel("path length (perturbations)")
-    ax.set_ylabel("episodes")
+    ax.set_ylabel("successful episodes")
     ax.set_title("Path lengths of successful episodes")
     ax.legend(fontsize=8)
     return _save(fig, out)
@@ -167,7 +170,8 @@ def learning_curve(progress: str | Path | pd.DataFrame | None, out: str | Path) 
     drawn = False
     if "train_success" in df and df["train_success"].notna().any():
         d = df.dropna(subset=["train_success"])
-        ax.plot(d["timesteps"], d["train_success"], color="#aec7e8", lw=1, label="training episodes (curriculum)")
+        ax.plot(d["timesteps"], d["train_success"], color="#17becf", lw=1.2, ls="--",
+                label="training episodes (curriculum)")
         ax.set_ylim(-0.02, 1.02)
         drawn = True
     if "success" in df and df["success"].notna().any():

@@ -16,10 +16,15 @@ The generator builds, from one seed:
       log mu[c, g] = log s_c + b_g + sum_r W[r, g] * a_r[c]
 
   where ``a_r`` is regulator r's activity (its own log fold change over baseline: a master's activity follows
-  the cell's position in the tree plus per-cell noise, another TF's activity is ``sum_m W[m, r] a_m`` plus
-  noise), ``s_c`` a log-normal size factor and ``b_g`` a gene baseline. Because targets are log-linear in
-  their regulators' expression, CellOracle's ridge regression on log-normalised expression recovers the
-  planted edges, and overexpressing a type's masters moves cells towards that type.
+  the cell's position in the tree plus a per-cell fluctuation that cross-repression passes on to competing
+  masters; another TF's activity is ``sum_m W[m, r] a_m`` plus its own per-cell variation), ``s_c`` a
+  log-normal size factor and ``b_g`` a gene baseline. Within-type TF variation is large enough to survive
+  CellOracle's kNN imputation, so TFs are not collinear inside a type: ridge regression on log-normalised
+  expression ranks planted edges well above decoys, and overexpressing a type's master moves neighbouring
+  types' cells towards it (knocking out a type's own master moves its cells towards the parent type).
+
+Transit cells are spread over the trajectories in proportion to their length (masters that change), so the
+embedding shows one connected tree.
 
 Outputs (``write_demo_dataset``): counts as h5ad (CSR, integer-valued float32, ``obs["cell_type"]``), the
 base GRN in CellOracle's TFinfo format (planted edges plus ``decoy_edges_per_tf`` random decoys per TF), and
@@ -214,7 +219,10 @@ def generate_atlas(n_cells: int = 2400, n_genes: int = 400, n_master_tfs: int = 
 
     # ---- activities and expression ---------------------------------------------------------------------
     act = np.zeros((n_cells, n_tfs))
-    act[:, masters] = MASTER_ON * state + rng.normal(0, MASTER_NOISE, (n_cells, n_master_tfs))
+    # masters: the cell's position in the tree plus a per-cell fluctuation that the cross-repression passes on
+    # (one linear step), so a master's deviation lowers its competitors within a type as well as across types
+    eps = rng.normal(0, MASTER_NOISE, (n_cells, n_master_tfs))
+    act[:, masters] = MASTER_ON * state + eps + eps @ W[np.ix_(masters, masters)]
     if n_other_tfs:
         act[:, others] = act[:, masters] @ W[np.ix_(masters, others)] + rng.normal(0, TF_NOISE,
                                                                                       (n_cells, n_other_tfs))

@@ -333,32 +333,56 @@ class ClusterPlan:
     nnz: int
 
 
+def reachable_sets(W: sp.csr_matrix, starts: np.ndarray, hops: int) -> sp.csc_matrix:
+    """Boolean (genes x len(starts)) sparse matrix: column j = :func:`reachable` from ``starts[j]``."""
+    G = W.shape[0]
+    A = (sp.csr_matrix(W) != 0).astype(np.int8).T.tocsr()  # target x regulator
+    F = sp.csc_matrix((np.ones(len(starts), dtype=np.int8), (starts, np.arange(len(starts)))),
+                      shape=(G, len(starts)))
+    R = F.copy()
+    for _ in range(hops):
+        F = (A @ F).astype(bool).astype(np.int8)
+        R = ((R + F) > 0).astype(np.int8)
+    R.sort_indices()
+    return R.tocsc()
+
+
 def plan_cluster(xp: ModuleType, W: sp.csr_matrix, actions: Actions, hops: int, all_genes: bool) -> ClusterPlan:
     """Reachable sets of the actions' genes in cluster matrix ``W`` (every gene when ``all_genes``)."""
     W = sp.csr_matrix(W)
     G = W.shape[0]
-    sets: dict[int, np.ndarray] = {}
-    for g in np.unique(actions.gene_idx):
-        sets[int(g)] = np.arange(G) if all_genes else reachable(W, int(g), hops)
-    U = np.unique(np.concatenate(list(sets.values())))
-    blocks, pos, pins, sizes = [], [], [], []
-    off = 0
-    WT = sp.csr_matrix(W.T)
-    for g in actions.gene_idx:
-        S = sets[int(g)]
-        blocks.append(WT[S][:, S])
-        pos.append(np.searchsorted(U, S))
-        pins.append(off + int(np.searchsorted(S, g)))
-        sizes.append(S.size)
-        off += S.size
-    B = sp.block_diag(blocks, format="csr") if blocks else sp.csr_matrix((0, 0))
-    sizes_a = np.asarray(sizes)
-    act_of = np.repeat(np.arange(len(sizes_a)), sizes_a)
-    seg = sp.csr_matrix((np.ones(off), (act_of, np.arange(off))), shape=(len(sizes_a), off))
-    return ClusterPlan(genes=U, gene_pos=xp.asarray(np.concatenate(pos) if pos else np.zeros(0, int)),
-                       act_of=xp.asarray(act_of), pin=xp.asarray(np.asarray(pins, dtype=np.int64)),
-                       row_start=xp.asarray(np.concatenate([[0], np.cumsum(sizes_a)[:-1]]).astype(np.int64)),
-                       B=_sparse_to(xp, B), seg=_sparse_to(xp, seg), n_rows=int(off), nnz=int(B.nnz))
+    A = len(actions)
+    if all_genes:
+        sets = [np.arange(G)] * A
+    else:
+        R = reachable_sets(W, np.asarray(actions.gene_idx, dtype=np.int64), hops)
+        sets = [R.indices[R.indptr[a]:R.indptr[a + 1]].astype(np.int64) for a in range(A)]
+    U = np.unique(np.concatenate(sets)) if A else np.zeros(0, dtype=np.int64)
+    sizes_a = np.array([S.size for S in sets], dtype=np.int64)
+    row_start = np.concatenate([[0], np.cumsum(sizes_a)[:-1]]).astype(np.int64)
+    T = int(sizes_a.sum())
+    pos = np.concatenate([np.searchsorted(U, S) for S in sets]) if A else np.zeros(0, dtype=np.int64)
+    pins = row_start + np.array([np.searchsorted(S, g) for S, g in zip(sets, actions.gene_idx)], dtype=np.int64)
+    # B: block a = W[S_a, S_a].T in packed rows; from the edge list (regulator r -> target t, weight w)
+    coo = W.tocoo()
+    er, et, ew = coo.row, coo.col, coo.data
+    rows, cols, vals = [], [], []
+    local = np.full(G, -1, dtype=np.int64)
+    for a, S in enumerate(sets):
+        local[S] = np.arange(S.size)
+        keep = (local[er] >= 0) & (local[et] >= 0)
+        rows.append(row_start[a] + local[et[keep]])
+        cols.append(row_start[a] + local[er[keep]])
+        vals.append(ew[keep])
+        local[S] = -1
+    B = sp.csr_matrix((np.concatenate(vals) if vals else np.zeros(0),
+                       (np.concatenate(rows) if rows else np.zeros(0, int),
+                        np.concatenate(cols) if cols else np.zeros(0, int))), shape=(T, T))
+    act_of = np.repeat(np.arange(A), sizes_a)
+    seg = sp.csr_matrix((np.ones(T), (act_of, np.arange(T))), shape=(A, T))
+    return ClusterPlan(genes=U, gene_pos=xp.asarray(pos), act_of=xp.asarray(act_of), pin=xp.asarray(pins),
+                       row_start=xp.asarray(row_start), B=_sparse_to(xp, B), seg=_sparse_to(xp, seg), n_rows=T,
+                       nnz=int(B.nnz))
 
 
 def _sparse_module(xp: ModuleType) -> ModuleType:
@@ -555,33 +579,40 @@ def chunk_plan(cluster_ids: np.ndarray, chunk_cells: int) -> list[tuple[int, np.
 
 
 def bytes_per_cell(n_genes: int, n_union: int, n_actions: int, k: int, n_rows: int | None = None) -> int:
-    """Working memory of one cell in a chunk (float64): the dense (A x |U|) delta for the product, ~5 packed
-    rows (T) of propagation temporaries, 2 neighbour blocks (k x G) and the (A x k) correlation arrays."""
+    """Working memory of one cell in a chunk (8-byte words): ~5 packed rows (T) of propagation temporaries, the
+    numerator's operand (dense A x |U| delta, or for the sparse product 3 words per packed row + a k x |U| copy),
+    2 neighbour blocks (k x G) and the (A x k) correlation arrays."""
     T = n_rows if n_rows is not None else n_union * n_actions
-    return 8 * (n_union * n_actions + 5 * T + 2 * k * n_genes + 6 * n_actions * k + n_genes)
+    dense = T >= SPARSE_NUMERATOR_BELOW * n_actions * n_union
+    operand = n_union * n_actions if dense else 3 * T + k * n_union
+    return 8 * (operand + 5 * T + 2 * k * n_genes + 6 * n_actions * k + n_genes)
 
 
-def choose_chunk_cells(xp: ModuleType, per_cell: int, override: int | None = None,
-                       fraction: float = 0.25, cap_bytes: int = 512 << 20) -> tuple[int, str]:
-    """Chunk size from free memory (GPU memory for CuPy, RAM for numpy), unless ``override`` is given.
-
-    The working set is ``fraction`` of free memory, capped (CPU: 512 MiB, which keeps the arrays close to the
-    caches and costs nothing in BLAS efficiency since the big products are per cell; GPU: 8x that)."""
+def choose_chunk_cells(xp: ModuleType, per_cell: int, override: int | None = None, fraction: float = 0.25,
+                       cpu_target_bytes: int = 32 << 20, cpu_min_cells: int = 16,
+                       gpu_cap_bytes: int = 8 << 30) -> tuple[int, str]:
+    """Cells per chunk (``override`` wins): never more than ``fraction`` of the free memory (RAM for numpy,
+    GPU memory for CuPy) allows. On CPU, chunks are kept near ``cpu_target_bytes`` of working set (cache-sized:
+    measured fastest; the big products are per cell, so small chunks lose no BLAS efficiency), but at least
+    ``cpu_min_cells``; on GPU they are as large as memory allows up to ``gpu_cap_bytes``."""
     if override:
         return int(override), "transitions.chunk_cells"
+    per_cell = max(int(per_cell), 1)
     if xp is np:
         import psutil
 
         free = int(psutil.virtual_memory().available)
-        where = "RAM"
+        mem_cells = int(free * fraction) // per_cell
+        want = max(cpu_min_cells, cpu_target_bytes // per_cell)
+        why = (f"~{cpu_target_bytes >> 20} MiB working set ({per_cell / 2**20:.2f} MiB per cell, >= "
+               f"{cpu_min_cells} cells), within {fraction:.0%} of free RAM ({free / 2**30:.1f} GiB)")
     else:
         free = int(xp.cuda.runtime.memGetInfo()[0])
-        where = "GPU memory"
-        cap_bytes = 8 * cap_bytes
-    budget = min(int(free * fraction), cap_bytes)
-    n = max(1, min(4096, budget // max(per_cell, 1)))
-    return int(n), (f"{fraction:.0%} of free {where} ({free / 2**30:.1f} GiB) capped at {cap_bytes / 2**20:.0f} MiB, "
-                    f"{per_cell / 2**20:.2f} MiB per cell")
+        mem_cells = min(int(free * fraction), gpu_cap_bytes) // per_cell
+        want = mem_cells
+        why = (f"{fraction:.0%} of free GPU memory ({free / 2**30:.1f} GiB) capped at {gpu_cap_bytes >> 30} GiB, "
+               f"{per_cell / 2**20:.2f} MiB per cell")
+    return int(max(1, min(4096, want, mem_cells))), why
 
 
 def select_backend(backend: str) -> tuple[ModuleType, str]:

@@ -128,8 +128,8 @@ def grn_inputs(wildcards):
 
 
 def grn_settings(wildcards):
-    """params of rule base_grn: the base_grn settings, without the atac block unless the source is atac (so
-    that changing motif settings reruns only the datasets that scan motifs)."""
+    """params of the base_grn rule, i.e. the base_grn settings, without the atac block unless the source is
+    atac (so that changing motif settings reruns only the datasets that scan motifs)."""
     s = dict(dataset_config(config, wildcards.dataset)["base_grn"])
     if config["datasets"][wildcards.dataset]["base_grn"].get("source") != "atac":
         s.pop("atac", None)

@@ -1,5 +1,11 @@
 rule software_env:
-    """Versions of the key packages and the git commit that produced this dataset's results."""
+    """Versions of the key packages and the git commit that produced this dataset's results.
+
+    Takes the evaluation summaries as input so it is rewritten whenever an evaluation (and hence anything
+    upstream of it) reruns, instead of keeping the versions of the first run forever.
+    """
+    input:
+        summaries=expand("results/{{dataset}}/benchmark/{run}/summary.json", run=RUNS),
     output:
         "results/{dataset}/software.json",
     params:

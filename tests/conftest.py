@@ -96,9 +96,15 @@ def demo_fitted(tmp_path_factory) -> Fitted:
     then the same chain; ``truth`` holds the planted and decoy edges."""
     from cellrl.synthetic import load_truth, write_demo_dataset
 
+    from cellrl.config import dataset_config, load_config
+
     d = tmp_path_factory.mktemp("demo_fixture")
     write_demo_dataset(d / "counts.h5ad", d / "base_grn_tfinfo.parquet", d / "truth.json", **DEMO_FIXTURE_SIZE)
+    # the demo dataset's link density (config: datasets.demo.overrides.oracle.top_n_links per demo gene)
+    cfg = load_config()
+    per_gene = dataset_config(cfg, "demo")["oracle"]["top_n_links"] / cfg["demo_data"]["n_genes"]
+    top_n = int(round(per_gene * DEMO_FIXTURE_SIZE["n_genes"]))
     return fit_chain({"path": str(d / "counts.h5ad"), "format": "h5ad", "expression": "counts",
                       "cell_type": {"obs_column": "cell_type"}},
                      {"source": "tfinfo", "path": str(d / "base_grn_tfinfo.parquet")},
-                     truth=load_truth(d / "truth.json"))
+                     oracle_settings={"top_n_links": top_n}, truth=load_truth(d / "truth.json"))

@@ -266,3 +266,33 @@ def test_config_unknown_key_or_wrong_type(tmp_path, mutate, match):
     with pytest.raises(ConfigError, match=match) as ei:
         load_config(p)
     assert str(p) in str(ei.value)
+
+
+def test_config_readme_documents_every_key():
+    """config/README.md names every key of config/config.yaml and of the schema's stage sections."""
+    from cellrl.config import load_schema
+
+    text = (DEFAULT_CONFIG.parent / "README.md").read_text()
+    cfg = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    schema = load_schema()["definitions"]
+    keys: set[str] = set()
+
+    def walk(d, skip=("datasets", "runs", "search_space")):
+        for k, v in d.items():
+            keys.add(k)
+            if isinstance(v, dict) and k not in skip:
+                walk(v)
+
+    def walk_schema(props):
+        for k, v in props.items():
+            keys.add(k)
+            if k != "search_space" and isinstance(v, dict) and "properties" in v:
+                walk_schema(v["properties"])
+
+    walk({k: v for k, v in cfg.items() if k not in ("datasets", "runs")})
+    for stage in schema["stages"].values():
+        walk_schema(stage["properties"])
+    walk_schema(schema["rna"]["properties"])
+    walk_schema(schema["grn_source"]["properties"])
+    missing = sorted(k for k in keys if f"`{k}" not in text and f".{k}`" not in text)
+    assert not missing, f"config/README.md does not document: {missing}"

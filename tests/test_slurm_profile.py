@@ -16,8 +16,6 @@ import yaml
 
 from workflow_copy import ROOT, SLURM_ENV, SLURM_TARGET, TinyRun, tiny_run
 
-pytestmark = pytest.mark.slow
-
 PROFILE = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
 
 
@@ -58,6 +56,7 @@ def test_profile_declares_gpu_and_memory_where_the_pipeline_needs_them():
     assert {"runtime", "mem_mb", "slurm_account", "slurm_partition"} <= set(PROFILE["default-resources"])
 
 
+@pytest.mark.slow
 def test_every_planned_job_was_submitted_once_and_completed(run: TinyRun):
     sbatch = run.slurm_calls("sbatch")
     submitted = [_rule(a) for a in sbatch]
@@ -71,6 +70,7 @@ def test_every_planned_job_was_submitted_once_and_completed(run: TinyRun):
     assert table.ndim == 2 and table.shape[0] > 0
 
 
+@pytest.mark.slow
 def test_gpu_request_only_for_gpu_rules(run: TinyRun):
     gpu_rules = _gpu_rules()
     for argv in run.slurm_calls("sbatch"):
@@ -84,6 +84,7 @@ def test_gpu_request_only_for_gpu_rules(run: TinyRun):
             assert _opt(argv, "-p") == SLURM_ENV["CELLRL_SLURM_PARTITION"]
 
 
+@pytest.mark.slow
 def test_runtime_memory_account_and_cpus_from_profile(run: TinyRun):
     for argv in run.slurm_calls("sbatch"):
         rule = _rule(argv)
@@ -94,6 +95,7 @@ def test_runtime_memory_account_and_cpus_from_profile(run: TinyRun):
         assert _opt(argv, "-D") == str(run.workdir)
 
 
+@pytest.mark.slow
 def test_jobs_ran_through_the_plugin_jobstep(run: TinyRun):
     """Inside each job the plugin's jobstep executor starts the rule with srun, as on a real cluster."""
     srun = run.slurm_calls("srun")

@@ -135,7 +135,11 @@ def _check_against_celloracle(oracle, model, n_regulators=3, seed=0):
         ref_next = T.nearest_cells(model.embedding, ref_shift)
         same = float((ref_next == ours["next_cell"][j])[finite].mean())
         assert same >= 0.999, f"{acts.kinds[a]} {gene}: next cell identical for only {same:.4%}"
-        report.append((acts.kinds[a], gene, same))
+        rel = float(np.abs(ours["delta"][j] - ref_delta).max() / scale)
+        err = float(np.abs(ours["shift"][j][finite] - ref_shift[finite]).max())
+        report.append((acts.kinds[a], gene, same, rel, err))
+    print("\n".join(f"{k} {g}: next cell identical {s:.4%}, delta max rel err {r:.1e}, shift max abs err {e:.1e}"
+                    for k, g, s, r, e in report))
     return report
 
 
@@ -255,6 +259,17 @@ def test_table_files_deterministic(tmp_path, small_model):
     assert np.array_equal(t2, table)
 
 
+def test_sparse_and_dense_numerator_agree(monkeypatch):
+    m = random_model(n_cells=500, n_genes=60, n_types=3, n_regulators=8, seed=4)
+    s = dict(SETTINGS, n_neighbors=30, backend="numpy", chunk_cells=64)
+    monkeypatch.setattr(T, "SPARSE_NUMERATOR_BELOW", 0.0)
+    dense = T.simulate_actions(m, s)
+    monkeypatch.setattr(T, "SPARSE_NUMERATOR_BELOW", 2.0)
+    sparse = T.simulate_actions(m, s)
+    np.testing.assert_allclose(sparse["shift"], dense["shift"], rtol=0, atol=1e-12)
+    assert (sparse["next_cell"] == dense["next_cell"]).mean() >= 0.999
+
+
 @pytest.mark.parametrize("which,n", [("ko", 6), ("oe", 6)])
 def test_action_subsets(small_model, which, n):
     full, _, _ = T.compute_table(small_model, dict(SETTINGS, n_neighbors=30, backend="numpy"))
@@ -313,6 +328,10 @@ def test_memory_has_no_cells_by_cells_arrays():
 def test_chunk_size_from_memory():
     n, why = T.choose_chunk_cells(np, T.bytes_per_cell(3000, 3000, 216, 60))
     assert 1 <= n <= 4096 and "RAM" in why
+    n_small, _ = T.choose_chunk_cells(np, 1000)
+    assert n_small == min(4096, (32 << 20) // 1000)
+    n_huge, _ = T.choose_chunk_cells(np, 1 << 40)  # memory wins over the minimum
+    assert n_huge == 1
     assert T.choose_chunk_cells(np, 10, override=33) == (33, "transitions.chunk_cells")
 
 
