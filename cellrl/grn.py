@@ -257,16 +257,18 @@ def scan_atac(peak_gene: str | os.PathLike, genome_fasta: str | os.PathLike | No
         log.warning("dropping %d peak-gene rows whose peak is not on the FASTA", int((~inside).sum()))
     pg = pg[inside].reset_index(drop=True)
 
-    motif_list = None
-    if motifs is not None:
-        from gimmemotifs.motif import read_motifs
+    from gimmemotifs.motif import default_motifs, read_motifs
 
+    if motifs is not None:
         mp = _require_file(motifs, "motif file", "base_grn.motifs")
         motif_list = read_motifs(str(mp))
         if not motif_list:
             raise InputError("no motifs in the motif file", path=mp, field="base_grn.motifs")
+    else:
+        motif_list = default_motifs()  # gimme.vertebrate.v5.0, CellOracle's default for mouse and human
     tfi = ma.TFinfo(peak_data_frame=pg, ref_genome=str(gpath), genomes_dir=None)
-    # A FASTA path is not one of CellOracle's named genomes, so state the species' TF-name formatting here.
+    # A FASTA path is not one of CellOracle's named genomes: choose its TF-name formatting through the species
+    # CellOracle maps to it (Mouse: capitalize, Human: upper, Drosophila: unchanged).
     tfi.species = {"capitalize": "Mouse", "upper": "Human"}.get(tf_symbols, "Drosophila")
     tfi.scan(fpr=motif_fpr, motifs=motif_list, TF_formatting=True, n_cpus=max(1, int(threads)), verbose=False)
     if tfi.scanned_df is None or len(tfi.scanned_df) == 0:

@@ -294,8 +294,8 @@ def study_fingerprint(phase: int, hpo: Mapping[str, Any], env: Mapping[str, Any]
         "phase": phase,
         "space": {n: s.to_config() for n, s in sorted(space.items())},
         "fixed": {n: _encode(v) for n, v in sorted(fixed.items())},
-        "hpo": {k: hpo.get(k) for k in ("trial_timesteps", "eval_points", "eval_episodes", "pruner",
-                                         "pruner_startup_trials", "seed")},
+        "hpo": {k: hpo.get(k) for k in ("trial_timesteps", "eval_points", "eval_episodes", "trial_seeds",
+                                         "pruner", "pruner_startup_trials", "pruner_warmup_points", "seed")},
         "env": env,
         "train": {k: v for k, v in train.items() if k not in _TRAIN_NOT_FINGERPRINTED},
         "inputs": [_file_digest(p) for p in inputs],
@@ -307,12 +307,15 @@ def make_pruner(hpo: Mapping[str, Any]) -> Any:
     import optuna
 
     kind = hpo.get("pruner", "median")
+    # steps are eval points 1..n; the first `pruner_warmup_points` are never grounds for pruning (an early
+    # validation success of a few percent is mostly noise)
+    first = int(hpo.get("pruner_warmup_points", 1)) + 1
     if kind == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=int(hpo.get("pruner_startup_trials", 5)),
-                                           n_warmup_steps=0)
+                                           n_warmup_steps=first)
     if kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=int(hpo["eval_points"]),
-                                              reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=min(first, int(hpo["eval_points"])),
+                                              max_resource=int(hpo["eval_points"]), reduction_factor=3)
     if kind == "none":
         return optuna.pruners.NopPruner()
     raise ConfigError(f"hpo.pruner: {kind!r} is not median, hyperband or none")
@@ -541,10 +544,21 @@ class _NoTrial:
 
 
 def objective(trial: Any, ctx: TrialContext) -> float:
-    """Sample the space, train, return the AULC of validation success (Optuna maximises it)."""
+    """Sample the space, train, return the AULC of validation success (Optuna maximises it).
+
+    With ``hpo.trial_seeds`` = k > 1 the configuration trains k times (seeds ``train.seed + i``) and the
+    objective is the mean AULC: the pruner watches the first run; the others only average out the luck of
+    one initialisation, which at short budgets can outweigh what the hyperparameters do.
+    """
     params = {name: spec.suggest(trial) for name, spec in ctx.space.items()}
     curve = learning_curve(ctx, params, trial)
-    return aulc(curve)
+    scores = [aulc(curve)]
+    base_seed = int(ctx.train.get("seed", 77))
+    for i in range(1, int(ctx.hpo.get("trial_seeds", 1))):
+        scores.append(aulc(learning_curve(ctx, params, seed=base_seed + i)))
+    if len(scores) > 1:
+        trial.set_user_attr("seed_aulcs", scores)
+    return float(np.mean(scores))
 
 
 # ------------------------------------------------------------------------------------------------- worker
@@ -762,7 +776,7 @@ def save_plots(study: Any, study_dir: str | Path, phase: int, hpo: Mapping[str, 
     plots: dict[str, Callable[[], Any]] = {
         "history": lambda: ovm.plot_optimization_history(study, target_name="validation AULC"),
         "importances": lambda: ovm.plot_param_importances(study, evaluator=make_evaluator(hpo)),
-        "parallel": lambda: ovm.plot_parallel_coordinate(study, params=list(params) if params else None,
+        "parallel": lambda: ovm.plot_parallel_coordinate(study, params=list(params)[:8] if params else None,
                                                          target_name="validation AULC"),
         "intermediate": lambda: ovm.plot_intermediate_values(study),
     }
@@ -774,7 +788,8 @@ def save_plots(study: Any, study_dir: str | Path, phase: int, hpo: Mapping[str, 
                 warnings.simplefilter("ignore")
                 ax = draw()
             fig = (np.ravel(ax)[0] if isinstance(ax, np.ndarray) else ax).figure
-            fig.set_size_inches(max(fig.get_size_inches()[0], 8), max(fig.get_size_inches()[1], 5))
+            fig.set_size_inches(max(fig.get_size_inches()[0], 11 if kind == "parallel" else 8),
+                                max(fig.get_size_inches()[1], 5))
             fig.tight_layout()
             fig.savefig(path, dpi=110)
             plt.close(fig)
@@ -848,7 +863,8 @@ def finish_phase(study_dir: str | Path, phase: int, out_path: str | Path, hpo: M
         doc["top_k"] = top
         doc["phase2_space"] = {n: space[n].narrow(best.params[n], frac).to_config() for n in top}
         doc["phase2_fixed"] = {n: _decode(n, v) for n, v in best_params.items() if n not in top}
-    doc["plots"] = save_plots(study, study_dir, phase, hpo, params=list(space))
+    # parallel coordinates: the (up to 8) most important parameters, so the axes stay readable
+    doc["plots"] = save_plots(study, study_dir, phase, hpo, params=list(imp) + [n for n in space if n not in imp])
     write_text(out_path, yaml.safe_dump(doc, sort_keys=False))
     log.info("phase %d: best AULC %.4f (trial %d) %s", phase, best.value, best.number, doc["best_params"])
     return doc

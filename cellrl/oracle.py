@@ -16,6 +16,10 @@ The steps are CellOracle's tutorial (celloracle 0.20.0), with the settings of th
 4. ``get_links`` per cell type (bagging ridge, ``alpha``, ``bagging_number``), ``filter_links(p, top N)``.
 5. ``get_cluster_specific_TFdict_from_Links`` + ``fit_GRN_for_simulation(alpha, cluster-specific TF dict)``.
 
+Steps 4-5 run under :func:`reproducible_celloracle`, which makes CellOracle's gene-list intersections keep a
+fixed order, so the same input gives the same links and coefficients in every process (stock CellOracle's
+result depends on Python's per-process string hash seed).
+
 :func:`model_from_oracle` turns the fitted oracle into an :class:`~cellrl.model.OracleModel`;
 :func:`fit_oracle_files` is the ``fit_oracle`` rule (writes the CellOracle objects, ``model.npz`` and
 ``stats.json``, each atomically).
@@ -23,12 +27,14 @@ The steps are CellOracle's tutorial (celloracle 0.20.0), with the settings of th
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -126,6 +132,43 @@ def check_overlap(genes: Sequence[str], tf_targets: Mapping[str, Sequence[str]],
     return tfs, n_targets
 
 
+_INTERSECT_USERS = ("celloracle.trajectory.oracle_utility", "celloracle.trajectory.oracle_GRN",
+                    "celloracle.network.regression_models", "celloracle.network.net_core")
+
+
+def _ordered_intersect(list1: Any, list2: Any) -> list:
+    """Items of ``list1`` (in its order, without repeats) that are also in ``list2``."""
+    other = set(list2)
+    seen: set = set()
+    out = []
+    for x in list1:
+        if x in other and x not in seen:
+            seen.add(x)
+            out.append(x)
+    return out
+
+
+@contextlib.contextmanager
+def reproducible_celloracle() -> Iterator[None]:
+    """Make CellOracle's GRN fits independent of Python's per-process string hash seed.
+
+    celloracle 0.20.0's ``utility.intersect`` returns ``list(set(a) & set(b))``; its order decides the column
+    order of each target's regulators and so which regulators each bagging model samples
+    (``max_features=0.8``), which makes ``get_links`` differ between two processes with the same input and
+    seed. Inside this block ``intersect`` keeps the order of its first argument (same set of genes), so a fit
+    is reproducible across runs. The original function is restored on exit.
+    """
+    mods = [importlib.import_module(m) for m in _INTERSECT_USERS]
+    saved = [(m, m.intersect) for m in mods if hasattr(m, "intersect")]
+    try:
+        for m, _ in saved:
+            m.intersect = _ordered_intersect
+        yield
+    finally:
+        for m, f in saved:
+            m.intersect = f
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # conversion
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,7 +201,9 @@ def model_from_oracle(oracle: Any, split: Any, oe_sd: float = 1.5, oe_iqr: float
         cell_types=types, cluster_names=cluster_names, cluster_ids=cluster_ids, coefs=coefs, regulators=regs,
         regulator_idx=reg_idx, ko_values=np.zeros(len(regs)),
         oe_values=oe_values(X[:, reg_idx], oe_sd, oe_iqr) if len(regs) else np.zeros(0),
-        split=_split_array(split, cells), meta=dict(meta or {}) | {"oe_sd": oe_sd, "oe_iqr": oe_iqr},
+        split=_split_array(split, cells),
+        meta=dict(meta or {}) | {"oe_sd": oe_sd, "oe_iqr": oe_iqr,
+                                 "embedding_dtype": str(np.asarray(oracle.embedding).dtype)},
     )
     model.validate("model_from_oracle")
     return model
@@ -239,16 +284,17 @@ def fit_oracle(adata: Any, tf_targets: Mapping[str, Sequence[str]], split: Any, 
     timings["pca_knn_imputation"] = time.time() - t
     log.info("PCA: %d components; kNN imputation with k = %d", n_comps, k)
 
-    t = time.time()
-    links = oracle.get_links(cluster_name_for_GRN_unit=CLUSTER_COLUMN, alpha=alpha,
-                             bagging_number=bagging_number, verbose_level=0, n_jobs=max(1, int(threads)))
-    links.filter_links(p=p_cutoff, weight="coef_abs", threshold_number=top_n_links)
-    timings["get_links"] = time.time() - t
+    with reproducible_celloracle():
+        t = time.time()
+        links = oracle.get_links(cluster_name_for_GRN_unit=CLUSTER_COLUMN, alpha=alpha,
+                                 bagging_number=bagging_number, verbose_level=0, n_jobs=max(1, int(threads)))
+        links.filter_links(p=p_cutoff, weight="coef_abs", threshold_number=top_n_links)
+        timings["get_links"] = time.time() - t
 
-    t = time.time()
-    oracle.get_cluster_specific_TFdict_from_Links(links_object=links)
-    oracle.fit_GRN_for_simulation(alpha=alpha, use_cluster_specific_TFdict=True, verbose_level=0)
-    timings["fit_grn"] = time.time() - t
+        t = time.time()
+        oracle.get_cluster_specific_TFdict_from_Links(links_object=links)
+        oracle.fit_GRN_for_simulation(alpha=alpha, use_cluster_specific_TFdict=True, verbose_level=0)
+        timings["fit_grn"] = time.time() - t
 
     params = dict(expression=expression, n_pcs=n_comps, knn_k=k, knn_k_fraction=knn_k_fraction, alpha=alpha,
                   bagging_number=bagging_number, p_cutoff=p_cutoff, top_n_links=top_n_links,

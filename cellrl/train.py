@@ -29,6 +29,7 @@ import math
 import os
 import pickle
 import random
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -543,13 +544,12 @@ class _Run:
 
     def _update_pbar(self, agent: MaskablePPO) -> None:
         ts = int(agent.num_timesteps)
-        self.pbar.n = min(ts, self.total)
         rate = (ts - self.state.steps_at_start) / max(1e-9, time.perf_counter() - self.state.t0)
         post = {"steps/s": f"{rate:.0f}", "succ": f"{self.env.success_rate:.2f}", "phase": self.env.phase}
         if self.state.last_val:
             post["val"] = f"{self.state.last_val['success_rate']:.2f}"
         self.pbar.set_postfix(post, refresh=False)
-        self.pbar.refresh()
+        self.pbar.update(max(0, min(ts, self.total) - self.pbar.n))   # redraws at most every mininterval
 
     # -- logging -----------------------------------------------------------------------------------------
     def log_row(self, agent: MaskablePPO, ts: int, val: Mapping[str, Any]) -> None:
@@ -571,6 +571,9 @@ class _Run:
             log.info("step %d: val success %.3f (len %.1f), train success %.3f, phase %d, %.0f steps/s",
                      ts, row["val_success"], row["val_mean_length"], row["train_success"], row["phase"],
                      row["steps_per_s"])
+        elif self.progress and self.pbar is None:   # no terminal: one log line per rollout instead of a bar
+            log.info("step %d/%d: train success %.3f, phase %d, %.0f steps/s", ts, self.total,
+                     row["train_success"], row["phase"], row["steps_per_s"])
         if self.out_dir is not None:
             path = self.out_dir / "progress.csv"
             new = not path.exists()
@@ -586,14 +589,11 @@ class _Run:
             self._update_pbar(agent)
 
     def open(self, resumed: bool) -> None:
-        if self.progress:
+        if self.progress and hasattr(sys.stderr, "isatty") and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            import sys
-
-            tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
             self.pbar = tqdm(total=self.total, unit="step", dynamic_ncols=True, desc="train",
-                             initial=min(self.state.steps_at_start, self.total), mininterval=0.5 if tty else 30)
+                             initial=min(self.state.steps_at_start, self.total), mininterval=0.5)
         mode = (self.cfg.get("wandb") or {}).get("mode", "offline")
         if self.out_dir is not None and mode != "disabled":
             self.wandb_run = _wandb_init(self.out_dir, self.cfg, self.params, mode, self.state)

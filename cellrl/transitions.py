@@ -14,25 +14,28 @@ Per cell ``i`` (cluster ``c``) and action ``a`` = (gene ``g``, value ``v``):
 1. Propagation (``oracle_GRN._do_simulation``): ``d_in = e_g (v - X_ig)``; ``d = d_in``; ``n_propagation`` times:
    ``d = d @ W_c``; ``d[g] = d_in[g]`` where ``d_in[g] != 0``; ``d = max(X_i + d, 0) - X_i``. Finally
    ``delta = (X_i + d) - X_i`` (CellOracle's ``simulated_count - imputed_count``).
-   *Structure used*: ``d`` is non-zero only on genes reachable from ``g`` in ``n_propagation`` hops of ``W_c``
-   (``X >= 0``), so each cluster works on ``U_c``, the union of those sets over actions, with the sparse
-   ``W_c[U_c, U_c]``, for all actions of a chunk in one sparse product per hop.
+   *Structure used*: ``d`` is non-zero only on ``S_a``, the genes reachable from ``g`` in ``n_propagation`` hops
+   of ``W_c`` (as ``X >= 0``). Actions are packed: action ``a`` owns ``|S_a|`` rows, and one sparse
+   block-diagonal product per hop propagates every action of a chunk at once (:class:`ClusterPlan`).
 2. Neighbours (``estimate_transition_prob``): sklearn ``NearestNeighbors(n_neighbors + 1)`` on ``E`` (self
    excluded, distance order); with ``knn_random`` a ``RandomState(seed)`` draws, cell after cell, ``int(
    sampled_fraction * (n_neighbors + 1))`` of them without replacement with probabilities
    ``linspace(0.5, 0.1)`` (identical draws to CellOracle's ``np.random.seed(random_seed)``; ``seed`` here is its
    ``random_seed``).
 3. Correlation (velocyto ``colDeltaCorpartial``): Pearson over all ``G`` genes between ``delta`` and
-   ``X_j - X_i``: ``corr = (sum_U delta * C_j - mean(delta) * sum_g C_j) / (||C_j|| * ||delta - mean(delta)||)``
-   with ``C_j = (X_j - X_i) - mean(X_j - X_i)`` (action-independent, computed once per cell); the numerator for
-   all actions and neighbours of a cell is one small matrix product. NaN (a zero norm) -> 1, as CellOracle.
+   ``D_j = X_j - X_i``, centred algebraically since ``delta`` is zero off ``S_a``:
+   ``num = sum_S delta D_j - sum(delta) mean(D_j)``, ``ss_delta = sum_S delta^2 - sum(delta)^2 / G``;
+   ``ss_D = sum_g (D_j - mean D_j)^2`` is action-independent (once per cell and neighbour). The numerators of all
+   actions and neighbours come from one product per chunk (:func:`numerator`: sparse when each action reaches
+   few genes, else a batched dense product). NaN (a zero norm) -> 1, as CellOracle does.
 4. ``P_ij = exp(corr_ij / sigma_corr) / sum_j exp(...)``; ``shift_i = sum_j P_ij u_ij - mean_j u_ij`` with
    ``u_ij`` the unit vector from ``E_i`` to ``E_j`` (in float32 when ``model.meta["embedding_dtype"]`` says
    CellOracle had a float32 ``obsm`` embedding, as it then computes them in float32).
 5. Next cell: the cell nearest to ``E_i + shift_i`` (scipy cKDTree; the cell itself included; a stagnation when
    it is ``i``).
 
-Memory: O(chunk x (A x |U| + k x G)) per chunk plus O(cells x k) for the neighbour lists; never cells x cells.
+Memory: O(chunk x (sum_a |S_a| + k x G)) per chunk (dense product: chunk x A x |U|) plus O(cells x k) for the
+neighbour lists and one copy of ``X``; never cells x cells.
 CellOracle's ``calculate_embedding_shift`` allocates several dense cells x cells float64 arrays (see
 ``celloracle_dense_bytes``).
 """
@@ -480,7 +483,7 @@ class Context:
             else:
                 rest = np.setdiff1d(np.arange(self.n_genes), U)
                 perm = self.xp.asarray(np.concatenate([U, rest]))
-                self._perm_cache[cluster] = self.xp.ascontiguousarray(self.X[:, perm])
+                self._perm_cache[cluster] = self.xp.take(self.X, perm, axis=1)
         return self._perm_cache[cluster]
 
 
@@ -660,8 +663,9 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
                   on_chunk: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, Actions, dict]:
     """The whole table ``(cells, A)`` int32, the actions and diagnostics.
 
-    ``chunk_dir``: finished chunks are stored there under a key of (model, settings, chunk size, code,
-    backend) and reused by a later call with the same key (resume after an interruption).
+    ``chunk_dir``: finished chunks are stored under ``chunk_dir/<key>/`` with key = hash(model arrays, settings
+    that change the result, engine source, backend) and reused by a later call with the same key (resume after
+    an interruption; the interrupted run's chunk size is kept unless ``chunk_cells`` is set).
     ``on_chunk(i, n_chunks)`` is called after each chunk is stored (progress; tests raise from it).
     """
     if not isinstance(settings, TransitionSettings):
@@ -676,11 +680,12 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
     max_u = max(int(p.genes.size) for p in ctx.plans)
     per_cell = max(bytes_per_cell(G, int(p.genes.size), A, k, p.n_rows) for p in ctx.plans)
     backend_name = "cupy" if xp is not np else "numpy"
-    key_src = json.dumps({"model": model_fingerprint(model), "settings": settings.result_keys(),
-                          "code": _code_hash(), "backend": backend_name}, sort_keys=True)
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
+    key_src, key = "{}", ""
     cdir, stored = None, None
-    if chunk_dir is not None:
+    if chunk_dir is not None:  # chunks are reusable only for the same model, settings, code and backend
+        key_src = json.dumps({"model": model_fingerprint(model), "settings": settings.result_keys(),
+                              "code": _code_hash(), "backend": backend_name}, sort_keys=True)
+        key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
         root = Path(chunk_dir)
         cdir = root / key
         if root.exists():

@@ -10,7 +10,7 @@ rule base_grn:
         source=dataset_entry("base_grn"),
         settings=grn_settings,
         code=code_version("base_grn"),
-    threads: 4
+    threads: lambda wildcards: 4 if config["datasets"][wildcards.dataset]["base_grn"]["source"] == "atac" else 1
     log:
         "results/{dataset}/logs/base_grn.log",
     benchmark:

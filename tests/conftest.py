@@ -75,7 +75,8 @@ def fit_chain(rna: dict, base_grn: dict, *, gene_symbols: str = "capitalize", fi
                         **cfg["split"])
     tf_targets = tf_targets_dict(grn)
     settings = {**cfg["oracle"], **(oracle_settings or {})}
-    oracle, links, model, stats = fit_oracle(adata, tf_targets, split, expression=rna["expression"], threads=2,
+    # threads=1: CellOracle parallelises inside each tiny bagging fit, where process overhead exceeds the gain
+    oracle, links, model, stats = fit_oracle(adata, tf_targets, split, expression=rna["expression"], threads=1,
                                              **settings)
     return Fitted(oracle, links, model, stats, adata, tf_targets, truth)
 

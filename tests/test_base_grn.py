@@ -198,3 +198,40 @@ def test_atac_peaks_not_on_genome_is_a_clear_error(tmp_path):
     pd.DataFrame({"peak_id": ["chr9_1_100"], "gene_short_name": ["G"]}).to_csv(tmp_path / "pg.tsv", sep="\t")
     with pytest.raises(InputError, match="no peak lies on the genome FASTA"):
         build_base_grn({"source": "atac", "peak_gene": str(tmp_path / "pg.tsv"), "genome_fasta": str(fasta)})
+
+
+@pytest.mark.parametrize("entry, ok", [
+    ({"source": "tfinfo", "path": "x.parquet"}, True),
+    ({"source": "table"}, False),                                   # table needs path
+    ({"source": "atac", "peak_gene": "pg.csv", "genome_fasta": None}, True),
+    ({"source": "atac", "path": "x"}, False),                       # atac needs peak_gene
+    ({"source": "bed", "path": "x"}, False),
+    ({"source": "tfinfo", "path": "x", "fasta": "y"}, False),       # unknown key
+])
+def test_schema_validates_base_grn_entries(entry, ok):
+    from cellrl.config import load_config, validate_config
+    from cellrl.errors import ConfigError
+
+    cfg = load_config()
+    cfg["datasets"]["demo"]["base_grn"] = entry
+    if ok:
+        validate_config(cfg)
+    else:
+        with pytest.raises(ConfigError, match="base_grn"):
+            validate_config(cfg)
+
+
+def test_atac_real_tutorial_inputs_without_fasta(tmp_path):
+    """CellOracle's scATAC tutorial inputs (mm10 peaks + Cicero peak-gene table) and no genome configured."""
+    peaks = shared_path("celloracle_mouse_base_grn", "scatac_all_peaks.csv")
+    pg = shared_path("celloracle_mouse_base_grn", "scatac_processed_peak_file.csv")
+    out, tft = tmp_path / "base_grn.parquet", tmp_path / "tf_targets.json"
+    with pytest.raises(InputError, match="needs a local genome FASTA"):
+        build_base_grn_file({"source": "atac", "peaks": str(peaks), "peak_gene": str(pg)}, out, tft,
+                            atac={"genome_fasta": None, "motif_fpr": 0.02})
+    assert not out.exists() and not tft.exists()
+    # the inputs themselves parse: 15,779 peak-gene rows, 86,935 peaks, every linked peak among them
+    from cellrl.grn import _read_peak_gene, _read_peak_ids
+
+    table, ids = _read_peak_gene(pg, 0.8), _read_peak_ids(peaks)
+    assert len(table) == 15779 and len(ids) == 86935 and table.peak_id.isin(set(ids)).all()

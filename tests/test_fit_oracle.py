@@ -189,20 +189,35 @@ def _write_inputs(d, n_cells=300, n_genes=40, tf_case=str):
     return d / "filtered.h5ad", d / "tf_targets.json", d / "split.tsv"
 
 
-def _outputs(d):
-    o = d / "oracle"
+def _outputs(d, name="oracle"):
+    o = d / name
     return dict(oracle_path=o / "oracle.celloracle.oracle", links_path=o / "links.celloracle.links",
                 model_path=o / "model.npz", stats_path=o / "stats.json")
 
 
+FIT_SETTINGS = dict(dataset="tiny", expression="counts", threads=1, bagging_number=5, knn_k_fraction=0.05)
+FIT_IN_SUBPROCESS = """
+import sys
+from cellrl.oracle import fit_oracle_files
+a, t, s, out = sys.argv[1:5]
+fit_oracle_files(a, t, s, oracle_path=f"{out}/oracle.celloracle.oracle", links_path=f"{out}/links.celloracle.links",
+                 model_path=f"{out}/model.npz", stats_path=f"{out}/stats.json", **%r)
+""" % FIT_SETTINGS
+
+
 @pytest.mark.slow
-def test_fit_oracle_files_writes_loadable_outputs(tmp_path):
+def test_fit_oracle_files_outputs_load_and_are_reproducible_across_processes(tmp_path):
+    """The rule's wrapper here and in a fresh process with another string-hash seed: loadable, identical
+    outputs (stock CellOracle's get_links depends on the hash seed; see cellrl.oracle.reproducible_celloracle)."""
+    import os
+    import subprocess
+    import sys
+
     import celloracle as co
 
     adata, tft, split = _write_inputs(tmp_path)
-    outs = _outputs(tmp_path)
-    stats = fit_oracle_files(adata, tft, split, dataset="tiny", expression="counts", threads=1,
-                             bagging_number=5, knn_k_fraction=0.05, **outs)
+    outs = _outputs(tmp_path, "here")
+    stats = fit_oracle_files(adata, tft, split, **FIT_SETTINGS, **outs)
     m = load_model(outs["model_path"])
     assert m.meta["dataset"] == "tiny" and m.n_regulators == stats["n_active_regulators"] > 0
     assert json.loads(outs["stats_path"].read_text())["active_regulators"] == list(m.regulators)
@@ -211,6 +226,26 @@ def test_fit_oracle_files_writes_loadable_outputs(tmp_path):
     links = co.load_hdf5(str(outs["links_path"]))
     assert set(links.filtered_links) == set(m.cluster_names)
     assert not [p for p in outs["model_path"].parent.iterdir() if p.name.startswith(".")]   # no temp files
+
+    seed = "12345" if os.environ.get("PYTHONHASHSEED") != "12345" else "54321"
+    subprocess.run([sys.executable, "-c", FIT_IN_SUBPROCESS, str(adata), str(tft), str(split),
+                    str(tmp_path / "there")], env=dict(os.environ, PYTHONHASHSEED=seed), check=True,
+                   capture_output=True)
+    m2 = load_model(_outputs(tmp_path, "there")["model_path"])
+    for a, b in zip(m.coefs, m2.coefs):
+        assert (a != b).nnz == 0
+    np.testing.assert_array_equal(m.X, m2.X)
+    np.testing.assert_array_equal(m.oe_values, m2.oe_values)
+
+
+def test_reproducible_celloracle_patches_and_restores_intersect():
+    import celloracle.network.regression_models as rm
+    from cellrl.oracle import reproducible_celloracle
+
+    orig = rm.intersect
+    with reproducible_celloracle():
+        assert rm.intersect(["b", "a", "c", "b"], ["c", "b", "x"]) == ["b", "c"]
+    assert rm.intersect is orig
 
 
 def test_fit_oracle_files_errors_leave_no_output(tmp_path):

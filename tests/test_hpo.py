@@ -146,6 +146,16 @@ def test_pruning_stops_trials_in_the_bad_region(inputs, tmp_path):
     assert all(len(t.user_attrs["curve"]) < hpo["eval_points"] for t in pruned)  # stopped early
 
 
+def test_trial_seeds_average_the_aulc_over_trainings(inputs, tmp_path):
+    model, table = inputs
+    hpo = hpo_cfg(phase1_trials=1, trial_seeds=2, pruner="none", trial_timesteps=512, eval_points=2)
+    H.run_worker(model, table, tmp_path, 1, 0, hpo, ENV, TRAIN)
+    (t,) = trials_of(tmp_path, 1, hpo)
+    assert len(t.user_attrs["seed_aulcs"]) == 2
+    assert t.value == pytest.approx(np.mean(t.user_attrs["seed_aulcs"]))
+    assert t.user_attrs["seed_aulcs"][0] == pytest.approx(H.aulc(t.user_attrs["curve"]))
+
+
 def test_two_worker_processes_share_one_study(inputs, tmp_path):
     """Two processes released at the same moment on one journal-file study: the budget is met exactly,
     trial numbers are unique, and both workers ran trials."""
