@@ -402,6 +402,12 @@ def fail_stale_trials(study: Any, worker: int) -> list[int]:
     return stale
 
 
+def _finished_states() -> tuple[Any, ...]:
+    from optuna.trial import TrialState
+
+    return (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
 class _Terminated(BaseException):
     """SIGTERM (SLURM time limit, snakemake cancel) while a trial runs."""
 
@@ -647,8 +653,11 @@ def _run_worker(model_path: str | Path, table_path: str | Path, study_dir: str |
     with study_lock(study_dir):
         probe = open_study(study_dir, phase, hpo, env, train, inputs)
         stale = fail_stale_trials(probe, worker)
-        n_before = sum(t.state != optuna.trial.TrialState.WAITING for t in probe.get_trials(deepcopy=False))
-    seed = int(hpo.get("seed", 0)) + worker + n_before  # fresh study: hpo.seed + worker
+        n_before = len(probe.get_trials(deepcopy=False))
+        n_finished = len(probe.get_trials(deepcopy=False, states=_finished_states()))
+    # fresh study: hpo.seed + worker; a worker joining a study with finished trials (a resume) gets a seed of
+    # its own too, so it does not replay the random start-up draws of its earlier incarnation
+    seed = int(hpo.get("seed", 0)) + worker + 1000 * n_finished
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(hpo.get("sampler_startup_trials", 10)),
                                          constant_liar=True)
     study = optuna.load_study(study_name=probe.study_name, storage=probe._storage, sampler=sampler,

@@ -172,6 +172,7 @@ def test_two_worker_processes_share_one_study(inputs, tmp_path):
     numbers = [t.number for t in trials]
     assert sorted(numbers) == list(range(6))
     assert all(t.state.name == "COMPLETE" for t in trials)
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 6  # workers sample different points
     by_worker = {w: [t.number for t in trials if t.user_attrs["worker"] == w] for w in (0, 1)}
     assert by_worker[0] and by_worker[1], by_worker
     ran = [json.loads((tmp_path / f"w{w}.log").read_text().strip().splitlines()[-1])["trials_run"] for w in (0, 1)]
