@@ -279,7 +279,9 @@ def run(sets: list[str], genes: int, co_actions: int, co_max_gib: float, backend
         if "error" in en:
             row["cellrl"] = {"error": en["error"]}
         else:
-            table = np.load(en.pop("_npy"))
+            npy = Path(en.pop("_npy"))
+            table = np.load(npy)
+            npy.unlink(missing_ok=True)
             row["cellrl"] = en
             if co is not None:
                 ref = np.load(co["_npy"])

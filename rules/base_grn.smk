@@ -15,5 +15,7 @@ rule base_grn:
         "results/{dataset}/logs/base_grn.log",
     benchmark:
         "results/{dataset}/benchmarks/base_grn.tsv"
+    conda:
+        "../envs/cellrl.yaml"
     script:
         "../workflow_scripts/base_grn.py"

@@ -12,5 +12,7 @@ rule bfs:
         "results/{dataset}/logs/bfs.log",
     benchmark:
         "results/{dataset}/benchmarks/bfs.tsv"
+    conda:
+        "../envs/cellrl.yaml"
     script:
         "../workflow_scripts/bfs.py"

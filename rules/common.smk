@@ -146,3 +146,8 @@ def all_targets():
     for d in DATASETS:
         out.append(f"{RESULTS}/{d}/report.html")
     return out
+
+
+def train_hpo_input(wildcards):
+    use_hpo = dataset_config(config, wildcards.dataset, wildcards.run)["train"]["use_hpo"]
+    return [f"results/{wildcards.dataset}/hpo/best_params.yaml"] if use_hpo else []

@@ -11,5 +11,7 @@ rule demo_data:
         "results/logs/demo_data.log",
     benchmark:
         "results/benchmarks/demo_data.tsv"
+    conda:
+        "../envs/cellrl.yaml"
     script:
         "../workflow_scripts/demo_data.py"

@@ -17,6 +17,8 @@ rule download_paul15:
         "results/logs/download_paul15.log",
     benchmark:
         "results/benchmarks/download_paul15.tsv"
+    conda:
+        "../envs/cellrl.yaml"
     script:
         "../workflow_scripts/download.py"
 
@@ -31,5 +33,7 @@ rule download_mouse_base_grn:
         "results/logs/download_mouse_base_grn.log",
     benchmark:
         "results/benchmarks/download_mouse_base_grn.tsv"
+    conda:
+        "../envs/cellrl.yaml"
     script:
         "../workflow_scripts/download.py"

@@ -25,5 +25,7 @@ rule evaluate:
         "results/{dataset}/logs/evaluate_{run}.log",
     benchmark:
         "results/{dataset}/benchmarks/evaluate_{run}.tsv"
+    conda:
+        "../envs/cellrl.yaml"
     script:
         "../workflow_scripts/evaluate.py"

@@ -14,5 +14,7 @@ rule filter:
         "results/{dataset}/logs/filter.log",
     benchmark:
         "results/{dataset}/benchmarks/filter.tsv"
+    conda:
+        "../envs/cellrl.yaml"
     script:
         "../workflow_scripts/filter.py"

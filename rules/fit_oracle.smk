@@ -20,5 +20,7 @@ rule fit_oracle:
         "results/{dataset}/logs/fit_oracle.log",
     benchmark:
         "results/{dataset}/benchmarks/fit_oracle.tsv"
+    conda:
+        "../envs/cellrl.yaml"
     script:
         "../workflow_scripts/fit_oracle.py"

@@ -24,6 +24,8 @@ rule hpo_worker:
         "results/{dataset}/logs/hpo_phase{phase}_worker{worker}.log",
     benchmark:
         "results/{dataset}/benchmarks/hpo_phase{phase}_worker{worker}.tsv"
+    conda:
+        "../envs/cellrl.yaml"
     script:
         "../workflow_scripts/hpo_worker.py"
 
@@ -47,6 +49,8 @@ rule hpo_phase:
         "results/{dataset}/logs/hpo_phase{phase}.log",
     benchmark:
         "results/{dataset}/benchmarks/hpo_phase{phase}.tsv"
+    conda:
+        "../envs/cellrl.yaml"
     script:
         "../workflow_scripts/hpo_phase.py"
 
@@ -73,5 +77,7 @@ rule hpo_best:
         "results/{dataset}/logs/hpo_best.log",
     benchmark:
         "results/{dataset}/benchmarks/hpo_best.tsv"
+    conda:
+        "../envs/cellrl.yaml"
     script:
         "../workflow_scripts/hpo_best.py"

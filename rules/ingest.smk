@@ -12,5 +12,7 @@ rule ingest:
         "results/{dataset}/logs/ingest.log",
     benchmark:
         "results/{dataset}/benchmarks/ingest.tsv"
+    conda:
+        "../envs/cellrl.yaml"
     script:
         "../workflow_scripts/ingest.py"

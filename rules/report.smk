@@ -14,6 +14,8 @@ rule software_env:
         "results/{dataset}/logs/software_env.log",
     benchmark:
         "results/{dataset}/benchmarks/software_env.tsv"
+    conda:
+        "../envs/cellrl.yaml"
     script:
         "../workflow_scripts/software_env.py"
 
@@ -34,5 +36,7 @@ rule report:
         "results/{dataset}/logs/report.log",
     benchmark:
         "results/{dataset}/benchmarks/report.tsv"
+    conda:
+        "../envs/cellrl.yaml"
     script:
         "../workflow_scripts/report.py"

@@ -12,5 +12,7 @@ rule split:
         "results/{dataset}/logs/split.log",
     benchmark:
         "results/{dataset}/benchmarks/split.tsv"
+    conda:
+        "../envs/cellrl.yaml"
     script:
         "../workflow_scripts/split.py"

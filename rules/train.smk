@@ -1,8 +1,3 @@
-def train_hpo_input(wildcards):
-    use_hpo = dataset_config(config, wildcards.dataset, wildcards.run)["train"]["use_hpo"]
-    return [f"results/{wildcards.dataset}/hpo/best_params.yaml"] if use_hpo else []
-
-
 rule train:
     """MaskablePPO with the reference network, curriculum, checkpoints (exact resume) and logging."""
     input:
@@ -25,5 +20,7 @@ rule train:
         "results/{dataset}/logs/train_{run}.log",
     benchmark:
         "results/{dataset}/benchmarks/train_{run}.tsv"
+    conda:
+        "../envs/cellrl.yaml"
     script:
         "../workflow_scripts/train.py"

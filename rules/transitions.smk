@@ -17,5 +17,7 @@ rule transitions:
         "results/{dataset}/logs/transitions.log",
     benchmark:
         "results/{dataset}/benchmarks/transitions.tsv"
+    conda:
+        "../envs/cellrl.yaml"
     script:
         "../workflow_scripts/transitions.py"

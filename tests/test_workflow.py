@@ -138,3 +138,24 @@ def test_forcerun_and_stopping_at_a_stage(run, graph):
     assert set(planned_jobs(run.workdir, "--forcerun", "transitions")) == descendants(graph, "transitions")
     table = "results/demo/transitions/table.npy"
     assert planned_jobs(run.workdir, table, "--forcerun", "transitions") == {"transitions": 1}
+
+
+def test_conda_env_pins_match_constraints(repo_root):
+    """envs/cellrl.yaml (used with --sdm conda) pins the same versions as constraints.txt (used by make setup)."""
+    import re
+
+    import yaml
+
+    pins = {}
+    for line in (repo_root / "constraints.txt").read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.\-]+)==(\S+)$", line.strip())
+        if m:
+            pins[m.group(1).lower().replace("_", "-")] = m.group(2)
+    env = yaml.safe_load((repo_root / "envs" / "cellrl.yaml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert len(pip) > 100
+    for spec in pip:
+        name, version = spec.split("==")
+        assert pins.get(name.lower().replace("_", "-")) == version, spec
+    conda = {d.split("=")[0]: d for d in env["dependencies"] if isinstance(d, str)}
+    assert conda["numpy"] == f"numpy={pins['numpy']}"
