@@ -70,10 +70,10 @@ def _plan_with(run: TinyRun, name: str, **changes) -> dict[str, int]:
     [
         ({"oracle.alpha": 5}, "fit_oracle", {"demo_data", "ingest", "filter", "split", "base_grn"}),
         ({"filter.n_top_genes": 90}, "filter", {"demo_data", "ingest", "base_grn"}),
-        ({"train.learning_rate": 3e-4}, "train", {"fit_oracle", "transitions", "bfs"}),
+        ({"train.ent_coef": 0.02}, "train", {"fit_oracle", "transitions", "bfs"}),
         ({"transitions.sigma_corr": 0.1}, "transitions", {"fit_oracle", "split"}),
     ],
-    ids=["oracle.alpha", "filter.n_top_genes", "train.learning_rate", "transitions.sigma_corr"],
+    ids=["oracle.alpha", "filter.n_top_genes", "train.ent_coef", "transitions.sigma_corr"],
 )
 def test_config_change_plans_the_stage_and_its_descendants_only(run, graph, change, stage, not_planned):
     jobs = _plan_with(run, stage, **change)

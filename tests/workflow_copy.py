@@ -1,6 +1,6 @@
 """Run the real workflow in a scratch copy of the repository, so tests never touch results/ of the checkout.
 
-The copy holds the Snakefile, rules/, workflow_scripts/, config/, profiles/, report/ and cellrl/, and is a git
+The copy holds the Snakefile, rules/, workflow_scripts/, config/, envs/, profiles/, report/ and cellrl/, and is a git
 repository of its own (software.json records its commit). Jobs import the copy's cellrl (the workflow directory
 comes first on their sys.path) and the code hashes of rules/common.smk read it, so a test can edit a module there
 without touching the checkout. Its config/config.yaml is the checkout's config merged with an overlay such as
@@ -28,7 +28,7 @@ from cellrl.config import deep_merge, validate_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_CONFIG = ROOT / "tests" / "config_test.yaml"
-COPIED = ("Snakefile", "rules", "workflow_scripts", "config", "profiles", "report", "cellrl")
+COPIED = ("Snakefile", "rules", "workflow_scripts", "config", "envs", "profiles", "report", "cellrl")
 
 
 def make_copy(dest: Path, overlay: Path | Mapping[str, Any] | None = TEST_CONFIG) -> Path:
