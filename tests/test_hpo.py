@@ -230,7 +230,7 @@ def test_rules_run_both_phases_and_train_uses_best_params(inputs, tmp_path):
     space = {n: None for n in H.SEARCHABLE} | {"learning_rate": SPACE["learning_rate"],
                                                  "embed_dims": SPACE["embed_dims"],
                                                  "step_penalty": SPACE["step_penalty"]}
-    overlay = {
+    sections = {
         "env": ENV,
         "train": {**{k: v for k, v in TRAIN.items() if k != "learning_rate"}, "total_timesteps": 256,
                   "use_hpo": True, "eval_episodes": 10, "wandb": {"mode": "disabled"}},
@@ -238,6 +238,8 @@ def test_rules_run_both_phases_and_train_uses_best_params(inputs, tmp_path):
                 "eval_episodes": 40, "pruner": "none", "top_k": 2, "sampler_startup_trials": 2,
                 "enqueue_reference": False, "compare_seeds": [1], "search_space": space},
     }
+    # as dataset overrides, so they win over whatever the checkout's config sets for the demo dataset
+    overlay = {"datasets": {"demo": {"overrides": sections}}}
     wd = make_copy(tmp_path / "wf", overlay=overlay)
     res = wd / "results" / "demo"
     write_inputs(res / "oracle")
@@ -261,6 +263,9 @@ def test_rules_run_both_phases_and_train_uses_best_params(inputs, tmp_path):
     for section in ("train", "env"):
         for k, v in best[section].items():
             assert summary[section][k] == v, (section, k)
-    assert summary["train"]["learning_rate"] != 1.07e-4  # the sampled value, not the configured one
+    from cellrl.config import dataset_config
+
+    configured = dataset_config(load_config(wd / "config" / "config.yaml"), "demo")["train"]["learning_rate"]
+    assert summary["train"]["learning_rate"] != configured  # the sampled value, not the configured one
     cmp = json.loads((hp / "tuned_vs_reference.json").read_text())
     assert set(cmp) >= {"reference", "tuned", "difference"}
