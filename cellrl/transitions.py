@@ -27,7 +27,10 @@ Per cell ``i`` (cluster ``c``) and action ``a`` = (gene ``g``, value ``v``):
    ``num = sum_S delta D_j - sum(delta) mean(D_j)``, ``ss_delta = sum_S delta^2 - sum(delta)^2 / G``;
    ``ss_D = sum_g (D_j - mean D_j)^2`` is action-independent (once per cell and neighbour). The numerators of all
    actions and neighbours come from one product per chunk (:func:`numerator`: sparse when each action reaches
-   few genes, else a batched dense product). NaN (a zero norm) -> 1, as CellOracle does.
+   few genes, else a batched dense product) applied to the raw neighbour rows ``X_j``, with ``sum_S delta X_i``
+   subtracted after; ``sum_g D_j^2 = |X_j|^2 + |X_i|^2 - 2 X_i.X_j``. Where that expansion would cancel (``|D|^2
+   < EXACT_BELOW (|X_i|^2 + |X_j|^2)``, near-duplicate cells) ``D`` is formed explicitly instead.
+   NaN (a zero norm) -> 1, as CellOracle does.
 4. ``P_ij = exp(corr_ij / sigma_corr) / sum_j exp(...)``; ``shift_i = sum_j P_ij u_ij - mean_j u_ij`` with
    ``u_ij`` the unit vector from ``E_i`` to ``E_j`` (in float32 when ``model.meta["embedding_dtype"]`` says
    CellOracle had a float32 ``obsm`` embedding, as it then computes them in float32).
@@ -35,7 +38,11 @@ Per cell ``i`` (cluster ``c``) and action ``a`` = (gene ``g``, value ``v``):
    it is ``i``).
 
 Memory: O(chunk x (sum_a |S_a| + k x G)) per chunk (dense product: chunk x A x |U|) plus O(cells x k) for the
-neighbour lists and one copy of ``X``; never cells x cells.
+neighbour lists and one copy of ``X`` (plus one column-permuted copy per worker thread); never cells x cells.
+
+CPU: chunks run on ``threads`` worker threads (numpy, BLAS, scipy's sparse products and the KD-tree release the
+GIL; BLAS is held to one thread each); the neighbour search uses scipy's cKDTree on all cores with sklearn's
+tree answering tied rows (:func:`knn_like_sklearn`), and the per-cluster plans are built meanwhile.
 CellOracle's ``calculate_embedding_shift`` allocates several dense cells x cells float64 arrays (see
 ``celloracle_dense_bytes``).
 """
@@ -49,7 +56,9 @@ import logging
 import os
 import resource
 import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -164,15 +173,11 @@ def sample_neighbors(embedding: np.ndarray, n_neighbors: int = 200, sampled_frac
     (n_neighbors + 1))), in CellOracle's order; else all ``n_neighbors + 1`` neighbours. Cell order matters
     for the random stream, so this runs once over all cells (O(cells x n_neighbors) memory).
     """
-    from sklearn.neighbors import NearestNeighbors
-
     n = embedding.shape[0]
     if n_neighbors + 1 > n - 1:
         raise InputError(f"n_neighbors + 1 = {n_neighbors + 1} neighbours requested but only {n} cells",
                          field="transitions.n_neighbors", fix=f"set transitions.n_neighbors <= {n - 2}")
-    nn = NearestNeighbors(n_neighbors=n_neighbors + 1)
-    nn.fit(embedding)
-    neigh = nn.kneighbors(return_distance=False)  # (n, n_neighbors + 1), distance order, self excluded
+    neigh = knn_like_sklearn(embedding, n_neighbors + 1)  # (n, n_neighbors + 1), distance order, self excluded
     if not knn_random:
         return neigh.astype(np.int64)
     m = neigh.shape[1]
@@ -181,6 +186,36 @@ def sample_neighbors(embedding: np.ndarray, n_neighbors: int = 200, sampled_frac
     size = int(sampled_fraction * (n_neighbors + 1))
     pick = weighted_choice_rows(np.random.RandomState(seed), n, m, size, p)
     return neigh[np.arange(n)[:, None], pick].astype(np.int64)
+
+
+def knn_like_sklearn(embedding: np.ndarray, n_neighbors: int, tie_rtol: float = 1e-12) -> np.ndarray:
+    """``NearestNeighbors(n_neighbors).fit(E).kneighbors(return_distance=False)``, identical indices, faster.
+
+    sklearn answers a low-dimensional query with its KD-tree, one thread. Here scipy's cKDTree (all cores)
+    answers every row whose distances are all distinct, where the distance order is unique and both trees
+    agree; rows with a tie (or a near-tie within ``tie_rtol``, duplicates included) anywhere up to one past the
+    last neighbour are answered by sklearn's own tree, whose tie order is not ours to reproduce. The query
+    point itself is removed as sklearn removes it. Falls back to sklearn entirely when it would not use a
+    KD-tree.
+    """
+    from scipy.spatial import cKDTree
+    from sklearn.neighbors import NearestNeighbors
+
+    nn = NearestNeighbors(n_neighbors=n_neighbors).fit(embedding)
+    tree, X = getattr(nn, "_tree", None), getattr(nn, "_fit_X", None)
+    if getattr(nn, "_fit_method", None) != "kd_tree" or tree is None or X is None:
+        return nn.kneighbors(return_distance=False)
+    q = n_neighbors + 1  # sklearn asks for one more on its own points, then drops the point itself
+    dist, ind = cKDTree(X).query(X, k=q + 1, workers=-1)
+    gap = np.diff(dist, axis=1)
+    tie = (gap <= tie_rtol * np.maximum(dist[:, 1:], np.finfo(np.float64).tiny)).any(axis=1)
+    ind = np.ascontiguousarray(ind[:, :q])
+    rows = np.flatnonzero(tie)
+    if rows.size:
+        ind[rows] = tree.query(X[rows], k=q, return_distance=False)
+    keep = ind != np.arange(ind.shape[0])[:, None]
+    keep[keep.all(axis=1), 0] = False  # more duplicates than neighbours: sklearn drops the first column
+    return ind[keep].reshape(ind.shape[0], q - 1)
 
 
 def weighted_choice_rows(rs: np.random.RandomState, n_rows: int, m: int, size: int, p: np.ndarray) -> np.ndarray:
@@ -400,13 +435,20 @@ def _sparse_to(xp: ModuleType, m: sp.csr_matrix) -> Any:
     return m if xp is np else _sparse_module(xp).csr_matrix(m)
 
 
-def propagate(xp: ModuleType, XU: Any, plan: ClusterPlan, values: Any, hops: int) -> Any:
+def packed_expression(xp: ModuleType, XU: Any, plan: ClusterPlan) -> Any:
+    """(T, n): the chunk's expression of each packed row's gene (``XU`` is (n, |U|))."""
+    return xp.take(xp.ascontiguousarray(XU.T), plan.gene_pos, axis=0)
+
+
+def propagate(xp: ModuleType, XU: Any, plan: ClusterPlan, values: Any, hops: int, XT: Any = None) -> Any:
     """Simulated delta of a chunk for all actions, packed gene-major: (T, n) (see :class:`ClusterPlan`).
 
-    ``XU`` is (n, |U|) (the chunk's imputed expression on U), ``values`` (A,) the perturbation values.
-    Follows ``_do_simulation`` step by step (same float operations except the order inside ``d @ W``).
+    ``XU`` is (n, |U|) (the chunk's imputed expression on U), ``values`` (A,) the perturbation values; ``XT``
+    its :func:`packed_expression` if already at hand. Follows ``_do_simulation`` step by step (same float
+    operations except the order inside ``d @ W``).
     """
-    XT = xp.take(xp.ascontiguousarray(XU.T), plan.gene_pos, axis=0)  # (T, n): X of each packed row's gene
+    if XT is None:
+        XT = packed_expression(xp, XU, plan)
     d_in = values[:, None] - XT[plan.pin]  # (A, n): simulation_input - gem on the perturbed gene
     pinned = d_in != 0
     d = xp.zeros_like(XT)
@@ -422,6 +464,7 @@ def propagate(xp: ModuleType, XU: Any, plan: ClusterPlan, values: Any, hops: int
     return d
 
 
+EXACT_BELOW = 1e-6  # |D|^2 / (|X_i|^2 + |X_j|^2) under which D is formed explicitly (cancellation guard)
 SPARSE_NUMERATOR_BELOW = 0.2  # packed rows / (A x |U|) under which the sparse product beats the dense one
 
 
@@ -462,6 +505,7 @@ class Context:
     actions: Actions
     X: Any  # (N, G)
     rowsum: Any  # (N,) sum_g X
+    sqsum: Any  # (N,) sum_g X^2
     E: Any  # (N, 2)
     nbr: Any  # (N, k)
     u: Any  # (N, k, 2)
@@ -471,20 +515,41 @@ class Context:
     tree: Any  # scipy cKDTree on E (CPU)
     n_genes: int
     _perm_cache: dict = dataclasses.field(default_factory=dict)
+    _perm_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    perm_cache_size: int = 1
+    _local: threading.local = dataclasses.field(default_factory=threading.local)
+
+    def neighbour_rows(self, Xp: Any, nbr: Any) -> Any:
+        """``Xp[nbr]`` as (n, k, G). On CPU gathered into a per-thread buffer that the next chunk of the same
+        thread reuses (no fresh pages per chunk); valid until then."""
+        n, k = nbr.shape
+        if self.xp is not np:
+            return self.xp.take(Xp, nbr.reshape(-1), axis=0).reshape(n, k, Xp.shape[1])
+        size = n * k * Xp.shape[1]
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.size < size:
+            buf = self._local.buf = np.empty(size, dtype=Xp.dtype)
+        out = buf[:size].reshape(n * k, Xp.shape[1])
+        np.take(Xp, nbr.reshape(-1), axis=0, out=out, mode="clip")  # indices are valid; "clip" avoids a copy
+        return out.reshape(n, k, Xp.shape[1])
 
     def permuted_X(self, cluster: int) -> Any:
         """X with the columns of the cluster's reachable genes U first (U, then the rest, each ascending), so
-        that the displacement block on U is a view. One cluster is cached at a time (chunks come by cluster)."""
-        if cluster not in self._perm_cache:
-            self._perm_cache.clear()
-            U = self.plans[cluster].genes
-            if U.size == self.n_genes:
-                self._perm_cache[cluster] = self.X
-            else:
-                rest = np.setdiff1d(np.arange(self.n_genes), U)
-                perm = self.xp.asarray(np.concatenate([U, rest]))
-                self._perm_cache[cluster] = self.xp.take(self.X, perm, axis=1)
-        return self._perm_cache[cluster]
+        that the displacement block on U is a view. Chunks come by cluster, so only the ``perm_cache_size``
+        most recently used clusters are kept (one per worker thread); thread-safe."""
+        with self._perm_lock:
+            hit = self._perm_cache.pop(cluster, None)
+            if hit is None:
+                U = self.plans[cluster].genes
+                if U.size == self.n_genes:
+                    hit = self.X
+                else:
+                    rest = np.setdiff1d(np.arange(self.n_genes), U)
+                    hit = self.xp.take(self.X, self.xp.asarray(np.concatenate([U, rest])), axis=1)
+            while len(self._perm_cache) >= max(1, self.perm_cache_size):
+                self._perm_cache.pop(next(iter(self._perm_cache)))
+            self._perm_cache[cluster] = hit  # most recent last
+            return hit
 
 
 def prepare(model: OracleModel, settings: TransitionSettings, xp: ModuleType,
@@ -493,18 +558,22 @@ def prepare(model: OracleModel, settings: TransitionSettings, xp: ModuleType,
     from scipy.spatial import cKDTree
 
     acts = build_actions(model, settings.actions)
-    if nbr is None:
-        nbr = sample_neighbors(model.embedding, settings.n_neighbors, settings.sampled_fraction,
-                               settings.knn_random, settings.seed)
     X = np.ascontiguousarray(model.X, dtype=np.float64)
     all_genes = bool(X.min() < 0)  # clipping can then move genes the network does not reach
-    plans = [plan_cluster(xp, W, acts, settings.n_propagation, all_genes) for W in model.coefs]
+    with ThreadPoolExecutor(1, thread_name_prefix="cellrl-plans") as pool:  # overlaps the neighbour search
+        plans_f = pool.submit(lambda: [plan_cluster(xp, W, acts, settings.n_propagation, all_genes)
+                                       for W in model.coefs])
+        if nbr is None:
+            nbr = sample_neighbors(model.embedding, settings.n_neighbors, settings.sampled_fraction,
+                                   settings.knn_random, settings.seed)
+        plans = plans_f.result()
     E = np.asarray(model.embedding, dtype=np.float64)
     Ex = xp.asarray(E)
     nbr_x = xp.asarray(nbr)
     u, ubar = unit_vectors(xp, Ex, nbr_x, embedding_float32(model))
     Xx = xp.asarray(X)
-    return Context(xp=xp, settings=settings, actions=acts, X=Xx, rowsum=Xx.sum(axis=1), E=Ex, nbr=nbr_x, u=u, ubar=ubar,
+    return Context(xp=xp, settings=settings, actions=acts, X=Xx, rowsum=Xx.sum(axis=1),
+                   sqsum=xp.einsum("ng,ng->n", Xx, Xx), E=Ex, nbr=nbr_x, u=u, ubar=ubar,
                    values=xp.asarray(acts.values), plans=plans, tree=cKDTree(E), n_genes=X.shape[1])
 
 
@@ -528,24 +597,35 @@ def run_chunk(ctx: Context, cells: np.ndarray, cluster: int, keep_delta: bool = 
 
     # 1. propagation on each action's reachable genes, all actions at once (packed rows)
     A = len(ctx.actions)
-    d = propagate(xp, Xc[:, :nU], plan, ctx.values, ctx.settings.n_propagation)  # (T, n)
+    XT = packed_expression(xp, Xc[:, :nU], plan)  # (T, n)
+    d = propagate(xp, Xc[:, :nU], plan, ctx.values, ctx.settings.n_propagation, XT=XT)  # (T, n)
 
-    # 2. displacement to the sampled neighbours (action-independent): D = X_j - X_i over all genes
-    Dn = xp.take(Xp, nbr.reshape(-1), axis=0).reshape(nbr.shape[0], nbr.shape[1], G)
-    Dn -= Xc[:, None, :]
-    s1 = ctx.rowsum[nbr] - ctx.rowsum[ci][:, None]  # sum_g D (n, k)
-    ssA = xp.einsum("nkg,nkg->nk", Dn, Dn) - s1 * s1 / G  # sum_g (D - mean D)^2
-    xp.maximum(ssA, 0.0, out=ssA)
-    C = Dn[:, :, :nU]  # (n, k, |U|) view
+    # 2. displacements to the sampled neighbours, D_j = X_j - X_i, from the raw neighbour rows Y_j = X_j (no
+    #    (n, k, G) subtraction pass): sum_g D^2 = |X_j|^2 + |X_i|^2 - 2 X_i.Y_j, sum_g D = rowsum_j - rowsum_i
+    Y = ctx.neighbour_rows(Xp, nbr)  # (n, k, G)
+    sq_i, sq_j = ctx.sqsum[ci][:, None], ctx.sqsum[nbr]
+    ssD = sq_j + sq_i - 2.0 * xp.einsum("nkg,ng->nk", Y, Xc)
+    s1 = ctx.rowsum[nbr] - ctx.rowsum[ci][:, None]  # (n, k)
 
     # 3. Pearson correlation over all G genes with the centring done algebraically (delta is 0 off S_a):
-    #    sum_g (d - mean d)(D - mean D) = sum_S d D - sum_d mean D;  sum_g (d - mean d)^2 = sum_S d^2 - sum_d^2 / G
+    #    sum_g (d - mean d)(D - mean D) = sum_S d Y_j - sum_S d X_i - sum_d mean D;
+    #    sum_g (d - mean d)^2 = sum_S d^2 - sum_d^2 / G
     sum_d = (plan.seg @ d).T  # (n, A)
     ssb = (plan.seg @ (d * d)).T - sum_d * sum_d / G
     xp.maximum(ssb, 0.0, out=ssb)
-    num = numerator(xp, d, C, plan, A)  # (n, A, k)
+    num = numerator(xp, d, Y[:, :, :nU], plan, A)  # (n, A, k): sum_S d Y_j
+    num -= (plan.seg @ (d * XT)).T[:, :, None]  # - sum_S d X_i
+    # where D is small against X (near-duplicate cells) the expanded forms lose digits: redo those exactly
+    fix = ssD < EXACT_BELOW * (sq_i + sq_j)
+    if bool(fix.any()):
+        fi, fm = xp.nonzero(fix)
+        D = Y[fi, fm] - Xc[fi]  # (f, G)
+        ssD[fi, fm] = xp.einsum("fg,fg->f", D, D)
+        s1[fi, fm] = D.sum(axis=1)
+        num[fi, :, fm] = xp.einsum("fau,fu->fa", unpack(xp, d[:, fi], plan, A), D[:, :nU])
+    ssA = ssD - s1 * s1 / G  # sum_g (D - mean D)^2
+    xp.maximum(ssA, 0.0, out=ssA)
     delta = unpack(xp, d, plan, A) if keep_delta else None
-    del Dn, C
     num -= sum_d[:, :, None] * (s1 / G)[:, None, :]
     with np.errstate(divide="ignore", invalid="ignore"):
         inv_a = 1.0 / xp.sqrt(ssA)
@@ -658,10 +738,34 @@ def _peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def chunk_workers(xp: ModuleType, threads: int | None, n_chunks: int) -> int:
+    """Chunks computed at once: one on the GPU; on CPU ``threads`` (default: the cores this process may use).
+    numpy, BLAS, scipy's sparse products and the KD-tree release the GIL, so threads run chunks in parallel."""
+    if xp is not np:
+        return 1
+    n = int(threads) if threads else len(os.sched_getaffinity(0))
+    return max(1, min(n, n_chunks))
+
+
+def _blas_threads(n: int | None):
+    """Context manager: BLAS limited to ``n`` threads (no-op for None); chunk threads must not oversubscribe."""
+    import contextlib
+
+    if n is None:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=n, user_api="blas")
+
+
 def compute_table(model: OracleModel, settings: TransitionSettings | dict | None = None,
                   chunk_dir: str | Path | None = None,
-                  on_chunk: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, Actions, dict]:
+                  on_chunk: Callable[[int, int], None] | None = None,
+                  threads: int | None = None) -> tuple[np.ndarray, Actions, dict]:
     """The whole table ``(cells, A)`` int32, the actions and diagnostics.
+
+    ``threads``: CPU worker threads, each computing whole chunks (default: every core this process may use;
+    the table does not depend on it). The GPU path runs one chunk at a time.
 
     ``chunk_dir``: finished chunks are stored under ``chunk_dir/<key>/`` with key = hash(model arrays, settings
     that change the result, engine source, backend) and reused by a later call with the same key (resume after
@@ -712,6 +816,7 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
     reused = 0
     gpu_peak = 0
     t_chunks = time.time()
+    todo = []
     for i, (c, cells) in enumerate(chunks):
         f = cdir / f"chunk_{i:05d}.npz" if cdir is not None else None
         if f is not None and f.exists():
@@ -721,20 +826,37 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
                 shift_norm_sum += z["shift_norm_sum"]
                 reused += 1
                 continue
+        todo.append(i)
+    workers = chunk_workers(xp, threads, len(todo))
+    ctx.perm_cache_size = workers
+
+    def work(i: int) -> tuple[int, np.ndarray, np.ndarray]:
+        c, cells = chunks[i]
         r = run_chunk(ctx, cells, c)
-        sn = to_numpy(xp.sqrt((r.shift ** 2).sum(axis=2)).sum(axis=0))
-        table[cells] = r.next_cell
-        shift_norm_sum += sn
-        if xp is not np:
-            gpu_peak = max(gpu_peak, int(xp.get_default_memory_pool().total_bytes()))
-        if f is not None:
-            tmp = f.with_name(f".{f.name}.tmp.npz")
-            np.savez(tmp, cells=cells, next_cell=r.next_cell, shift_norm_sum=sn)
-            os.replace(tmp, f)
-        if on_chunk is not None:
-            on_chunk(i, len(chunks))
-        if (i + 1) % max(1, len(chunks) // 10) == 0:
-            log.info("chunk %d/%d (%.1f s)", i + 1, len(chunks), time.time() - t_chunks)
+        return i, r.next_cell, to_numpy(xp.sqrt((r.shift ** 2).sum(axis=2)).sum(axis=0))
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="cellrl-chunk") if workers > 1 else None
+    try:
+        with _blas_threads(1 if workers > 1 else None):
+            results = pool.map(work, todo) if pool is not None else map(work, todo)
+            for done, (i, next_cell, sn) in enumerate(results):
+                cells = chunks[i][1]
+                table[cells] = next_cell
+                shift_norm_sum += sn
+                if xp is not np:
+                    gpu_peak = max(gpu_peak, int(xp.get_default_memory_pool().total_bytes()))
+                if cdir is not None:
+                    f = cdir / f"chunk_{i:05d}.npz"
+                    tmp = f.with_name(f".{f.name}.tmp.npz")
+                    np.savez(tmp, cells=cells, next_cell=next_cell, shift_norm_sum=sn)
+                    os.replace(tmp, f)
+                if on_chunk is not None:
+                    on_chunk(i, len(chunks))
+                if (done + 1) % max(1, len(todo) // 10) == 0:
+                    log.info("chunk %d/%d (%.1f s)", done + 1, len(todo), time.time() - t_chunks)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     elapsed = time.time() - t0
     self_frac = (table == np.arange(N, dtype=np.int32)[:, None]).mean(axis=0)
@@ -743,6 +865,7 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
         "settings": dataclasses.asdict(settings),
         "backend": backend_name, "backend_reason": why,
         "chunk_cells": chunk, "chunk_cells_reason": chunk_why, "n_chunks": len(chunks), "chunks_reused": reused,
+        "threads": workers,
         "max_reachable_genes": max_u, "reachable_genes_per_cluster": [int(p.genes.size) for p in ctx.plans],
         "mean_reachable_genes_per_action": float(np.mean([p.n_rows / max(A, 1) for p in ctx.plans])),
         "self_transition_fraction": float(self_frac.mean()),
@@ -761,14 +884,16 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
 
 
 def transitions_files(model_path: str | Path, table_out: str | Path, actions_out: str | Path,
-                      stats_out: str | Path, chunk_dir: str | Path | None = None, **settings: Any) -> dict:
+                      stats_out: str | Path, chunk_dir: str | Path | None = None, threads: int | None = None,
+                      **settings: Any) -> dict:
     """Rule ``transitions``: model.npz -> table.npy (int32 cells x actions), actions.tsv, stats.json.
 
     Resumable: chunks finished by an interrupted run are reused (``chunk_dir``); removed after success.
+    ``threads``: CPU worker threads (the rule's ``threads``); the table does not depend on it.
     """
     s = TransitionSettings.from_dict(settings)
     model = load_model(model_path)
-    table, acts, stats = compute_table(model, s, chunk_dir=chunk_dir)
+    table, acts, stats = compute_table(model, s, chunk_dir=chunk_dir, threads=threads)
     stats["model"] = str(model_path)
     stats["dataset"] = model.meta.get("dataset")
     save_npy(table_out, table)

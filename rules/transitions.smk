@@ -10,7 +10,7 @@ rule transitions:
         settings=settings("transitions"),
         chunk_dir=lambda w: f"results/{w.dataset}/transitions/chunks",
         code=code_version("transitions"),
-    threads: 2
+    threads: 4  # chunk worker threads (capped at --cores locally; --cpus-per-task on SLURM)
     resources:
         gpu=1,
     log:

@@ -192,6 +192,53 @@ def test_engine_equals_celloracle_code_on_random_model(knn_random):
         assert (T.nearest_cells(m.embedding, shift) == ours["next_cell"][j]).mean() >= 0.999
 
 
+def test_near_duplicate_cells_match_celloracle_exactly():
+    """Cells whose expression equals (or nearly equals) an embedding neighbour's: the engine's expanded
+    |X_j|^2 + |X_i|^2 - 2 X_i.X_j form would lose every digit there, so it forms D = X_j - X_i explicitly
+    (EXACT_BELOW); the result must still be CellOracle's to 1e-10."""
+    from sklearn.neighbors import NearestNeighbors
+
+    m = _float32_embedding(random_model(n_cells=400, n_genes=40, n_types=4, n_regulators=5, seed=11))
+    nn1 = NearestNeighbors(n_neighbors=2).fit(m.embedding).kneighbors(return_distance=False)[:, 1]
+    rng = np.random.default_rng(0)
+    for i in range(0, m.n_cells, 3):  # a third exact copies, a third within 1e-9 relative
+        j = int(nn1[i])
+        m.X[j] = m.X[i] if i % 2 else m.X[i] * (1 + 1e-9 * rng.standard_normal(m.n_genes))
+    s = dict(SETTINGS, n_neighbors=30, seed=5, backend="numpy")
+    ids = [0, 3, 6]
+    ours = T.simulate_actions(m, s, action_ids=ids, chunk_cells=41)
+    acts = T.build_actions(m)
+    for j, a in enumerate(ids):
+        delta, shift = _celloracle_reference(m, int(acts.gene_idx[a]), float(acts.values[a]), n_neighbors=30,
+                                             seed=5)
+        np.testing.assert_allclose(ours["shift"][j], shift, rtol=0, atol=1e-10)
+        assert (T.nearest_cells(m.embedding, shift) == ours["next_cell"][j]).mean() >= 0.999
+
+
+@pytest.mark.parametrize("case", ["random", "duplicates", "grid", "float32", "clumps"])
+def test_knn_like_sklearn_is_sklearn(case):
+    """The fast neighbour search returns sklearn's indices, tie order included (ties go to sklearn's tree)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    rng = np.random.default_rng(1)
+    E = {"random": rng.normal(size=(1500, 2)),
+         "duplicates": np.repeat(rng.normal(size=(400, 2)), 3, axis=0),
+         "grid": np.stack(np.meshgrid(np.arange(40), np.arange(40)), -1).reshape(-1, 2).astype(float),
+         "float32": rng.normal(size=(1200, 2)).astype(np.float32),
+         "clumps": np.repeat(rng.normal(size=(6, 2)), 150, axis=0)}[case]
+    for k in (11, 201):
+        ref = NearestNeighbors(n_neighbors=k).fit(E).kneighbors(return_distance=False)
+        assert np.array_equal(T.knn_like_sklearn(E, k), ref)
+
+
+def test_threads_do_not_change_the_table(small_model):
+    s = dict(SETTINGS, n_neighbors=30, backend="numpy", chunk_cells=23)
+    t1, _, st1 = T.compute_table(small_model, s, threads=1)
+    t2, _, st2 = T.compute_table(small_model, s, threads=2)
+    assert st1["threads"] == 1 and st2["threads"] == 2 and st1["n_chunks"] > 4
+    assert st1["table_sha256"] == st2["table_sha256"]
+
+
 def test_zero_delta_is_a_stagnation():
     """A knockout of a gene that is already 0 everywhere with no effect: CellOracle's correlations are NaN -> 1,
     probabilities uniform, shift ~0, next cell = the cell itself."""

@@ -4,4 +4,5 @@ from cellrl.transitions import transitions_files
 
 with log_to(snakemake.log[0]):
     transitions_files(snakemake.input.model, snakemake.output.table, snakemake.output.actions,
-                      snakemake.output.stats, chunk_dir=snakemake.params.chunk_dir, **snakemake.params.settings)
+                      snakemake.output.stats, chunk_dir=snakemake.params.chunk_dir,
+                      threads=snakemake.threads, **snakemake.params.settings)
