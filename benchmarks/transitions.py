@@ -200,7 +200,7 @@ def work_engine(info: dict, backend: str, out: Path, chunk_cells: int | None, re
     stats["cell_actions_per_s"] = model.n_cells * len(acts) / stats["time_s"]
     keep = ("time_s", "prepare_s", "cell_actions_per_s", "backend", "backend_reason", "chunk_cells",
             "chunk_cells_reason", "n_chunks", "max_reachable_genes", "self_transition_fraction", "mean_shift",
-            "table_sha256", "peak_gpu_pool_bytes", "n_actions")
+            "table_sha256", "peak_gpu_pool_bytes", "n_actions", "threads")
     return {**{k: stats[k] for k in keep}, "times_s": times, "best_time_s": min(times),
             "same_table_every_repeat": len(hashes) == 1, "warm_up_s": round(warm_s, 3),
             "peak_rss_gib": peak_rss_gib()}

@@ -25,20 +25,24 @@ Per cell ``i`` (cluster ``c``) and action ``a`` = (gene ``g``, value ``v``):
 3. Correlation (velocyto ``colDeltaCorpartial``): Pearson over all ``G`` genes between ``delta`` and
    ``D_j = X_j - X_i``, centred algebraically since ``delta`` is zero off ``S_a``:
    ``num = sum_S delta D_j - sum(delta) mean(D_j)``, ``ss_delta = sum_S delta^2 - sum(delta)^2 / G``;
-   ``ss_D = sum_g (D_j - mean D_j)^2`` is action-independent (once per cell and neighbour). The numerators of all
-   actions and neighbours come from one product per chunk (:func:`numerator`: sparse when each action reaches
-   few genes, else a batched dense product) applied to the raw neighbour rows ``X_j``, with ``sum_S delta X_i``
-   subtracted after; ``sum_g D_j^2 = |X_j|^2 + |X_i|^2 - 2 X_i.X_j``. Where that expansion would cancel (``|D|^2
-   < EXACT_BELOW (|X_i|^2 + |X_j|^2)``, near-duplicate cells) ``D`` is formed explicitly instead.
-   NaN (a zero norm) -> 1, as CellOracle does.
+   ``ss_D = sum_g (D_j - mean D_j)^2`` is action-independent, from ``|X_j|^2 + |X_i|^2 - 2 X_i.X_j`` (one Gram
+   product per block of cells against the union of their neighbours).
+   *Structure used*: propagation is linear until ``max(X + d, 0)`` clips, so ``delta = c r_a + e`` with
+   ``c = value - X_ig`` and ``r_a`` the cluster's unit response (:func:`unit_response`); ``e`` is rounding
+   noise except where clipping acted. Hence ``sum_S delta D_j = c (Q[j, a] - Q[i, a]) + sum e D_j`` with
+   ``Q = X_U R^T`` computed once per cluster for every cell (:class:`ClusterLinear`): no (cells x neighbours x
+   genes) work remains, only the sparse clipping corrections (``|e| > ROUNDING_TOL (|X| + |delta|)``; pairs
+   with a tiny input ``c`` are taken whole). Where the expanded forms would cancel (``|D|^2 < EXACT_BELOW
+   (|X_i|^2 + |X_j|^2)``, near-duplicate cells) ``D`` is formed explicitly. NaN (a zero norm) -> 1, as
+   CellOracle does.
 4. ``P_ij = exp(corr_ij / sigma_corr) / sum_j exp(...)``; ``shift_i = sum_j P_ij u_ij - mean_j u_ij`` with
    ``u_ij`` the unit vector from ``E_i`` to ``E_j`` (in float32 when ``model.meta["embedding_dtype"]`` says
    CellOracle had a float32 ``obsm`` embedding, as it then computes them in float32).
 5. Next cell: the cell nearest to ``E_i + shift_i`` (scipy cKDTree; the cell itself included; a stagnation when
    it is ``i``).
 
-Memory: O(chunk x (sum_a |S_a| + k x G)) per chunk (dense product: chunk x A x |U|) plus O(cells x k) for the
-neighbour lists and one copy of ``X`` (plus one column-permuted copy per worker thread); never cells x cells.
+Memory: O(chunk x (sum_a |S_a| + A x k)) per chunk plus bounded Gram blocks and correction batches, O(cells x k)
+for the neighbour lists, one copy of ``X`` and one (cells x A) ``Q`` per worker thread; never cells x cells.
 
 CPU: chunks run on ``threads`` worker threads (numpy, BLAS, scipy's sparse products and the KD-tree release the
 GIL; BLAS is held to one thread each); the neighbour search uses scipy's cKDTree on all cores with sklearn's
@@ -465,27 +469,56 @@ def propagate(xp: ModuleType, XU: Any, plan: ClusterPlan, values: Any, hops: int
 
 
 EXACT_BELOW = 1e-6  # |D|^2 / (|X_i|^2 + |X_j|^2) under which D is formed explicitly (cancellation guard)
-SPARSE_NUMERATOR_BELOW = 0.2  # packed rows / (A x |U|) under which the sparse product beats the dense one
+TINY_INPUT = 1e-6  # |c_ia| |r_a| / |X_i| under which a (cell, action) pair is handled exactly (no linear part)
+ROUNDING_TOL = 64 * float(np.finfo(np.float64).eps)  # |d - c r| beyond this x (|X| + |d|) is a clipping effect
+SPARSE_Q_BELOW = 0.02  # packed rows / (A x |U|) under which Q = X_U R^T is a sparse product
+GRAM_BLOCK = 64  # cells per Gram block (cells x union of their neighbours)
+CORRECTION_BATCH = 1 << 16  # clipping-correction entries gathered at once (x k neighbours)
 
 
-def numerator(xp: ModuleType, d: Any, C: Any, plan: ClusterPlan, n_actions: int) -> Any:
-    """``num[i, a, m] = sum_{t in rows of a} d[t, i] * C[i, m, gene_pos[t]]`` -> (n, A, k).
+def unit_response(xp: ModuleType, plan: ClusterPlan, hops: int) -> Any:
+    """(T,) packed propagation of a unit input on each action's gene, without clipping: ``r = e_g``; ``hops``
+    times ``r = r @ W; r[g] = 1``. Propagation is linear until ``max(X + d, 0)`` clips, so for every (cell,
+    action) that does not clip ``delta = c r`` with ``c = value - X_ig`` (CellOracle's ``delta_input``)."""
+    r = xp.zeros(plan.n_rows)
+    r[plan.pin] = 1.0
+    for _ in range(hops):
+        r = plan.B @ r
+        r[plan.pin] = 1.0
+    return r
 
-    Dense: unpack to (n, A, |U|) and one batched matrix product per cell (BLAS / cuBLAS). Sparse, when each
-    action reaches few of the genes in ``U``: one block-diagonal (over cells) CSR x dense product with
-    ``n x T`` non-zeros instead of ``n x A x |U|`` multiply-adds.
-    """
-    n, k, nU = C.shape
-    if plan.n_rows >= SPARSE_NUMERATOR_BELOW * n_actions * nU:
-        return xp.matmul(unpack(xp, d, plan, n_actions), C.transpose(0, 2, 1))
-    T = plan.n_rows
-    cells = xp.arange(n)
-    indptr = xp.concatenate([(plan.row_start[None, :] + (cells * T)[:, None]).ravel(), xp.asarray([n * T])])
-    indices = (plan.gene_pos[None, :] + (cells * nU)[:, None]).ravel()
-    data = xp.ascontiguousarray(d.T).ravel()
-    S = _sparse_module(xp).csr_matrix((data, indices, indptr), shape=(n * n_actions, n * nU))
-    Ct = xp.ascontiguousarray(C.transpose(0, 2, 1)).reshape(n * nU, k)
-    return (S @ Ct).reshape(n, n_actions, k)
+
+@dataclass
+class ClusterLinear:
+    """A cluster's unit responses ``r`` (T,), their norms per action (A,), and ``Q`` (N, A): ``Q[j, a] = sum_{t
+    in rows of a} r_t X[j, gene_t]`` for *every* cell ``j`` -- so the correlation numerator of any cell of the
+    cluster with any neighbour is ``c_ia (Q[j, a] - Q[i, a])`` plus clipping corrections."""
+
+    r: Any
+    r_norm: Any
+    Q: Any
+
+
+def cluster_linear(xp: ModuleType, X: Any, plan: ClusterPlan, n_actions: int, hops: int,
+                   block: int = 8192) -> ClusterLinear:
+    """:class:`ClusterLinear` of one cluster; ``Q`` in row blocks of ``block`` cells (dense BLAS product, or a
+    sparse one when each action reaches few of the genes in ``U``)."""
+    r = unit_response(xp, plan, hops)
+    nU = int(plan.genes.size)
+    r_norm = xp.sqrt(plan.seg @ (r * r))
+    U = xp.asarray(plan.genes)
+    N = X.shape[0]
+    Q = xp.empty((N, n_actions))
+    sparse = plan.n_rows < SPARSE_Q_BELOW * n_actions * nU
+    if sparse:
+        R = _sparse_module(xp).csr_matrix((r, (plan.act_of, plan.gene_pos)), shape=(n_actions, nU))
+    else:
+        R = xp.zeros((n_actions, nU))
+        R[plan.act_of, plan.gene_pos] = r
+    for s in range(0, N, block):
+        XU = xp.take(X[s:s + block], U, axis=1)
+        Q[s:s + block] = (R @ XU.T).T if sparse else XU @ R.T
+    return ClusterLinear(r=r, r_norm=r_norm, Q=Q)
 
 
 def unpack(xp: ModuleType, d: Any, plan: ClusterPlan, n_actions: int) -> Any:
@@ -514,41 +547,21 @@ class Context:
     plans: list[ClusterPlan]
     tree: Any  # scipy cKDTree on E (CPU)
     n_genes: int
-    _perm_cache: dict = dataclasses.field(default_factory=dict)
-    _perm_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-    perm_cache_size: int = 1
-    _local: threading.local = dataclasses.field(default_factory=threading.local)
+    _lin_cache: dict = dataclasses.field(default_factory=dict)
+    _lin_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    lin_cache_size: int = 1
 
-    def neighbour_rows(self, Xp: Any, nbr: Any) -> Any:
-        """``Xp[nbr]`` as (n, k, G). On CPU gathered into a per-thread buffer that the next chunk of the same
-        thread reuses (no fresh pages per chunk); valid until then."""
-        n, k = nbr.shape
-        if self.xp is not np:
-            return self.xp.take(Xp, nbr.reshape(-1), axis=0).reshape(n, k, Xp.shape[1])
-        size = n * k * Xp.shape[1]
-        buf = getattr(self._local, "buf", None)
-        if buf is None or buf.size < size:
-            buf = self._local.buf = np.empty(size, dtype=Xp.dtype)
-        out = buf[:size].reshape(n * k, Xp.shape[1])
-        np.take(Xp, nbr.reshape(-1), axis=0, out=out, mode="clip")  # indices are valid; "clip" avoids a copy
-        return out.reshape(n, k, Xp.shape[1])
-
-    def permuted_X(self, cluster: int) -> Any:
-        """X with the columns of the cluster's reachable genes U first (U, then the rest, each ascending), so
-        that the displacement block on U is a view. Chunks come by cluster, so only the ``perm_cache_size``
-        most recently used clusters are kept (one per worker thread); thread-safe."""
-        with self._perm_lock:
-            hit = self._perm_cache.pop(cluster, None)
+    def linear(self, cluster: int) -> ClusterLinear:
+        """:func:`cluster_linear` of ``cluster``. Chunks come by cluster, so only the ``lin_cache_size`` most
+        recently used clusters are kept (one per worker thread); thread-safe."""
+        with self._lin_lock:
+            hit = self._lin_cache.pop(cluster, None)
             if hit is None:
-                U = self.plans[cluster].genes
-                if U.size == self.n_genes:
-                    hit = self.X
-                else:
-                    rest = np.setdiff1d(np.arange(self.n_genes), U)
-                    hit = self.xp.take(self.X, self.xp.asarray(np.concatenate([U, rest])), axis=1)
-            while len(self._perm_cache) >= max(1, self.perm_cache_size):
-                self._perm_cache.pop(next(iter(self._perm_cache)))
-            self._perm_cache[cluster] = hit  # most recent last
+                hit = cluster_linear(self.xp, self.X, self.plans[cluster], len(self.actions),
+                                     self.settings.n_propagation)
+            while len(self._lin_cache) >= max(1, self.lin_cache_size):
+                self._lin_cache.pop(next(iter(self._lin_cache)))
+            self._lin_cache[cluster] = hit  # most recent last
             return hit
 
 
@@ -582,49 +595,78 @@ class ChunkResult:
     next_cell: np.ndarray  # (n, A) int32
     shift: Any  # (n, A, 2) on the backend
     delta: Any | None = None  # (n, A, |U|) when asked for
+    n_clipped: int = 0  # (cell, action) pairs whose propagation clipped (or had a tiny input): exact corrections
 
 
 def run_chunk(ctx: Context, cells: np.ndarray, cluster: int, keep_delta: bool = False) -> ChunkResult:
     """Next cell of every (cell in ``cells``, action); all cells must belong to cluster ``cluster``."""
     xp = ctx.xp
     plan = ctx.plans[cluster]
+    lin = ctx.linear(cluster)
     G = ctx.n_genes
-    ci = xp.asarray(cells)
-    Xp = ctx.permuted_X(cluster)  # (N, G), columns U first
-    Xc = Xp[ci]  # (n, G)
-    nbr = ctx.nbr[ci]  # (n, k)
-    nU = int(plan.genes.size)
-
-    # 1. propagation on each action's reachable genes, all actions at once (packed rows)
     A = len(ctx.actions)
-    XT = packed_expression(xp, Xc[:, :nU], plan)  # (T, n)
-    d = propagate(xp, Xc[:, :nU], plan, ctx.values, ctx.settings.n_propagation, XT=XT)  # (T, n)
+    ci = xp.asarray(cells)
+    n = int(ci.shape[0])
+    Xc = ctx.X[ci]  # (n, G)
+    XcU = xp.take(Xc, xp.asarray(plan.genes), axis=1)  # (n, |U|)
+    nbr = ctx.nbr[ci]  # (n, k)
+    k = int(nbr.shape[1])
 
-    # 2. displacements to the sampled neighbours, D_j = X_j - X_i, from the raw neighbour rows Y_j = X_j (no
-    #    (n, k, G) subtraction pass): sum_g D^2 = |X_j|^2 + |X_i|^2 - 2 X_i.Y_j, sum_g D = rowsum_j - rowsum_i
-    Y = ctx.neighbour_rows(Xp, nbr)  # (n, k, G)
+    # 1. exact propagation on each action's reachable genes, all actions at once (packed rows)
+    XT = packed_expression(xp, XcU, plan)  # (T, n)
+    d = propagate(xp, XcU, plan, ctx.values, ctx.settings.n_propagation, XT=XT)  # (T, n)
+
+    # 2. d = c r + e: the linear part (c = value - X_ig per cell and action) and the exact remainder e, which is
+    #    rounding noise unless clipping acted; pairs with a tiny input are kept whole in e (c := 0)
+    c = ctx.values[:, None] - XT[plan.pin]  # (A, n)
+    xnorm = xp.sqrt(ctx.sqsum[ci])  # (n,)
+    tiny = xp.abs(c) * lin.r_norm[:, None] < TINY_INPUT * xnorm[None, :]
+    c = xp.where(tiny, 0.0, c)
+    e = d - lin.r[:, None] * c[plan.act_of]  # (T, n)
+    keep = xp.abs(e) > ROUNDING_TOL * (xp.abs(XT) + xp.abs(d))
+    keep |= tiny[plan.act_of] & (d != 0)
+    kt, ki = xp.nonzero(keep)
+
+    # 3. numerator sum_S d (X_j - X_i) = c (Q_j - Q_i) + sum_{kept} e (X_j,g - X_i,g)
+    num = c.T[:, :, None] * (xp.take(lin.Q, nbr, axis=0).transpose(0, 2, 1) - lin.Q[ci][:, :, None])  # (n, A, k)
+    genes_x = xp.asarray(plan.genes)
+    for b0 in range(0, int(kt.shape[0]), CORRECTION_BATCH):  # batches bound the (entries, k) gather
+        bt, bi = kt[b0:b0 + CORRECTION_BATCH], ki[b0:b0 + CORRECTION_BATCH]
+        g = genes_x[plan.gene_pos[bt]]  # gene of each kept entry
+        Dg = ctx.X[nbr[bi], g[:, None]] - Xc[bi, g][:, None]  # (entries, k)
+        S = _sparse_module(xp).csr_matrix((e[bt, bi], (bi * A + plan.act_of[bt], xp.arange(bt.shape[0]))),
+                                          shape=(n * A, int(bt.shape[0])))
+        num += (S @ Dg).reshape(n, A, k)
+
+    # 4. neighbour displacement statistics over all G genes (action-independent): sum_g D = rowsum_j - rowsum_i,
+    #    sum_g D^2 = |X_j|^2 + |X_i|^2 - 2 X_i.X_j with X_i.X_j from one Gram product per block of cells against
+    #    the union of their neighbours
+    cross = xp.empty((n, k))
+    for s0 in range(0, n, GRAM_BLOCK):
+        nb = nbr[s0:s0 + GRAM_BLOCK]
+        uni, inv = xp.unique(nb.ravel(), return_inverse=True)
+        gram = Xc[s0:s0 + GRAM_BLOCK] @ ctx.X[uni].T  # (b, |union|)
+        cross[s0:s0 + GRAM_BLOCK] = xp.take_along_axis(gram, inv.reshape(nb.shape), axis=1)
     sq_i, sq_j = ctx.sqsum[ci][:, None], ctx.sqsum[nbr]
-    ssD = sq_j + sq_i - 2.0 * xp.einsum("nkg,ng->nk", Y, Xc)
+    ssD = sq_j + sq_i - 2.0 * cross
     s1 = ctx.rowsum[nbr] - ctx.rowsum[ci][:, None]  # (n, k)
-
-    # 3. Pearson correlation over all G genes with the centring done algebraically (delta is 0 off S_a):
-    #    sum_g (d - mean d)(D - mean D) = sum_S d Y_j - sum_S d X_i - sum_d mean D;
-    #    sum_g (d - mean d)^2 = sum_S d^2 - sum_d^2 / G
-    sum_d = (plan.seg @ d).T  # (n, A)
-    ssb = (plan.seg @ (d * d)).T - sum_d * sum_d / G
-    xp.maximum(ssb, 0.0, out=ssb)
-    num = numerator(xp, d, Y[:, :, :nU], plan, A)  # (n, A, k): sum_S d Y_j
-    num -= (plan.seg @ (d * XT)).T[:, :, None]  # - sum_S d X_i
     # where D is small against X (near-duplicate cells) the expanded forms lose digits: redo those exactly
     fix = ssD < EXACT_BELOW * (sq_i + sq_j)
     if bool(fix.any()):
         fi, fm = xp.nonzero(fix)
-        D = Y[fi, fm] - Xc[fi]  # (f, G)
+        D = ctx.X[nbr[fi, fm]] - Xc[fi]  # (f, G)
         ssD[fi, fm] = xp.einsum("fg,fg->f", D, D)
         s1[fi, fm] = D.sum(axis=1)
-        num[fi, :, fm] = xp.einsum("fau,fu->fa", unpack(xp, d[:, fi], plan, A), D[:, :nU])
+        gt = genes_x[plan.gene_pos]  # gene of each packed row
+        num[fi, :, fm] = (plan.seg @ (d[:, fi] * D[:, gt].T)).T
     ssA = ssD - s1 * s1 / G  # sum_g (D - mean D)^2
     xp.maximum(ssA, 0.0, out=ssA)
+
+    # 5. Pearson correlation over all G genes with the centring done algebraically (delta is 0 off S_a):
+    #    sum_g (d - mean d)(D - mean D) = sum_S d D - sum_d mean D;  sum_g (d - mean d)^2 = sum_S d^2 - sum_d^2 / G
+    sum_d = (plan.seg @ d).T  # (n, A)
+    ssb = (plan.seg @ (d * d)).T - sum_d * sum_d / G
+    xp.maximum(ssb, 0.0, out=ssb)
     delta = unpack(xp, d, plan, A) if keep_delta else None
     num -= sum_d[:, :, None] * (s1 / G)[:, None, :]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -634,12 +676,12 @@ def run_chunk(ctx: Context, cells: np.ndarray, cluster: int, keep_delta: bool = 
     if ctx.settings.knn_random:  # CellOracle fixes NaNs only in knn_random mode
         corr = xp.where(xp.isnan(corr), 1.0, corr)
 
-    # 4. transition probabilities and embedding shift
-    e = xp.exp(corr / ctx.settings.sigma_corr)
-    P = e / e.sum(axis=2, keepdims=True)
+    # 6. transition probabilities and embedding shift
+    w = xp.exp(corr / ctx.settings.sigma_corr)
+    P = w / w.sum(axis=2, keepdims=True)
     shift = xp.matmul(P, ctx.u[ci]) - ctx.ubar[ci][:, None, :]  # (n, A, 2)
 
-    # 5. nearest cell to the shifted point (CPU KD-tree; NaN shift = no move)
+    # 7. nearest cell to the shifted point (CPU KD-tree; NaN shift = no move)
     target = to_numpy(ctx.E[ci][:, None, :] + shift).reshape(-1, 2)
     ok = np.isfinite(target).all(axis=1)
     nxt = np.repeat(np.asarray(cells), len(ctx.actions)).astype(np.int64)
@@ -647,28 +689,48 @@ def run_chunk(ctx: Context, cells: np.ndarray, cluster: int, keep_delta: bool = 
         _, idx = ctx.tree.query(target[ok], k=1, workers=-1 if ok.sum() > 50_000 else 1)
         nxt[ok] = idx
     return ChunkResult(next_cell=nxt.reshape(len(cells), -1).astype(np.int32), shift=shift,
-                       delta=delta if keep_delta else None)
+                       delta=delta if keep_delta else None,
+                       n_clipped=int(xp.count_nonzero(plan.seg @ keep.astype(xp.float64))))
 
 
 # --------------------------------------------------------------------------------------------- whole table
-def chunk_plan(cluster_ids: np.ndarray, chunk_cells: int) -> list[tuple[int, np.ndarray]]:
-    """Cells grouped by cluster (one coefficient matrix per chunk), then cut into chunks of <= chunk_cells."""
+def spatial_order(embedding: np.ndarray, cells_per_tile: int = 64) -> np.ndarray:
+    """Rank of every cell along a serpentine walk over square tiles of the embedding (~``cells_per_tile`` cells
+    per tile on average): nearby cells get nearby ranks, so a chunk's neighbour lists overlap (smaller Gram
+    blocks). Only the order in which cells are computed; it never changes a result."""
+    E = np.asarray(embedding, dtype=np.float64)
+    lo, span = E.min(axis=0), np.ptp(E, axis=0)
+    span[span == 0] = 1.0
+    tiles = max(1, int(np.sqrt(len(E) / cells_per_tile)))
+    gx, gy = (np.minimum(((E - lo) / span * tiles).astype(np.int64), tiles - 1)).T
+    gy = np.where(gx % 2 == 0, gy, tiles - 1 - gy)
+    key = (gx * tiles + gy) * len(E) + np.arange(len(E))
+    rank = np.empty(len(E), dtype=np.int64)
+    rank[np.argsort(key, kind="stable")] = np.arange(len(E))
+    return rank
+
+
+def chunk_plan(cluster_ids: np.ndarray, chunk_cells: int,
+               embedding: np.ndarray | None = None) -> list[tuple[int, np.ndarray]]:
+    """Cells grouped by cluster (one coefficient matrix per chunk), in :func:`spatial_order` of ``embedding``
+    within a cluster when given, then cut into chunks of <= chunk_cells."""
+    rank = spatial_order(embedding) if embedding is not None else None
     out = []
     for c in np.unique(cluster_ids):
         cells = np.flatnonzero(cluster_ids == c)
+        if rank is not None:
+            cells = cells[np.argsort(rank[cells], kind="stable")]
         for s in range(0, cells.size, chunk_cells):
             out.append((int(c), cells[s:s + chunk_cells]))
     return out
 
 
 def bytes_per_cell(n_genes: int, n_union: int, n_actions: int, k: int, n_rows: int | None = None) -> int:
-    """Working memory of one cell in a chunk (8-byte words): ~5 packed rows (T) of propagation temporaries, the
-    numerator's operand (dense A x |U| delta, or for the sparse product 3 words per packed row + a k x |U| copy),
-    2 neighbour blocks (k x G) and the (A x k) correlation arrays."""
+    """Working memory of one cell in a chunk (8-byte words): ~7 packed rows (T) of propagation and correction
+    temporaries, ~8 (A x k) numerator / correlation arrays, its expression row (G + 2 |U|) and neighbour
+    statistics. Gram blocks and correction batches are bounded separately (GRAM_BLOCK, CORRECTION_BATCH)."""
     T = n_rows if n_rows is not None else n_union * n_actions
-    dense = T >= SPARSE_NUMERATOR_BELOW * n_actions * n_union
-    operand = n_union * n_actions if dense else 3 * T + k * n_union
-    return 8 * (operand + 5 * T + 2 * k * n_genes + 6 * n_actions * k + n_genes)
+    return 8 * (7 * T + 8 * n_actions * k + n_genes + 2 * n_union + 4 * k)
 
 
 def choose_chunk_cells(xp: ModuleType, per_cell: int, override: int | None = None, fraction: float = 0.25,
@@ -807,12 +869,13 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
             shutil.rmtree(cdir, ignore_errors=True)
         cdir.mkdir(parents=True, exist_ok=True)
         (cdir / "meta.json").write_text(json.dumps({"chunk_cells": chunk, "key_source": json.loads(key_src)}))
-    chunks = chunk_plan(np.asarray(model.cluster_ids), chunk)
+    chunks = chunk_plan(np.asarray(model.cluster_ids), chunk, model.embedding)
     log.info("%d cells x %d actions, %d genes, k=%d neighbours, |U| <= %d; %d chunks of <= %d cells (%s)",
              N, A, G, k, max_u, len(chunks), chunk, chunk_why)
 
     table = np.empty((N, A), dtype=np.int32)
     shift_norm_sum = np.zeros(A)
+    clipped = 0
     reused = 0
     gpu_peak = 0
     t_chunks = time.time()
@@ -824,31 +887,33 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
             if np.array_equal(z["cells"], cells):
                 table[cells] = z["next_cell"]
                 shift_norm_sum += z["shift_norm_sum"]
+                clipped += int(z["n_clipped"])
                 reused += 1
                 continue
         todo.append(i)
     workers = chunk_workers(xp, threads, len(todo))
-    ctx.perm_cache_size = workers
+    ctx.lin_cache_size = workers
 
-    def work(i: int) -> tuple[int, np.ndarray, np.ndarray]:
+    def work(i: int) -> tuple[int, np.ndarray, np.ndarray, int]:
         c, cells = chunks[i]
         r = run_chunk(ctx, cells, c)
-        return i, r.next_cell, to_numpy(xp.sqrt((r.shift ** 2).sum(axis=2)).sum(axis=0))
+        return i, r.next_cell, to_numpy(xp.sqrt((r.shift ** 2).sum(axis=2)).sum(axis=0)), r.n_clipped
 
     pool = ThreadPoolExecutor(workers, thread_name_prefix="cellrl-chunk") if workers > 1 else None
     try:
         with _blas_threads(1 if workers > 1 else None):
             results = pool.map(work, todo) if pool is not None else map(work, todo)
-            for done, (i, next_cell, sn) in enumerate(results):
+            for done, (i, next_cell, sn, n_clip) in enumerate(results):
                 cells = chunks[i][1]
                 table[cells] = next_cell
                 shift_norm_sum += sn
+                clipped += n_clip
                 if xp is not np:
                     gpu_peak = max(gpu_peak, int(xp.get_default_memory_pool().total_bytes()))
                 if cdir is not None:
                     f = cdir / f"chunk_{i:05d}.npz"
                     tmp = f.with_name(f".{f.name}.tmp.npz")
-                    np.savez(tmp, cells=cells, next_cell=next_cell, shift_norm_sum=sn)
+                    np.savez(tmp, cells=cells, next_cell=next_cell, shift_norm_sum=sn, n_clipped=n_clip)
                     os.replace(tmp, f)
                 if on_chunk is not None:
                     on_chunk(i, len(chunks))
@@ -858,7 +923,8 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    elapsed = time.time() - t0
+    t_chunks_done = time.time()
+    elapsed = t_chunks_done - t0
     self_frac = (table == np.arange(N, dtype=np.int32)[:, None]).mean(axis=0)
     stats = {
         "n_cells": N, "n_genes": G, "n_actions": A, "n_neighbors_sampled": k,
@@ -866,6 +932,7 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
         "backend": backend_name, "backend_reason": why,
         "chunk_cells": chunk, "chunk_cells_reason": chunk_why, "n_chunks": len(chunks), "chunks_reused": reused,
         "threads": workers,
+        "clipped_pair_fraction": clipped / max(N * A, 1),
         "max_reachable_genes": max_u, "reachable_genes_per_cluster": [int(p.genes.size) for p in ctx.plans],
         "mean_reachable_genes_per_action": float(np.mean([p.n_rows / max(A, 1) for p in ctx.plans])),
         "self_transition_fraction": float(self_frac.mean()),
@@ -874,7 +941,7 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
         "mean_shift": float(shift_norm_sum.sum() / (N * A)) if A else 0.0,
         "mean_shift_per_action": {f"{kd}:{g}": float(v / N) for kd, g, v in
                                   zip(ctx.actions.kinds, ctx.actions.genes, shift_norm_sum)},
-        "time_s": round(elapsed, 3), "prepare_s": round(t_prep, 3),
+        "time_s": round(elapsed, 3), "prepare_s": round(t_prep, 3), "chunks_s": round(t_chunks_done - t_chunks, 3),
         "cell_actions_per_s": (N * A) / elapsed if elapsed > 0 else None,
         "peak_rss_bytes": _peak_rss_bytes(), "peak_gpu_pool_bytes": gpu_peak,
         "table_sha256": hashlib.sha256(table.tobytes()).hexdigest(),
@@ -922,7 +989,7 @@ def simulate_actions(model: OracleModel, settings: TransitionSettings | dict | N
     delta = np.zeros((len(ids), N, G))
     shift = np.zeros((len(ids), N, 2))
     nxt = np.zeros((len(ids), N), dtype=np.int32)
-    for c, cells in chunk_plan(np.asarray(model.cluster_ids), chunk_cells):
+    for c, cells in chunk_plan(np.asarray(model.cluster_ids), chunk_cells, model.embedding):
         r = run_chunk(ctx, cells, c, keep_delta=True)
         d = to_numpy(r.delta)[:, ids]  # (n, A', |U|)
         g = ctx.plans[c].genes

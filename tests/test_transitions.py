@@ -306,15 +306,37 @@ def test_table_files_deterministic(tmp_path, small_model):
     assert np.array_equal(t2, table)
 
 
-def test_sparse_and_dense_numerator_agree(monkeypatch):
+def test_sparse_and_dense_linear_part_agree(monkeypatch):
     m = random_model(n_cells=500, n_genes=60, n_types=3, n_regulators=8, seed=4)
     s = dict(SETTINGS, n_neighbors=30, backend="numpy", chunk_cells=64)
-    monkeypatch.setattr(T, "SPARSE_NUMERATOR_BELOW", 0.0)
+    monkeypatch.setattr(T, "SPARSE_Q_BELOW", 0.0)
     dense = T.simulate_actions(m, s)
-    monkeypatch.setattr(T, "SPARSE_NUMERATOR_BELOW", 2.0)
+    monkeypatch.setattr(T, "SPARSE_Q_BELOW", 2.0)
     sparse = T.simulate_actions(m, s)
     np.testing.assert_allclose(sparse["shift"], dense["shift"], rtol=0, atol=1e-12)
     assert (sparse["next_cell"] == dense["next_cell"]).mean() >= 0.999
+
+
+def test_clipping_corrections_match_celloracle(monkeypatch):
+    """Strong repressive edges and low expression make max(X + d, 0) clip for many (cell, action) pairs, where
+    delta is no longer c r: those pairs go through the exact correction (and, in small batches, several
+    batches); the result must still be CellOracle's."""
+    m = _float32_embedding(random_model(n_cells=400, n_genes=40, n_types=4, n_regulators=5, seed=8))
+    m.coefs = [sp.csr_matrix(W.toarray() * -3.0) for W in m.coefs]  # repression everywhere
+    m.X = m.X * np.random.default_rng(2).uniform(0.0, 1.0, m.X.shape)  # low targets clip
+    m.oe_values = m.oe_values * 3.0
+    monkeypatch.setattr(T, "CORRECTION_BATCH", 97)
+    s = dict(SETTINGS, n_neighbors=30, seed=2, backend="numpy")
+    table, acts, stats = T.compute_table(m, s)
+    assert 0.05 < stats["clipped_pair_fraction"] < 1.0, stats["clipped_pair_fraction"]
+    ids = [0, 4, 5, 9]
+    ours = T.simulate_actions(m, s, action_ids=ids, chunk_cells=53)
+    for j, a in enumerate(ids):
+        delta, shift = _celloracle_reference(m, int(acts.gene_idx[a]), float(acts.values[a]), n_neighbors=30,
+                                             seed=2)
+        np.testing.assert_allclose(ours["delta"][j], delta, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(ours["shift"][j], shift, rtol=0, atol=1e-9)
+        assert (table[:, a] == ours["next_cell"][j]).all()
 
 
 @pytest.mark.parametrize("which,n", [("ko", 6), ("oe", 6)])
