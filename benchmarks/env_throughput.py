@@ -7,6 +7,8 @@
    batch 64, n_epochs 11): env steps/s of full PPO iterations (rollout + update), the split between rollout
    and update, and the FLOPs actually executed by the network's linear layers (counted with hooks) as a
    fraction of measured torch matmul FLOP/s (same shapes as the training matmuls, and a large square one).
+   Then the *minibatch floor*: the network's forward + backward + fused Adam on a minibatch with nothing else
+   (no PPO bookkeeping), and the steps/s ceiling it implies (minibatches per iteration x floor, + rollouts).
 3. Machine context: load average before/after (the machine is shared), memory copy bandwidth.
 
     .venv/bin/python benchmarks/env_throughput.py [--quick] [--threads 2] [--iterations 2]
@@ -110,6 +112,38 @@ class FlopCounter:
             h.remove()
 
 
+def bench_minibatch_floor(agent, steps: int = 200, repeats: int = 3) -> dict:
+    """The network's own maths per PPO minibatch with nothing else: forward (extractor with the unique-target
+    trick, actor and critic MLPs, heads), a loss over logits and values, backward, fused Adam -- on minibatches
+    of ``batch_size`` rows drawn from the agent's rollout buffer. Its time x minibatches per iteration is the
+    update time no PPO implementation of this network can beat on this machine."""
+    pol = agent.policy
+    pol.set_training_mode(True)
+    buf = agent.rollout_buffer
+    obs = {k: th.as_tensor(v.reshape(agent.n_steps * agent.n_envs, -1)) for k, v in buf.observations.items()}
+    n, bs = next(iter(obs.values())).shape[0], agent.batch_size
+    gen = th.Generator().manual_seed(0)
+
+    def step() -> None:
+        idx = th.randint(0, n, (bs,), generator=gen)
+        feats = pol.extract_features({k: v[idx] for k, v in obs.items()}, pol.features_extractor)
+        latent_pi, latent_vf = pol.mlp_extractor(feats)
+        loss = pol.action_net(latent_pi).logsumexp(1).mean() + pol.value_net(latent_vf).pow(2).mean()
+        pol.optimizer.zero_grad()
+        loss.backward()
+        pol.optimizer.step()
+
+    for _ in range(20):
+        step()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        best = min(best, (time.perf_counter() - t0) / steps)
+    return {"ms_per_minibatch": round(best * 1e3, 2), "batch_size": bs}
+
+
 def bench_training(geo, table, iterations: int, threads: int) -> dict:
     from stable_baselines3.common.callbacks import BaseCallback
 
@@ -155,11 +189,20 @@ def bench_training(geo, table, iterations: int, threads: int) -> dict:
                                  1),
             "update_gflop_per_s": round(t["flops_update"] / t["update_s"] / 1e9, 1)} for t in times]
     best = max(its, key=lambda r: r["steps_per_s"])
+    floor = bench_minibatch_floor(agent)
+    n_mb = REFERENCE["n_epochs"] * steps_per_iter // REFERENCE["batch_size"]
+    best_update_ms = min(t["update_s"] for t in times) / n_mb * 1e3
+    min_rollout = min(t["rollout_s"] for t in times)
+    floor.update(minibatches_per_iteration=n_mb, ppo_update_ms_per_minibatch=round(best_update_ms, 2),
+                 ppo_overhead_over_floor=round(best_update_ms / floor["ms_per_minibatch"], 2),
+                 ceiling_steps_per_s_free_rollouts=round(steps_per_iter / (n_mb * floor["ms_per_minibatch"] / 1e3), 1),
+                 ceiling_steps_per_s_measured_rollouts=round(
+                     steps_per_iter / (n_mb * floor["ms_per_minibatch"] / 1e3 + min_rollout), 1))
     g, a = geo.n_genes, int(table.shape[1])
     e1, e2 = 512, 128
     naive_fwd = 2 * 2 * (g * e1 + e1 * e2) + 2 * (256 * 256 + 256 * 64 + 64 * a + 256 * 128 + 128 * 64 + 64)
     return dict(genes=g, actions=a, cells=geo.n_cells, types=geo.n_types, **REFERENCE, threads=threads,
-                iterations=its, steps_per_s=best["steps_per_s"], mean_steps_per_s=round(
+                iterations=its, minibatch_floor=floor, steps_per_s=best["steps_per_s"], mean_steps_per_s=round(
                     iterations * steps_per_iter / wall, 1),
                 achieved_gflop_per_s=best["gflop_per_s"],
                 executed_mflop_per_sample_iteration=round(best["gflop"] * 1e3 / steps_per_iter, 1),
@@ -227,6 +270,8 @@ def main() -> None:
         summary["training"] = rec["training"]
         summary["training_steps_per_s_3000_genes"] = max(v["steps_per_s"] for k, v in rec["training"].items()
                                                          if k.startswith("3000_genes"))
+        summary["minibatch_floor_3000_genes"] = {k: v["minibatch_floor"] for k, v in rec["training"].items()
+                                                 if k.startswith("3000_genes")}
         summary["targets"] = {"raw_env_steps_per_s": 100_000, "training_steps_per_s": 500,
                               "fraction_of_matmul": 0.5}
         res = HERE / "results" / "env_throughput.json"
