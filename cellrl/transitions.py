@@ -53,6 +53,7 @@ CellOracle's ``calculate_embedding_shift`` allocates several dense cells x cells
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -444,6 +445,11 @@ def packed_expression(xp: ModuleType, XU: Any, plan: ClusterPlan) -> Any:
     return xp.take(xp.ascontiguousarray(XU.T), plan.gene_pos, axis=0)
 
 
+def perturbation_input(XT: Any, plan: ClusterPlan, values: Any) -> Any:
+    """(A, n): CellOracle's ``delta_input`` on each action's gene, ``value - X_ig`` (``XT`` packed expression)."""
+    return values[:, None] - XT[plan.pin]
+
+
 def propagate(xp: ModuleType, XU: Any, plan: ClusterPlan, values: Any, hops: int, XT: Any = None) -> Any:
     """Simulated delta of a chunk for all actions, packed gene-major: (T, n) (see :class:`ClusterPlan`).
 
@@ -453,7 +459,7 @@ def propagate(xp: ModuleType, XU: Any, plan: ClusterPlan, values: Any, hops: int
     """
     if XT is None:
         XT = packed_expression(xp, XU, plan)
-    d_in = values[:, None] - XT[plan.pin]  # (A, n): simulation_input - gem on the perturbed gene
+    d_in = perturbation_input(XT, plan, values)  # (A, n): simulation_input - gem on the perturbed gene
     pinned = d_in != 0
     d = xp.zeros_like(XT)
     d[plan.pin] = d_in
@@ -607,8 +613,9 @@ def run_chunk(ctx: Context, cells: np.ndarray, cluster: int, keep_delta: bool = 
     A = len(ctx.actions)
     ci = xp.asarray(cells)
     n = int(ci.shape[0])
+    genes_x = xp.asarray(plan.genes)
     Xc = ctx.X[ci]  # (n, G)
-    XcU = xp.take(Xc, xp.asarray(plan.genes), axis=1)  # (n, |U|)
+    XcU = xp.take(Xc, genes_x, axis=1)  # (n, |U|)
     nbr = ctx.nbr[ci]  # (n, k)
     k = int(nbr.shape[1])
 
@@ -618,7 +625,7 @@ def run_chunk(ctx: Context, cells: np.ndarray, cluster: int, keep_delta: bool = 
 
     # 2. d = c r + e: the linear part (c = value - X_ig per cell and action) and the exact remainder e, which is
     #    rounding noise unless clipping acted; pairs with a tiny input are kept whole in e (c := 0)
-    c = ctx.values[:, None] - XT[plan.pin]  # (A, n)
+    c = perturbation_input(XT, plan, ctx.values)  # (A, n)
     xnorm = xp.sqrt(ctx.sqsum[ci])  # (n,)
     tiny = xp.abs(c) * lin.r_norm[:, None] < TINY_INPUT * xnorm[None, :]
     c = xp.where(tiny, 0.0, c)
@@ -629,7 +636,6 @@ def run_chunk(ctx: Context, cells: np.ndarray, cluster: int, keep_delta: bool = 
 
     # 3. numerator sum_S d (X_j - X_i) = c (Q_j - Q_i) + sum_{kept} e (X_j,g - X_i,g)
     num = c.T[:, :, None] * (xp.take(lin.Q, nbr, axis=0).transpose(0, 2, 1) - lin.Q[ci][:, :, None])  # (n, A, k)
-    genes_x = xp.asarray(plan.genes)
     for b0 in range(0, int(kt.shape[0]), CORRECTION_BATCH):  # batches bound the (entries, k) gather
         bt, bi = kt[b0:b0 + CORRECTION_BATCH], ki[b0:b0 + CORRECTION_BATCH]
         g = genes_x[plan.gene_pos[bt]]  # gene of each kept entry
@@ -690,7 +696,7 @@ def run_chunk(ctx: Context, cells: np.ndarray, cluster: int, keep_delta: bool = 
         nxt[ok] = idx
     return ChunkResult(next_cell=nxt.reshape(len(cells), -1).astype(np.int32), shift=shift,
                        delta=delta if keep_delta else None,
-                       n_clipped=int(xp.count_nonzero(plan.seg @ keep.astype(xp.float64))))
+                       n_clipped=int(xp.unique(ki * A + plan.act_of[kt]).shape[0]))
 
 
 # --------------------------------------------------------------------------------------------- whole table
@@ -811,8 +817,6 @@ def chunk_workers(xp: ModuleType, threads: int | None, n_chunks: int) -> int:
 
 def _blas_threads(n: int | None):
     """Context manager: BLAS limited to ``n`` threads (no-op for None); chunk threads must not oversubscribe."""
-    import contextlib
-
     if n is None:
         return contextlib.nullcontext()
     from threadpoolctl import threadpool_limits
