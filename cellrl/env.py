@@ -34,14 +34,9 @@ phase also lasts at least ``first_phase_steps`` environment steps). All of its s
 from __future__ import annotations
 
 import math
-import os
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
-
-# Idle OpenMP threads sleep instead of spinning: on a busy machine spinning torch threads slow each other
-# down tens of times (measured: Adam step 0.4 ms -> 15 ms with 2 threads under load). Must precede torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import gymnasium as gym
 import numpy as np

@@ -35,10 +35,6 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-# Idle OpenMP threads sleep instead of spinning: on a busy machine spinning torch threads slow each other
-# down tens of times (measured: Adam step 0.4 ms -> 15 ms with 2 threads under load). Must precede torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import numpy as np
 import torch as th
 import yaml
@@ -50,6 +46,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.utils import explained_variance, obs_as_tensor
 from torch.nn import functional as F
 
+from . import kernels
 from .config import deep_merge
 from .env import EnvParams, VecReprogrammingEnv
 from .errors import InputError
@@ -123,12 +120,158 @@ def make_vec_env(model: OracleModel | TaskGeometry, table: np.ndarray,
                                **kwargs)
 
 
-def _mlp(n_in: int, dims: Sequence[int]) -> th.nn.Sequential:
+#: Inference batches up to this many rows use the native one-pass product (a rollout step has n_envs rows).
+INFERENCE_ROWS = 64
+
+
+class _LowRankMatmul(th.autograd.Function):
+    """``x @ weight.T`` whose backward hands the weight gradient's factors (grad_output, x) to the module."""
+
+    @staticmethod
+    def forward(ctx, x: th.Tensor, weight: th.Tensor, module: "LowRankLinear") -> th.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.module = module
+        pre, module._pre = module._pre, None
+        return pre if pre is not None else x @ weight.t()
+
+    @staticmethod
+    def backward(ctx, grad_out: th.Tensor):
+        x, weight = ctx.saved_tensors
+        ctx.module.pending.append((grad_out, x))
+        return (grad_out @ weight if ctx.needs_input_grad[0] else None), None, None
+
+
+class LowRankLinear(th.nn.Linear):
+    """``nn.Linear`` whose weight gradient can be kept as its two thin factors for :class:`LowRankAdam`.
+
+    With ``lowrank`` off (the default) it is ``nn.Linear``. With it on, inference on a few rows uses the
+    native one-pass product (:func:`cellrl.kernels.linear_forward`), and a training pass records (grad_output, input) in ``pending`` instead of writing the (out x in) gradient, and
+    :class:`LowRankAdam` turns them into the Adam update in one fused pass (:mod:`cellrl.kernels`). That pass
+    can also compute ``next_input @ W_new.T`` for the next minibatch; the next forward uses it when its
+    input equals ``next_input`` and the weight has not been touched since (same data and version counter).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.lowrank = False
+        self.lib = None                                   # the native kernels (set by LowRankAdam.attach)
+        self.pending: list[tuple[th.Tensor, th.Tensor]] = []
+        self.next_input: th.Tensor | None = None
+        self._next: tuple[th.Tensor, th.Tensor, tuple] | None = None
+        self._pre: th.Tensor | None = None
+
+    def weight_token(self) -> tuple:
+        return self.weight.data_ptr(), self.weight._version
+
+    def forward(self, x: th.Tensor) -> th.Tensor:
+        if not self.lowrank:
+            return F.linear(x, self.weight, self.bias)
+        if not (th.is_grad_enabled() and self.weight.requires_grad):
+            if x.dim() == 2 and x.shape[0] <= INFERENCE_ROWS and x.dtype == th.float32:
+                y = kernels.linear_forward(self.lib, self.weight, x, th.get_num_threads())  # one pass over W
+                return y + self.bias if self.bias is not None else y
+            return F.linear(x, self.weight, self.bias)
+        nxt, self._next = self._next, None
+        if (nxt is not None and nxt[2] == self.weight_token() and nxt[0].shape == x.shape
+                and (nxt[0] is x or th.equal(nxt[0], x))):
+            self._pre = nxt[1]
+        y = _LowRankMatmul.apply(x, self.weight, self)
+        return y + self.bias if self.bias is not None else y
+
+    def lowrank_sq_norm(self) -> float:
+        """Squared Frobenius norm of the pending gradient sum_k g_k x_k^T, from K x K Gram matrices:
+        ||G^T X||^2 = sum((G G^T) * (X X^T)) (no out x in matrix is formed)."""
+        if not self.pending:
+            return 0.0
+        g, x = self.factors()
+        return float(((g @ g.t()).double() * (x @ x.t()).double()).sum())
+
+    def factors(self) -> tuple[th.Tensor, th.Tensor]:
+        """The pending gradient as one pair (G [K x out], X [K x in]): gradient = G^T X."""
+        if len(self.pending) == 1:
+            return self.pending[0]
+        return th.cat([p[0] for p in self.pending]), th.cat([p[1] for p in self.pending])
+
+
+def _mlp(n_in: int, dims: Sequence[int], first: type[th.nn.Linear] = th.nn.Linear) -> th.nn.Sequential:
     layers: list[th.nn.Module] = []
-    for d in dims:
-        layers += [th.nn.Linear(n_in, int(d)), th.nn.LeakyReLU()]
+    for i, d in enumerate(dims):
+        layers += [(first if i == 0 else th.nn.Linear)(n_in, int(d)), th.nn.LeakyReLU()]
         n_in = int(d)
     return th.nn.Sequential(*layers)
+
+
+class LowRankAdam(th.optim.Adam):
+    """torch's fused Adam, plus the same update for :class:`LowRankLinear` weights from their gradient factors.
+
+    Dense parameters go through ``torch.optim.Adam`` (fused). A LowRankLinear weight with pending factors
+    is updated by :func:`cellrl.kernels.lowrank_adam_`: gradient tile, Adam, and the next minibatch's
+    forward product in one pass over the weight and its Adam state; the result is bit-identical to
+    ``grad = G^T X`` followed by torch's fused Adam (tests/test_train.py). ``grad_scale`` (set by the PPO
+    gradient clipping) applies to both. State (``step``, ``exp_avg``, ``exp_avg_sq``) is Adam's, so
+    checkpoints load either way. Enabled by :meth:`attach` only on CPU float32 with the native kernel built;
+    otherwise everything is plain Adam.
+    """
+
+    def __init__(self, params, **kwargs: Any):
+        super().__init__(params, **kwargs)
+        self.lowrank_modules: list[LowRankLinear] = []
+        self._lib = None
+        self.kernel_threads: int | None = None     # None: torch's intra-op thread count
+
+    def attach(self, modules: Iterable[LowRankLinear]) -> bool:
+        """Turn on the fused path for ``modules`` when possible; return whether it is on."""
+        modules = list(modules)
+        owned = {id(p) for g in self.param_groups for p in g["params"]}
+        ok = (bool(modules) and len(self.param_groups) == 1 and bool(self.param_groups[0].get("fused"))
+              and not any(self.param_groups[0].get(k) for k in ("amsgrad", "maximize", "capturable",
+                                                                  "differentiable"))
+              and self.param_groups[0].get("weight_decay", 0) == 0
+              and all(id(m.weight) in owned and m.weight.device.type == "cpu" and m.weight.dtype == th.float32
+                      for m in modules))
+        self._lib = kernels.load() if ok else None
+        ok = self._lib is not None
+        for m in modules:
+            m.lowrank, m.lib = ok, self._lib
+            m.pending.clear()
+        self.lowrank_modules = modules if ok else []
+        return ok
+
+    def lowrank_sq_norm(self) -> float:
+        return sum(m.lowrank_sq_norm() for m in self.lowrank_modules)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for m in self.lowrank_modules:
+            m.pending.clear()
+
+    @th.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)                 # dense parameters (low-rank weights have no .grad)
+        group = self.param_groups[0] if self.lowrank_modules else None
+        scale = getattr(self, "grad_scale", None)
+        for m in self.lowrank_modules:
+            if not m.pending:
+                m._next = None
+                continue
+            p = m.weight
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = th.zeros((), dtype=th.float32)
+                state["exp_avg"] = th.zeros_like(p, memory_format=th.preserve_format)
+                state["exp_avg_sq"] = th.zeros_like(p, memory_format=th.preserve_format)
+            state["step"] += 1
+            beta1, beta2 = group["betas"]
+            g, x = m.factors()
+            nxt, m.next_input = m.next_input, None
+            yn = kernels.lowrank_adam_(
+                self._lib, p.data, state["exp_avg"], state["exp_avg_sq"], g, x, lr=float(group["lr"]),
+                beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]), step=int(state["step"].item()),
+                grad_scale=None if scale is None else float(scale), next_input=nxt,
+                threads=self.kernel_threads or th.get_num_threads())
+            m.pending.clear()
+            m._next = (nxt, yn, m.weight_token()) if yn is not None else None
+        return loss
 
 
 class ReprogrammingExtractor(BaseFeaturesExtractor):
@@ -147,32 +290,58 @@ class ReprogrammingExtractor(BaseFeaturesExtractor):
                  dedupe_targets: bool = True):
         g = int(observation_space["current_expression"].shape[0])
         super().__init__(observation_space, features_dim=2 * int(embed_dims[-1]))
-        self.current = _mlp(g, embed_dims)
-        self.target = _mlp(g, embed_dims)
+        self.current = _mlp(g, embed_dims, first=LowRankLinear)
+        self.target = _mlp(g, embed_dims, first=LowRankLinear)
         self.dedupe_targets = dedupe_targets
         gen = th.Generator().manual_seed(12345)          # own generator: leaves the global torch RNG alone
         self.register_buffer("_hash", th.randn(g, generator=gen), persistent=False)
         self._cache: dict[float, tuple[th.Tensor, th.Tensor]] = {}
         self._cache_version: tuple = ()
+        self._rows_memo: tuple | None = None
+
+    def _unique_rows(self, tgt: th.Tensor, training: bool) -> tuple[th.Tensor, th.Tensor, th.Tensor] | None:
+        """(unique rows, their hash keys, inverse index) of ``tgt``, or None to embed every row."""
+        if not self.dedupe_targets or tgt.shape[0] < 2:
+            return None
+        memo = self._rows_memo
+        if memo is not None and memo[0] is tgt and memo[1] == (tgt._version, training):
+            return memo[2]
+        self._rows_memo = None
+        h = tgt @ self._hash.to(tgt.dtype)
+        uniq, inv = th.unique(h, return_inverse=True)
+        if uniq.shape[0] == tgt.shape[0] and training:
+            return None
+        rep = th.empty(uniq.shape[0], dtype=th.long, device=tgt.device).scatter_(
+            0, inv, th.arange(tgt.shape[0], device=tgt.device))
+        rows = tgt.index_select(0, rep)
+        if not th.equal(rows.index_select(0, inv), tgt):
+            return None
+        if training:                      # set_next_inputs and the next forward see the same tensor
+            self._rows_memo = (tgt, (tgt._version, training), (rows, uniq, inv))
+        return rows, uniq, inv
 
     def _embed_targets(self, tgt: th.Tensor) -> th.Tensor:
         training = th.is_grad_enabled()
         if training:
             self._cache.clear()           # the weights are about to change (see _cached_embedding)
-        if not self.dedupe_targets or tgt.shape[0] < 2:
+        u = self._unique_rows(tgt, training)
+        if u is None:
             return self.target(tgt)
-        h = tgt @ self._hash.to(tgt.dtype)
-        uniq, inv = th.unique(h, return_inverse=True)
-        if uniq.shape[0] == tgt.shape[0] and training:
-            return self.target(tgt)
-        rep = th.empty(uniq.shape[0], dtype=th.long, device=tgt.device).scatter_(
-            0, inv, th.arange(tgt.shape[0], device=tgt.device))
-        rows = tgt.index_select(0, rep)
-        if not th.equal(rows.index_select(0, inv), tgt):
-            return self.target(tgt)
+        rows, uniq, inv = u
         if training:
             return self.target(rows).index_select(0, inv)
         return self._cached_embedding(rows, uniq).index_select(0, inv)
+
+    def set_next_inputs(self, observations: Mapping[str, th.Tensor]) -> None:
+        """Tell the first layers what the next training forward will see (:class:`LowRankLinear`)."""
+        cur = observations["current_expression"].float()
+        tgt = observations["target_expression"].float()
+        u = self._unique_rows(tgt, True)
+        self.current[0].next_input = cur
+        self.target[0].next_input = tgt if u is None else u[0]
+
+    def lowrank_layers(self) -> list[LowRankLinear]:
+        return [m for m in (self.current[0], self.target[0]) if isinstance(m, LowRankLinear)]
 
     def _cached_embedding(self, rows: th.Tensor, keys: th.Tensor) -> th.Tensor:
         """Inference only: embeddings of target rows, remembered while the target MLP's weights are unchanged.
@@ -267,6 +436,13 @@ class CellrlMaskablePPO(MaskablePPO):
         callback.on_rollout_end()
         return True
 
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        self._lowrank = False
+        opt, fe = self.policy.optimizer, self.policy.features_extractor
+        if isinstance(opt, LowRankAdam) and isinstance(fe, ReprogrammingExtractor):
+            self._lowrank = opt.attach(fe.lowrank_layers())
+
     def _clip_and_step(self) -> None:
         opt = self.policy.optimizer
         params = [p for p in self.policy.parameters() if p.grad is not None]
@@ -276,6 +452,8 @@ class CellrlMaskablePPO(MaskablePPO):
             opt.step()
             return
         norm = th.nn.utils.get_total_norm([p.grad for p in params])
+        if self._lowrank:                 # the first layers' gradients exist only as factors
+            norm = (norm.double() ** 2 + opt.lowrank_sq_norm()).sqrt().to(norm.dtype)
         coef = self.max_grad_norm / (norm + 1e-6)
         if coef < 1.0:
             opt.grad_scale = 1.0 / coef
@@ -298,7 +476,10 @@ class CellrlMaskablePPO(MaskablePPO):
         approx_kl_divs: list[float] = []
         for epoch in range(self.n_epochs):
             kl_epoch: list[th.Tensor] = []
-            for rollout_data in self.rollout_buffer.get(self.batch_size):
+            batches = self.rollout_buffer.get(self.batch_size)
+            upcoming = next(batches, None)       # one minibatch ahead: its first-layer product is fused
+            while upcoming is not None:          # into this step's weight update (LowRankAdam)
+                rollout_data, upcoming = upcoming, next(batches, None)
                 actions = rollout_data.actions
                 if isinstance(self.action_space, spaces.Discrete):
                     actions = rollout_data.actions.long().flatten()
@@ -333,6 +514,8 @@ class CellrlMaskablePPO(MaskablePPO):
                     break
                 self.policy.optimizer.zero_grad()
                 loss.backward()
+                if self._lowrank and upcoming is not None:
+                    self.policy.features_extractor.set_next_inputs(upcoming.observations)
                 self._clip_and_step()
             approx_kl_divs = [float(x) for x in kl_epoch]
             self._n_updates += 1
@@ -364,7 +547,8 @@ def build_agent(vec_env: VecReprogrammingEnv, train_cfg: Mapping[str, Any] | Non
     """MaskablePPO (:class:`CellrlMaskablePPO`) with the reference network and the hyperparameters of ``train_cfg``.
 
     Network: :class:`ReprogrammingExtractor` (``embed_dims``), actor MLP ``actor_dims``, critic MLP
-    ``critic_dims``, LeakyReLU; Adam (eps 1e-5, SB3's PPO default; fused kernel, same update).
+    ``critic_dims``, LeakyReLU; Adam (eps 1e-5, SB3's PPO default; fused kernel, same update; the two
+    genes x 512 first layers are updated from their gradient factors by :class:`LowRankAdam` on CPU).
     ``seed`` defaults to ``train_cfg["seed"]``; ``device`` to ``train_cfg["device"]`` ("auto": CUDA if any).
     """
     cfg = train_config(train_cfg)
@@ -374,6 +558,7 @@ def build_agent(vec_env: VecReprogrammingEnv, train_cfg: Mapping[str, Any] | Non
         features_extractor_kwargs=dict(embed_dims=list(cfg["embed_dims"])),
         net_arch=dict(pi=list(cfg["actor_dims"]), vf=list(cfg["critic_dims"])),
         activation_fn=th.nn.LeakyReLU,
+        optimizer_class=LowRankAdam,
         optimizer_kwargs=dict(eps=1e-5, fused=True),
     )
     return CellrlMaskablePPO(

@@ -99,6 +99,34 @@ def test_unique_target_embedding_is_the_same_maths(small):
     th.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
 
 
+def test_first_layers_update_from_gradient_factors(small):
+    """On CPU the genes x 512 layers keep their gradient as (grad_output, input) for the fused Adam kernel;
+    the clipping norm from K x K Gram matrices equals the norm of the full gradient."""
+    from cellrl import kernels
+
+    if kernels.load() is None:
+        pytest.skip("no C compiler: the native kernels cannot be built here")
+    m, table = small
+    env = make_vec_env(m, table, {}, 4)
+    agent = build_agent(env, {**TINY, "device": "cpu"})
+    assert agent._lowrank
+    fe = agent.policy.features_extractor
+    layers = fe.lowrank_layers()
+    assert all(l.lowrank for l in layers)
+    geo = env.geometry
+    rng = np.random.default_rng(1)
+    obs = {"current_expression": th.as_tensor(geo.z[rng.integers(0, geo.n_cells, 16)]),
+           "target_expression": th.as_tensor(geo.centroids[rng.integers(0, geo.n_types, 16)])}
+    agent.policy.optimizer.zero_grad()
+    (fe(obs) ** 2).sum().backward()
+    for l in layers:
+        assert l.weight.grad is None and len(l.pending) == 1
+        g, x = l.factors()
+        full = g.t() @ x
+        assert l.lowrank_sq_norm() == pytest.approx(float(full.double().pow(2).sum()), rel=1e-5)
+    assert layers[1].pending[0][1].shape[0] < 16            # target layer saw only the unique centroids
+
+
 def test_rollout_target_cache_follows_weight_updates(small):
     m, table = small
     env = make_vec_env(m, table, {}, 2)
