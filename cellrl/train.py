@@ -40,6 +40,7 @@ import torch as th
 import yaml
 from gymnasium import spaces
 from sb3_contrib import MaskablePPO
+from sb3_contrib.common.maskable.buffers import MaskableDictRolloutBuffer, MaskableDictRolloutBufferSamples
 from sb3_contrib.common.maskable.utils import get_action_masks, is_masking_supported
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
@@ -120,8 +121,10 @@ def make_vec_env(model: OracleModel | TaskGeometry, table: np.ndarray,
                                **kwargs)
 
 
-#: Inference batches up to this many rows use the native one-pass product (a rollout step has n_envs rows).
-INFERENCE_ROWS = 64
+#: Batches up to this many rows (a rollout step, a PPO minibatch of 64, its unique target centroids) use the
+#: native one-pass product: BLAS streams the 3,000 x 512 weight at a fraction of the bandwidth for so few
+#: rows (measured in PPO training at 3,000 genes: 9.4-11.0 ms per minibatch with it, 10.4-11.8 without).
+SMALL_BATCH_ROWS = 64
 
 
 class _LowRankMatmul(th.autograd.Function):
@@ -131,8 +134,7 @@ class _LowRankMatmul(th.autograd.Function):
     def forward(ctx, x: th.Tensor, weight: th.Tensor, module: "LowRankLinear") -> th.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.module = module
-        pre, module._pre = module._pre, None
-        return pre if pre is not None else x @ weight.t()
+        return module.product(x)
 
     @staticmethod
     def backward(ctx, grad_out: th.Tensor):
@@ -144,38 +146,34 @@ class _LowRankMatmul(th.autograd.Function):
 class LowRankLinear(th.nn.Linear):
     """``nn.Linear`` whose weight gradient can be kept as its two thin factors for :class:`LowRankAdam`.
 
-    With ``lowrank`` off (the default) it is ``nn.Linear``. With it on, inference on a few rows uses the
-    native one-pass product (:func:`cellrl.kernels.linear_forward`), and a training pass records (grad_output, input) in ``pending`` instead of writing the (out x in) gradient, and
-    :class:`LowRankAdam` turns them into the Adam update in one fused pass (:mod:`cellrl.kernels`). That pass
-    can also compute ``next_input @ W_new.T`` for the next minibatch; the next forward uses it when its
-    input equals ``next_input`` and the weight has not been touched since (same data and version counter).
+    With ``lowrank`` off (the default) it is ``nn.Linear``. With it on, batches of a few rows use the native
+    one-pass product (:func:`cellrl.kernels.linear_forward`), and a training pass records (grad_output, input)
+    in ``pending`` instead of writing the (out x in) gradient; :class:`LowRankAdam` turns them into the Adam
+    update in one fused pass (:func:`cellrl.kernels.lowrank_adam_`).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias=bias)
         self.lowrank = False
         self.lib = None                                   # the native kernels (set by LowRankAdam.attach)
+        self.threads: int | None = None                   # their threads (None: torch's intra-op count)
         self.pending: list[tuple[th.Tensor, th.Tensor]] = []
-        self.next_input: th.Tensor | None = None
-        self._next: tuple[th.Tensor, th.Tensor, tuple] | None = None
-        self._pre: th.Tensor | None = None
 
-    def weight_token(self) -> tuple:
-        return self.weight.data_ptr(), self.weight._version
+    def product(self, x: th.Tensor) -> th.Tensor:
+        """``x @ weight.T``: one pass over the weight for a few rows, else BLAS."""
+        if x.dim() == 2 and x.shape[0] <= SMALL_BATCH_ROWS and x.dtype == th.float32:
+            return kernels.linear_forward(self.lib, self.weight, x, self.threads or th.get_num_threads())
+        return x @ self.weight.t()
 
     def forward(self, x: th.Tensor) -> th.Tensor:
         if not self.lowrank:
             return F.linear(x, self.weight, self.bias)
-        if not (th.is_grad_enabled() and self.weight.requires_grad):
-            if x.dim() == 2 and x.shape[0] <= INFERENCE_ROWS and x.dtype == th.float32:
-                y = kernels.linear_forward(self.lib, self.weight, x, th.get_num_threads())  # one pass over W
-                return y + self.bias if self.bias is not None else y
+        if th.is_grad_enabled() and self.weight.requires_grad:
+            y = _LowRankMatmul.apply(x, self.weight, self)
+        elif x.dim() == 2 and x.shape[0] <= SMALL_BATCH_ROWS and x.dtype == th.float32:
+            y = self.product(x)
+        else:
             return F.linear(x, self.weight, self.bias)
-        nxt, self._next = self._next, None
-        if (nxt is not None and nxt[2] == self.weight_token() and nxt[0].shape == x.shape
-                and (nxt[0] is x or th.equal(nxt[0], x))):
-            self._pre = nxt[1]
-        y = _LowRankMatmul.apply(x, self.weight, self)
         return y + self.bias if self.bias is not None else y
 
     def lowrank_sq_norm(self) -> float:
@@ -205,9 +203,9 @@ class LowRankAdam(th.optim.Adam):
     """torch's fused Adam, plus the same update for :class:`LowRankLinear` weights from their gradient factors.
 
     Dense parameters go through ``torch.optim.Adam`` (fused). A LowRankLinear weight with pending factors
-    is updated by :func:`cellrl.kernels.lowrank_adam_`: gradient tile, Adam, and the next minibatch's
-    forward product in one pass over the weight and its Adam state; the result is bit-identical to
-    ``grad = G^T X`` followed by torch's fused Adam (tests/test_train.py). ``grad_scale`` (set by the PPO
+    is updated by :func:`cellrl.kernels.lowrank_adam_`: gradient tile and Adam in one pass over the weight
+    and its Adam state, bit-identical to ``grad = G^T X`` followed by torch's fused Adam
+    (tests/test_kernels.py). ``grad_scale`` (set by the PPO
     gradient clipping) applies to both. State (``step``, ``exp_avg``, ``exp_avg_sq``) is Adam's, so
     checkpoints load either way. Enabled by :meth:`attach` only on CPU float32 with the native kernel built;
     otherwise everything is plain Adam.
@@ -252,7 +250,6 @@ class LowRankAdam(th.optim.Adam):
         scale = getattr(self, "grad_scale", None)
         for m in self.lowrank_modules:
             if not m.pending:
-                m._next = None
                 continue
             p = m.weight
             state = self.state[p]
@@ -263,14 +260,12 @@ class LowRankAdam(th.optim.Adam):
             state["step"] += 1
             beta1, beta2 = group["betas"]
             g, x = m.factors()
-            nxt, m.next_input = m.next_input, None
-            yn = kernels.lowrank_adam_(
+            kernels.lowrank_adam_(
                 self._lib, p.data, state["exp_avg"], state["exp_avg_sq"], g, x, lr=float(group["lr"]),
                 beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]), step=int(state["step"].item()),
-                grad_scale=None if scale is None else float(scale), next_input=nxt,
+                grad_scale=None if scale is None else float(scale),
                 threads=self.kernel_threads or th.get_num_threads())
             m.pending.clear()
-            m._next = (nxt, yn, m.weight_token()) if yn is not None else None
         return loss
 
 
@@ -297,16 +292,11 @@ class ReprogrammingExtractor(BaseFeaturesExtractor):
         self.register_buffer("_hash", th.randn(g, generator=gen), persistent=False)
         self._cache: dict[float, tuple[th.Tensor, th.Tensor]] = {}
         self._cache_version: tuple = ()
-        self._rows_memo: tuple | None = None
 
     def _unique_rows(self, tgt: th.Tensor, training: bool) -> tuple[th.Tensor, th.Tensor, th.Tensor] | None:
         """(unique rows, their hash keys, inverse index) of ``tgt``, or None to embed every row."""
         if not self.dedupe_targets or tgt.shape[0] < 2:
             return None
-        memo = self._rows_memo
-        if memo is not None and memo[0] is tgt and memo[1] == (tgt._version, training):
-            return memo[2]
-        self._rows_memo = None
         h = tgt @ self._hash.to(tgt.dtype)
         uniq, inv = th.unique(h, return_inverse=True)
         if uniq.shape[0] == tgt.shape[0] and training:
@@ -316,8 +306,6 @@ class ReprogrammingExtractor(BaseFeaturesExtractor):
         rows = tgt.index_select(0, rep)
         if not th.equal(rows.index_select(0, inv), tgt):
             return None
-        if training:                      # set_next_inputs and the next forward see the same tensor
-            self._rows_memo = (tgt, (tgt._version, training), (rows, uniq, inv))
         return rows, uniq, inv
 
     def _embed_targets(self, tgt: th.Tensor) -> th.Tensor:
@@ -331,14 +319,6 @@ class ReprogrammingExtractor(BaseFeaturesExtractor):
         if training:
             return self.target(rows).index_select(0, inv)
         return self._cached_embedding(rows, uniq).index_select(0, inv)
-
-    def set_next_inputs(self, observations: Mapping[str, th.Tensor]) -> None:
-        """Tell the first layers what the next training forward will see (:class:`LowRankLinear`)."""
-        cur = observations["current_expression"].float()
-        tgt = observations["target_expression"].float()
-        u = self._unique_rows(tgt, True)
-        self.current[0].next_input = cur
-        self.target[0].next_input = tgt if u is None else u[0]
 
     def lowrank_layers(self) -> list[LowRankLinear]:
         return [m for m in (self.current[0], self.target[0]) if isinstance(m, LowRankLinear)]
@@ -373,6 +353,37 @@ class ReprogrammingExtractor(BaseFeaturesExtractor):
         return th.cat([cur, tgt], dim=1)
 
 
+class _RolloutBuffer(MaskableDictRolloutBuffer):
+    """SB3's buffer, with minibatches turned into tensors without a second copy (fancy indexing already made
+    fresh arrays; SB3 copies them again with ``th.tensor``)."""
+
+    def _get_samples(self, batch_inds: np.ndarray, env=None) -> MaskableDictRolloutBufferSamples:
+        t = lambda a: th.as_tensor(a, device=self.device)  # noqa: E731
+        return MaskableDictRolloutBufferSamples(
+            observations={key: t(obs[batch_inds]) for key, obs in self.observations.items()},
+            actions=t(self.actions[batch_inds]), old_values=t(self.values[batch_inds].flatten()),
+            old_log_prob=t(self.log_probs[batch_inds].flatten()),
+            advantages=t(self.advantages[batch_inds].flatten()), returns=t(self.returns[batch_inds].flatten()),
+            action_masks=t(self.action_masks[batch_inds].reshape(-1, self.mask_dims)))
+
+
+class _LeanSection:
+    """Rollouts and updates: skip torch.distributions' argument validation (it re-checks every masked
+    Categorical's logits; values unchanged) and hold NumPy's BLAS to one thread (the env's small products do
+    not need more, and BLAS threads competing with torch's for 2 cores slowed a rollout 10x)."""
+
+    def __enter__(self) -> None:
+        from threadpoolctl import threadpool_limits
+
+        self._before = th.distributions.Distribution._validate_args
+        th.distributions.Distribution.set_default_validate_args(False)
+        self._blas = threadpool_limits(limits=1, user_api="blas")
+
+    def __exit__(self, *exc: Any) -> None:
+        self._blas.restore_original_limits()
+        th.distributions.Distribution.set_default_validate_args(self._before)
+
+
 class CellrlMaskablePPO(MaskablePPO):
     """MaskablePPO with the same updates and less waste per step and per minibatch.
 
@@ -385,11 +396,22 @@ class CellrlMaskablePPO(MaskablePPO):
     * the per-minibatch statistics are kept as tensors and reduced once per update (SB3 syncs with
       ``.item()`` four times per minibatch);
     * value bootstrapping of time-limit truncations runs one batched forward for all truncated envs of a
-      step instead of one forward per env, and the action masks come straight from the vectorised env.
+      step instead of one forward per env, and the action masks come straight from the vectorised env;
+    * on CPU the two genes x 512 layers are updated from their gradient factors by a native fused kernel
+      (:class:`LowRankAdam`; bit-identical Adam for the same gradient), minibatches are not copied twice and
+      torch.distributions' argument checks are skipped.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("rollout_buffer_class", _RolloutBuffer)
+        super().__init__(*args, **kwargs)
 
     def collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps: int, use_masking: bool = True
                          ) -> bool:
+        with _LeanSection():
+            return self._collect_rollouts(env, callback, rollout_buffer, n_rollout_steps, use_masking)
+
+    def _collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps: int, use_masking: bool) -> bool:
         assert self._last_obs is not None, "No previous observation was provided"
         self.policy.set_training_mode(False)
         n_steps = 0
@@ -465,6 +487,10 @@ class CellrlMaskablePPO(MaskablePPO):
             opt.found_inf = None
 
     def train(self) -> None:
+        with _LeanSection():
+            self._train()
+
+    def _train(self) -> None:
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         clip_range = self.clip_range(self._current_progress_remaining)
@@ -476,10 +502,7 @@ class CellrlMaskablePPO(MaskablePPO):
         approx_kl_divs: list[float] = []
         for epoch in range(self.n_epochs):
             kl_epoch: list[th.Tensor] = []
-            batches = self.rollout_buffer.get(self.batch_size)
-            upcoming = next(batches, None)       # one minibatch ahead: its first-layer product is fused
-            while upcoming is not None:          # into this step's weight update (LowRankAdam)
-                rollout_data, upcoming = upcoming, next(batches, None)
+            for rollout_data in self.rollout_buffer.get(self.batch_size):
                 actions = rollout_data.actions
                 if isinstance(self.action_space, spaces.Discrete):
                     actions = rollout_data.actions.long().flatten()
@@ -514,8 +537,6 @@ class CellrlMaskablePPO(MaskablePPO):
                     break
                 self.policy.optimizer.zero_grad()
                 loss.backward()
-                if self._lowrank and upcoming is not None:
-                    self.policy.features_extractor.set_next_inputs(upcoming.observations)
                 self._clip_and_step()
             approx_kl_divs = [float(x) for x in kl_epoch]
             self._n_updates += 1

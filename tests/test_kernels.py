@@ -18,7 +18,8 @@ def _torch_step(w, m, v, g, step, lr=3e-4, scale=None):
 
 
 @pytest.mark.parametrize("generic", [False, True])
-@pytest.mark.parametrize("K,R,C,scale", [(64, 512, 3000, 2.5), (1, 37, 75, None), (10, 4, 16, 1.7), (3, 9, 131, None)])
+@pytest.mark.parametrize("K,R,C,scale", [(64, 512, 3000, 2.5), (1, 37, 75, None), (10, 4, 16, 1.7), (3, 9, 131, None),
+                                         (10, 130, 2100, 1.3)])
 def test_lowrank_adam_is_torch_mm_plus_fused_adam_bit_for_bit(K, R, C, scale, generic):
     """Bit for bit where torch's kernel takes its vector path (all elements when each thread's share is a
     multiple of 16 floats, as at 3,000 genes); torch computes the few leftover elements in double precision,
@@ -31,18 +32,16 @@ def test_lowrank_adam_is_torch_mm_plus_fused_adam_bit_for_bit(K, R, C, scale, ge
     v = th.rand(R, C, generator=gen) * 1e-5
     gy = th.randn(K, R, generator=gen) * 0.1
     x = th.randn(K, C, generator=gen)
-    xn = th.randn(7, C, generator=gen)
     ref = [t.clone() for t in (w, m, v)]
     for step in (1, 2, 7):
         _torch_step(*ref, gy.t() @ x, step, scale=scale)
-        yn = kernels.lowrank_adam_(lib, w, m, v, gy, x, lr=3e-4, beta1=0.9, beta2=0.999, eps=1e-5, step=step,
-                                   grad_scale=scale, next_input=xn, threads=2)
+        kernels.lowrank_adam_(lib, w, m, v, gy, x, lr=3e-4, beta1=0.9, beta2=0.999, eps=1e-5, step=step,
+                              grad_scale=scale, threads=2)
         for name, a, b in zip(("weight", "exp_avg", "exp_avg_sq"), (w, m, v), ref):
             if (R * C) % 32 == 0:
                 assert th.equal(a, b), f"{name} differs at step {step}: max {float((a - b).abs().max())}"
             else:
                 th.testing.assert_close(a, b, rtol=2e-6, atol=1e-12, msg=f"{name} at step {step}")
-        th.testing.assert_close(yn, xn @ w.t(), rtol=1e-5, atol=1e-5)
 
 
 def test_lowrank_adam_threads_do_not_change_results():
@@ -52,9 +51,9 @@ def test_lowrank_adam_threads_do_not_change_results():
     out = []
     for threads in (1, 2):
         w, m, v = (t.clone() for t in base)
-        yn = kernels.lowrank_adam_(LIB, w, m, v, gy, x, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=3,
-                                   next_input=x, threads=threads)
-        out.append((w, m, v, yn))
+        kernels.lowrank_adam_(LIB, w, m, v, gy, x, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=3,
+                              threads=threads)
+        out.append((w, m, v))
     for a, b in zip(*out):
         assert th.equal(a, b)
 

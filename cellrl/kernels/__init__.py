@@ -1,8 +1,8 @@
 """Native CPU kernels, compiled on first use with the machine's C compiler and loaded with ctypes.
 
-One kernel for now, :func:`lowrank_adam` (source: ``lowrank_adam.c``): the weight gradient of a linear layer
-from its two thin factors, fused with torch's Adam update and the next minibatch's forward product, in one pass
-over the weight and Adam state. It is built with ``-O3 -march=native -fopenmp -ffp-contract=off`` into
+Two kernels (source: ``lowrank_adam.c``): :func:`lowrank_adam_`, the weight gradient of a linear layer from
+its two thin factors fused with torch's Adam update in one pass over the weight and Adam state, and
+:func:`linear_forward`, a one-pass ``x @ W.T`` for batches of a few rows. It is built with ``-O3 -march=native -fopenmp -ffp-contract=off`` into
 ``_build/<key>/`` (``CELLRL_KERNEL_DIR`` overrides the folder), where the key hashes the source, the flags, the
 compiler and this CPU's feature flags, so a shared checkout on nodes with different CPUs builds one library
 per CPU kind. The library links the OpenMP runtime already loaded by torch (same soname), so its threads are
@@ -79,8 +79,8 @@ def build(extra_flags: tuple[str, ...] = (), out_dir: str | Path | None = None) 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     f, i64, p = ctypes.c_float, ctypes.c_int64, ctypes.c_void_p
-    lib.cellrl_lowrank_adam.argtypes = [p, p, p, p, p, i64, i64, i64, f, f, f, f, f, f, f, f, ctypes.c_int, p, i64,
-                                        p, ctypes.c_int]
+    lib.cellrl_lowrank_adam.argtypes = [p, p, p, p, p, i64, i64, i64, f, f, f, f, f, f, f, f, ctypes.c_int,
+                                        ctypes.c_int]
     lib.cellrl_lowrank_adam.restype = ctypes.c_int
     lib.cellrl_kernel_isa.restype = ctypes.c_int
     lib.cellrl_linear_forward.argtypes = [p, p, i64, i64, i64, p, ctypes.c_int]
@@ -107,15 +107,13 @@ def load(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
 
 
 def lowrank_adam_(lib: ctypes.CDLL, weight, exp_avg, exp_avg_sq, grad_out, inp, *, lr: float, beta1: float,
-                  beta2: float, eps: float, step: int, grad_scale: float | None = None, next_input=None,
-                  threads: int = 1):
+                  beta2: float, eps: float, step: int, grad_scale: float | None = None, threads: int = 1) -> None:
     """One Adam step of ``weight`` [R x C] with gradient ``grad_out^T @ inp`` (torch tensors, float32, CPU).
 
     ``grad_out`` [K x R], ``inp`` [K x C]; ``step`` is the step number after incrementing (as torch's Adam);
     the gradient is divided by ``grad_scale`` when given (clipping). Updates ``weight``, ``exp_avg`` and
-    ``exp_avg_sq`` in place and returns ``next_input @ weight^T`` [Kn x R] with the new weights (None
-    without ``next_input``). Bias corrections are computed in double precision and rounded to float32,
-    as in torch's fused kernel.
+    ``exp_avg_sq`` in place, bit-identical to ``torch._fused_adam_`` on ``grad_out.T @ inp`` (bias corrections
+    in double precision rounded to float32, as there).
     """
     import torch as th
 
@@ -130,19 +128,13 @@ def lowrank_adam_(lib: ctypes.CDLL, weight, exp_avg, exp_avg_sq, grad_out, inp, 
                          f"{(R, C)} gradient")
     bc1 = 1 - beta1 ** step
     bc2 = 1 - beta2 ** step
-    yn = xn = None
-    if next_input is not None:
-        xn = next_input.detach().contiguous().float()
-        yn = th.empty(xn.shape[0], R, dtype=th.float32)
     f32 = ctypes.c_float
     rc = lib.cellrl_lowrank_adam(
         weight.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), gt.data_ptr(), x.data_ptr(), x.shape[0], R, C,
         f32(beta1), f32(beta2), f32(1 - beta1), f32(1 - beta2), f32(lr / bc1), f32(bc2 ** 0.5), f32(eps),
-        f32(grad_scale or 1.0), int(grad_scale is not None), xn.data_ptr() if xn is not None else None,
-        xn.shape[0] if xn is not None else 0, yn.data_ptr() if yn is not None else None, int(threads))
+        f32(grad_scale or 1.0), int(grad_scale is not None), int(threads))
     if rc != 0:
         raise MemoryError("lowrank_adam_: out of memory packing the input")
-    return yn
 
 
 def linear_forward(lib: ctypes.CDLL, weight, x, threads: int = 1):

@@ -1,20 +1,20 @@
-/* Fused low-rank weight gradient + Adam (+ the next forward) for one nn.Linear weight W [R x C].
+/* Fused low-rank weight gradient + Adam for one nn.Linear weight W [R x C], and a one-pass product for
+ * small batches.
  *
  * For a linear layer y = x W^T + b the weight gradient of a minibatch is a product of two thin factors,
  * dL/dW = Gy^T X (Gy = dL/dy [K x R], X = x [K x C], K = rows of the minibatch). PyTorch writes that
  * R x C gradient to memory, reads it back for the norm and again in Adam. Here it is computed tile by tile
- * and fed straight into Adam while the tile is in registers, then the updated rows are multiplied by the
- * next minibatch's input (Yn = Xn W_new^T) while they are in cache. One pass over W, exp_avg, exp_avg_sq.
+ * and fed straight into Adam while the tile is in registers: one pass over W, exp_avg and exp_avg_sq.
  *
  *   g[r, c]  = (sum_k Gt[r, k] X[k, c]) / grad_scale           (Gt = Gy^T, [R x K], row-major)
  *   m        = lerp(m, g, 1 - beta1)                         (m + (1 - beta1) (g - m), one FMA)
  *   v        = v * beta2 + g * (g * (1 - beta2))              (one FMA)
  *   W        = W - step_size * m / (sqrt(v) / sqrt(bias_correction2) + eps)
- *   Yn[j, r] = sum_c Xn[j, c] W[r, c]                          (Xn [Kn x C], optional)
  *
  * The Adam lines follow torch 2.13's fused CPU Adam operation by operation in float32 (lerp and addcmul as
  * single FMAs, everything else unfused: this file is compiled with -ffp-contract=off); for the same gradient
- * exp_avg and exp_avg_sq come out bit-identical and >99.8% of the weights too (the rest differ in the last bit). Rows are split statically over OpenMP threads and every
+ * exp_avg, exp_avg_sq and the weights come out bit-identical (tests/test_kernels.py). Rows are split statically
+ * over OpenMP threads (columns in L2-sized panels, the next tile prefetched while the current one computes); every
  * output element is computed by one thread in a fixed order: results do not depend on the thread count.
  */
 #include <math.h>
@@ -68,11 +68,23 @@ static inline __m512 adam_vec(float *w, float *m, float *v, __m512 g, __mmask16 
     return p;
 }
 
-/* nr (1..RB) rows starting at r: gradient tiles + Adam over all columns. */
+/* Software prefetch (into L2) of the next tile's weight and Adam state while this tile computes, so the
+ * compute-bound gradient product and the memory-bound Adam stream overlap. nseg row segments. */
+typedef struct {
+    const char *seg[3 * RB];
+    ptrdiff_t nseg, bytes, next, per_call;
+} prefetcher;
+
+static inline void pf_step(prefetcher *pf) {
+    for (ptrdiff_t i = 0; i < pf->per_call && pf->next < pf->nseg * pf->bytes; i++, pf->next += 64)
+        _mm_prefetch(pf->seg[pf->next / pf->bytes] + pf->next % pf->bytes, _MM_HINT_T1);
+}
+
+/* nr (1..RB) rows starting at r, columns [cb, ce): gradient tiles + Adam. */
 static inline __attribute__((always_inline)) void rows_update(
         int nr, ptrdiff_t r, float *W, float *M, float *V, const float *Gt, const float *X,
-        ptrdiff_t K, ptrdiff_t C, const adam_params *a) {
-    for (ptrdiff_t c0 = 0; c0 < C; c0 += 16 * VB) {
+        ptrdiff_t K, ptrdiff_t C, const adam_params *a, ptrdiff_t cb, ptrdiff_t ce, prefetcher *pf) {
+    for (ptrdiff_t c0 = cb; c0 < ce; c0 += 16 * VB) {
         __m512 acc[RB][VB];
         __mmask16 mk[VB];
         for (int u = 0; u < VB; u++) mk[u] = tail_mask(C - c0 - 16 * u);
@@ -80,6 +92,7 @@ static inline __attribute__((always_inline)) void rows_update(
             for (int u = 0; u < VB; u++) acc[i][u] = _mm512_setzero_ps();
         const float *xb = X + (c0 / (16 * VB)) * K * 16 * VB;   /* packed: [K x 64] block of columns c0.. */
         for (ptrdiff_t k = 0; k < K; k++) {
+            pf_step(pf);
             const float *xk = xb + k * 16 * VB;
             __m512 xv[VB];
             for (int u = 0; u < VB; u++) xv[u] = _mm512_load_ps(xk + 16 * u);
@@ -100,7 +113,7 @@ static inline __attribute__((always_inline)) void rows_update(
     }
 }
 
-/* Yn[j, r + i] = Xn[j, :] . W[r + i, :] for the nr rows just updated (in cache); JB next rows at a time. */
+/* Y[j, r + i] = X[j, :] . W[r + i, :] for nr rows of W, JB rows of X at a time. */
 #define JB 4
 static inline __attribute__((always_inline)) void rows_forward(
         int nr, ptrdiff_t r, const float *W, const float *Xn, ptrdiff_t Kn, ptrdiff_t R, ptrdiff_t C,
@@ -136,19 +149,39 @@ static inline __attribute__((always_inline)) void rows_forward(
     }
 }
 
-static void row_block(ptrdiff_t r, ptrdiff_t R, float *W, float *M, float *V, const float *Gt, const float *X,
-                      ptrdiff_t K, ptrdiff_t C, const adam_params *a, const float *Xn, ptrdiff_t Kn, float *Yn) {
-    ptrdiff_t nr = R - r < RB ? R - r : RB;
-    if (nr == RB) {
-        rows_update(RB, r, W, M, V, Gt, X, K, C, a);
-        if (Xn) rows_forward(RB, r, W, Xn, Kn, R, C, Yn);
-    } else {
-        for (ptrdiff_t i = 0; i < nr; i++) {
-            rows_update(1, r + i, W, M, V, Gt, X, K, C, a);
-            if (Xn) rows_forward(1, r + i, W, Xn, Kn, R, C, Yn);
+/* Columns are processed in panels of PANEL (a multiple of 64): the packed input of one panel (64 x PANEL
+ * floats) stays in L2 while the thread's row blocks stream through it. */
+#define PANEL 1024
+
+static void update_rows(ptrdiff_t b0, ptrdiff_t b1, ptrdiff_t R, float *W, float *M, float *V, const float *Gt,
+                        const float *X, ptrdiff_t K, ptrdiff_t C, const adam_params *a) {
+    for (ptrdiff_t p0 = 0; p0 < C; p0 += PANEL) {
+        ptrdiff_t pe = p0 + PANEL < C ? p0 + PANEL : C;
+        for (ptrdiff_t b = b0; b < b1; b++) {
+            ptrdiff_t r = b * RB, nr = R - r < RB ? R - r : RB;
+            /* next tile: the next row block in this panel, else the first one of the next panel */
+            ptrdiff_t rn = b + 1 < b1 ? r + RB : b0 * RB, cn = b + 1 < b1 ? p0 : pe;
+            ptrdiff_t cne = cn + PANEL < C ? cn + PANEL : C, nn = R - rn < RB ? R - rn : RB;
+            prefetcher pf = {{0}, 0, 0, 0, 0};
+            if (cn < C) {
+                for (ptrdiff_t i = 0; i < nn; i++) {
+                    pf.seg[pf.nseg++] = (const char *)(W + (rn + i) * C + cn);
+                    pf.seg[pf.nseg++] = (const char *)(M + (rn + i) * C + cn);
+                    pf.seg[pf.nseg++] = (const char *)(V + (rn + i) * C + cn);
+                }
+                pf.bytes = (cne - cn) * (ptrdiff_t)sizeof(float);
+                ptrdiff_t calls = ((pe - p0 + 16 * VB - 1) / (16 * VB)) * K * (nr == RB ? 1 : nr);
+                pf.per_call = ((pf.nseg * pf.bytes + 63) / 64 + calls - 1) / calls;
+            }
+            if (nr == RB) {
+                rows_update(RB, r, W, M, V, Gt, X, K, C, a, p0, pe, &pf);
+            } else {
+                for (ptrdiff_t i = 0; i < nr; i++) rows_update(1, r + i, W, M, V, Gt, X, K, C, a, p0, pe, &pf);
+            }
         }
     }
 }
+
 static void forward_block(ptrdiff_t r, ptrdiff_t R, const float *W, const float *X, ptrdiff_t K, ptrdiff_t C,
                           float *Y) {
     if (R - r >= RB) {
@@ -159,10 +192,10 @@ static void forward_block(ptrdiff_t r, ptrdiff_t R, const float *W, const float 
 }
 #else  /* generic C: the same arithmetic, one element at a time */
 #define RB 4
-static void row_block(ptrdiff_t r, ptrdiff_t R, float *W, float *M, float *V, const float *Gt, const float *X,
-                      ptrdiff_t K, ptrdiff_t C, const adam_params *a, const float *Xn, ptrdiff_t Kn, float *Yn) {
-    ptrdiff_t r1 = r + RB < R ? r + RB : R;
-    for (ptrdiff_t q = r; q < r1; q++) {
+static void update_rows(ptrdiff_t b0, ptrdiff_t b1, ptrdiff_t R, float *W, float *M, float *V, const float *Gt,
+                        const float *X, ptrdiff_t K, ptrdiff_t C, const adam_params *a) {
+    ptrdiff_t r1 = b1 * RB < R ? b1 * RB : R;
+    for (ptrdiff_t q = b0 * RB; q < r1; q++)
         for (ptrdiff_t c = 0; c < C; c++) {
             float g = 0.0f;
             for (ptrdiff_t k = 0; k < K; k++) g = fmaf(Gt[q * K + k], X[k * C + c], g);
@@ -175,12 +208,6 @@ static void row_block(ptrdiff_t r, ptrdiff_t R, float *W, float *M, float *V, co
             float denom = sqrtf(v) / a->bc2_sqrt + a->eps;
             W[o] = W[o] - a->step_size * m / denom;
         }
-        for (ptrdiff_t j = 0; Xn && j < Kn; j++) {
-            float s = 0.0f;
-            for (ptrdiff_t c = 0; c < C; c++) s = fmaf(Xn[j * C + c], W[q * C + c], s);
-            Yn[j * R + q] = s;
-        }
-    }
 }
 
 static void forward_block(ptrdiff_t r, ptrdiff_t R, const float *W, const float *X, ptrdiff_t K, ptrdiff_t C,
@@ -206,11 +233,10 @@ void cellrl_linear_forward(const float *W, const float *X, int64_t K, int64_t R,
     (void)threads;
 }
 
-/* Update W, M, V in place; fill Yn [Kn x R] when Xn is not NULL. All arrays contiguous float32. */
+/* Update W, M, V in place. All arrays contiguous float32. */
 int cellrl_lowrank_adam(float *W, float *M, float *V, const float *Gt, const float *X, int64_t K, int64_t R,
                          int64_t C, float beta1, float beta2, float omb1, float omb2, float step_size,
-                         float bc2_sqrt, float eps, float grad_scale, int use_scale, const float *Xn, int64_t Kn,
-                         float *Yn, int threads) {
+                         float bc2_sqrt, float eps, float grad_scale, int use_scale, int threads) {
     adam_params a = {beta1, beta2, omb1, omb2, step_size, bc2_sqrt, eps, grad_scale, use_scale};
     ptrdiff_t nblocks = (R + RB - 1) / RB;
 #ifdef CELLRL_AVX512
@@ -228,10 +254,14 @@ int cellrl_lowrank_adam(float *W, float *M, float *V, const float *Gt, const flo
     X = Xp;
 #endif
 #ifdef _OPENMP
-    #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
+    #pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    {
+        ptrdiff_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+        update_rows(nblocks * t / nt, nblocks * (t + 1) / nt, R, W, M, V, Gt, X, K, C, &a);
+    }
+#else
+    update_rows(0, nblocks, R, W, M, V, Gt, X, K, C, &a);
 #endif
-    for (ptrdiff_t b = 0; b < nblocks; b++)
-        row_block(b * RB, R, W, M, V, Gt, X, K, C, &a, Xn, Kn, Yn);
     (void)threads;
 #ifdef CELLRL_AVX512
     free(Xp);
