@@ -9,9 +9,11 @@
    fraction of measured torch matmul FLOP/s (same shapes as the training matmuls, and a large square one).
    Then the *minibatch floor*: the network's forward + backward + fused Adam on a minibatch with nothing else
    (no PPO bookkeeping), and the steps/s ceiling it implies (minibatches per iteration x floor, + rollouts).
+   At 3,000 genes the same training also runs with the native kernels off (``3000_genes_torch_only``: dense
+   first-layer gradients, torch's fused Adam, BLAS products), and the summary reports the ratio.
 3. Machine context: load average before/after (the machine is shared), memory copy bandwidth.
 
-    .venv/bin/python benchmarks/env_throughput.py [--quick] [--threads 2] [--iterations 2]
+    .venv/bin/python benchmarks/env_throughput.py [--quick] [--threads 2] [--iterations 3]
 
 Writes benchmarks/out/env_throughput_<timestamp>.json (full record) and benchmarks/results/env_throughput.json
 (committed summary). Uses ``cellrl.model.random_model`` and a random table (the network's cost does not
@@ -144,13 +146,16 @@ def bench_minibatch_floor(agent, steps: int = 200, repeats: int = 3) -> dict:
     return {"ms_per_minibatch": round(best * 1e3, 2), "batch_size": bs}
 
 
-def bench_training(geo, table, iterations: int, threads: int) -> dict:
+def bench_training(geo, table, iterations: int, threads: int, native: bool = True) -> dict:
+    """``native=False``: the same agent with the first layers on plain PyTorch (dense gradient + torch's fused
+    Adam, BLAS products) -- the comparison for the native kernels."""
     from stable_baselines3.common.callbacks import BaseCallback
 
     from cellrl.train import build_agent, make_vec_env
 
     env = make_vec_env(geo, table, {}, REFERENCE["n_envs"])
     agent = build_agent(env, {"device": "cpu", "seed": 0, **REFERENCE})
+    agent._lowrank = agent.policy.optimizer.attach(agent.policy.features_extractor.lowrank_layers(), native)
     counter = FlopCounter(agent.policy)
     times: list[dict] = []
 
@@ -202,7 +207,7 @@ def bench_training(geo, table, iterations: int, threads: int) -> dict:
     e1, e2 = 512, 128
     naive_fwd = 2 * 2 * (g * e1 + e1 * e2) + 2 * (256 * 256 + 256 * 64 + 64 * a + 256 * 128 + 128 * 64 + 64)
     return dict(genes=g, actions=a, cells=geo.n_cells, types=geo.n_types, **REFERENCE, threads=threads,
-                iterations=its, minibatch_floor=floor, steps_per_s=best["steps_per_s"], mean_steps_per_s=round(
+                native_kernels=bool(agent._lowrank), iterations=its, minibatch_floor=floor, steps_per_s=best["steps_per_s"], mean_steps_per_s=round(
                     iterations * steps_per_iter / wall, 1),
                 achieved_gflop_per_s=best["gflop_per_s"],
                 executed_mflop_per_sample_iteration=round(best["gflop"] * 1e3 / steps_per_iter, 1),
@@ -213,8 +218,8 @@ def bench_training(geo, table, iterations: int, threads: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", default="2,1", help="comma-separated torch thread counts to measure training with")
-    p.add_argument("--iterations", type=int, default=2, help="PPO iterations (8192 steps each) per training run")
+    p.add_argument("--threads", default="2", help="comma-separated torch thread counts to measure training with")
+    p.add_argument("--iterations", type=int, default=3, help="PPO iterations (8192 steps each) per training run")
     p.add_argument("--seconds", type=float, default=3.0, help="seconds per raw env measurement")
     p.add_argument("--quick", action="store_true", help="raw env only, short")
     args = p.parse_args()
@@ -244,8 +249,9 @@ def main() -> None:
             mm = matmul_flops([(64, 3000, 512), (512, 64, 3000), (8, 3000, 512), (2048, 2048, 2048)])
             rec["matmul_gflop_per_s"][f"{nt}_threads"] = mm
             print("matmul", nt, "threads", mm, flush=True)
-            for name, (m, table, geo) in (("demo", demo), ("3000_genes", big)):
-                r = bench_training(geo, table, args.iterations, nt)
+            runs = [("demo", demo, True), ("3000_genes", big, True), ("3000_genes_torch_only", big, False)]
+            for name, (m, table, geo), native in runs:
+                r = bench_training(geo, table, args.iterations, nt, native)
                 r["load_average"] = [round(x, 2) for x in os.getloadavg()]
                 # executed FLOPs (unique targets embedded once) and what the naive network would have cost
                 r["reference_equivalent_gflop_per_s"] = round(
@@ -268,8 +274,15 @@ def main() -> None:
         summary["raw_env_steps_per_s_3000_genes"] = max(r["steps_per_s"] for r in big_raw)
         summary["raw_env"] = rec["raw_env"]
         summary["training"] = rec["training"]
-        summary["training_steps_per_s_3000_genes"] = max(v["steps_per_s"] for k, v in rec["training"].items()
-                                                         if k.startswith("3000_genes"))
+        big_runs = {k: v for k, v in rec["training"].items() if k.startswith("3000_genes_") and "torch" not in k}
+        torch_runs = {k: v for k, v in rec["training"].items() if k.startswith("3000_genes_torch")}
+        summary["training_steps_per_s_3000_genes"] = max(v["steps_per_s"] for v in big_runs.values())
+        summary["training_steps_per_s_3000_genes_all_iterations"] = [
+            it["steps_per_s"] for v in big_runs.values() for it in v["iterations"]]
+        if torch_runs:
+            best_torch = max(v["steps_per_s"] for v in torch_runs.values())
+            summary["training_steps_per_s_3000_genes_torch_only"] = best_torch
+            summary["native_over_torch_only"] = round(summary["training_steps_per_s_3000_genes"] / best_torch, 2)
         summary["minibatch_floor_3000_genes"] = {k: v["minibatch_floor"] for k, v in rec["training"].items()
                                                  if k.startswith("3000_genes")}
         summary["targets"] = {"raw_env_steps_per_s": 100_000, "training_steps_per_s": 500,

@@ -217,8 +217,9 @@ class LowRankAdam(th.optim.Adam):
         self._lib = None
         self.kernel_threads: int | None = None     # None: torch's intra-op thread count
 
-    def attach(self, modules: Iterable[LowRankLinear]) -> bool:
-        """Turn on the fused path for ``modules`` when possible; return whether it is on."""
+    def attach(self, modules: Iterable[LowRankLinear], enabled: bool = True) -> bool:
+        """Turn on the fused path for ``modules`` when possible (off with ``enabled=False``); return whether
+        it is on."""
         modules = list(modules)
         owned = {id(p) for g in self.param_groups for p in g["params"]}
         ok = (bool(modules) and len(self.param_groups) == 1 and bool(self.param_groups[0].get("fused"))
@@ -227,7 +228,7 @@ class LowRankAdam(th.optim.Adam):
               and self.param_groups[0].get("weight_decay", 0) == 0
               and all(id(m.weight) in owned and m.weight.device.type == "cpu" and m.weight.dtype == th.float32
                       for m in modules))
-        self._lib = kernels.load() if ok else None
+        self._lib = kernels.load() if ok and enabled else None
         ok = self._lib is not None
         for m in modules:
             m.lowrank, m.lib = ok, self._lib
