@@ -156,13 +156,12 @@ class LowRankLinear(th.nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.lowrank = False
         self.lib = None                                   # the native kernels (set by LowRankAdam.attach)
-        self.threads: int | None = None                   # their threads (None: torch's intra-op count)
         self.pending: list[tuple[th.Tensor, th.Tensor]] = []
 
     def product(self, x: th.Tensor) -> th.Tensor:
         """``x @ weight.T``: one pass over the weight for a few rows, else BLAS."""
         if x.dim() == 2 and x.shape[0] <= SMALL_BATCH_ROWS and x.dtype == th.float32:
-            return kernels.linear_forward(self.lib, self.weight, x, self.threads or th.get_num_threads())
+            return kernels.linear_forward(self.lib, self.weight, x, th.get_num_threads())
         return x @ self.weight.t()
 
     def forward(self, x: th.Tensor) -> th.Tensor:
@@ -205,17 +204,15 @@ class LowRankAdam(th.optim.Adam):
     Dense parameters go through ``torch.optim.Adam`` (fused). A LowRankLinear weight with pending factors
     is updated by :func:`cellrl.kernels.lowrank_adam_`: gradient tile and Adam in one pass over the weight
     and its Adam state, bit-identical to ``grad = G^T X`` followed by torch's fused Adam
-    (tests/test_kernels.py). ``grad_scale`` (set by the PPO
-    gradient clipping) applies to both. State (``step``, ``exp_avg``, ``exp_avg_sq``) is Adam's, so
-    checkpoints load either way. Enabled by :meth:`attach` only on CPU float32 with the native kernel built;
-    otherwise everything is plain Adam.
+    (tests/test_kernels.py). ``grad_scale`` (set by the PPO gradient clipping) applies to both. The state
+    (``step``, ``exp_avg``, ``exp_avg_sq``) is Adam's, so checkpoints load either way. :meth:`attach` enables
+    it only on CPU float32 with the native kernel built; otherwise everything is plain Adam.
     """
 
     def __init__(self, params, **kwargs: Any):
         super().__init__(params, **kwargs)
         self.lowrank_modules: list[LowRankLinear] = []
         self._lib = None
-        self.kernel_threads: int | None = None     # None: torch's intra-op thread count
 
     def attach(self, modules: Iterable[LowRankLinear], enabled: bool = True) -> bool:
         """Turn on the fused path for ``modules`` when possible (off with ``enabled=False``); return whether
@@ -265,7 +262,7 @@ class LowRankAdam(th.optim.Adam):
                 self._lib, p.data, state["exp_avg"], state["exp_avg_sq"], g, x, lr=float(group["lr"]),
                 beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]), step=int(state["step"].item()),
                 grad_scale=None if scale is None else float(scale),
-                threads=self.kernel_threads or th.get_num_threads())
+                threads=th.get_num_threads())
             m.pending.clear()
         return loss
 

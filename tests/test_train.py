@@ -127,6 +127,43 @@ def test_first_layers_update_from_gradient_factors(small):
     assert layers[1].pending[0][1].shape[0] < 16            # target layer saw only the unique centroids
 
 
+def test_lowrank_adam_steps_like_torch_adam():
+    """LowRankLinear + LowRankAdam vs nn.Linear + torch's fused Adam: same weights after steps with gradient
+    accumulation (two backward passes), a gradient scale and inference in between."""
+    from cellrl import kernels
+    from cellrl.train import LowRankAdam, LowRankLinear
+
+    if kernels.load() is None:
+        pytest.skip("no C compiler: the native kernels cannot be built here")
+    th.manual_seed(0)
+    ref = th.nn.Linear(300, 40)
+    low = LowRankLinear(300, 40)
+    low.load_state_dict(ref.state_dict())
+    opt_ref = th.optim.Adam(ref.parameters(), lr=1e-2, eps=1e-5, fused=True)
+    opt_low = LowRankAdam(low.parameters(), lr=1e-2, eps=1e-5, fused=True)
+    assert opt_low.attach([low]) and low.lowrank
+    gen = th.Generator().manual_seed(1)
+    for step in range(4):
+        xs = [th.randn(24, 300, generator=gen) for _ in range(2)]
+        for mod, opt in ((ref, opt_ref), (low, opt_low)):
+            opt.zero_grad()
+            for x in xs:
+                (mod(x).tanh() ** 2).sum().backward()
+            opt.grad_scale = th.tensor(1.7) if step % 2 else None
+            opt.found_inf = th.zeros(()) if step % 2 else None
+            opt.step()
+            opt.grad_scale = opt.found_inf = None
+        assert low.weight.grad is None and not low.pending
+        with th.no_grad():
+            x = th.randn(8, 300, generator=gen)
+            th.testing.assert_close(low(x), ref(x), rtol=1e-5, atol=1e-5)
+    th.testing.assert_close(low.weight, ref.weight, rtol=1e-5, atol=1e-6)
+    th.testing.assert_close(low.bias, ref.bias, rtol=1e-5, atol=1e-6)
+    th.testing.assert_close(opt_low.state[low.weight]["exp_avg_sq"], opt_ref.state[ref.weight]["exp_avg_sq"],
+                            rtol=1e-4, atol=1e-12)
+    assert float(opt_low.state[low.weight]["step"]) == 4
+
+
 def test_rollout_target_cache_follows_weight_updates(small):
     m, table = small
     env = make_vec_env(m, table, {}, 2)
