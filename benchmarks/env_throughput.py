@@ -9,8 +9,9 @@
    fraction of measured torch matmul FLOP/s (same shapes as the training matmuls, and a large square one).
    Then the *minibatch floor*: the network's forward + backward + fused Adam on a minibatch with nothing else
    (no PPO bookkeeping), and the steps/s ceiling it implies (minibatches per iteration x floor, + rollouts).
-   At 3,000 genes the same training also runs with the native kernels off (``3000_genes_torch_only``: dense
-   first-layer gradients, torch's fused Adam, BLAS products), and the summary reports the ratio.
+   At 3,000 genes a second agent trains with the native kernels off (``3000_genes_torch_only``: dense
+   first-layer gradients, torch's fused Adam, BLAS products), its iterations alternating with the native
+   agent's (the machine's speed drifts), and the summary reports the ratio of medians.
 3. Machine context: load average before/after (the machine is shared), memory copy bandwidth.
 
     .venv/bin/python benchmarks/env_throughput.py [--quick] [--threads 2] [--iterations 3]
@@ -146,74 +147,96 @@ def bench_minibatch_floor(agent, steps: int = 200, repeats: int = 3) -> dict:
     return {"ms_per_minibatch": round(best * 1e3, 2), "batch_size": bs}
 
 
-def bench_training(geo, table, iterations: int, threads: int, native: bool = True) -> dict:
-    """``native=False``: the same agent with the first layers on plain PyTorch (dense gradient + torch's fused
-    Adam, BLAS products) -- the comparison for the native kernels."""
-    from stable_baselines3.common.callbacks import BaseCallback
+class _TrainingRun:
+    """One agent (reference network + hyperparameters) trained an iteration at a time, with timings and FLOPs.
+    ``native=False``: the first layers on plain PyTorch (dense gradient + torch's fused Adam, BLAS products)."""
 
-    from cellrl.train import build_agent, make_vec_env
+    def __init__(self, geo, table, native: bool):
+        from stable_baselines3.common.callbacks import BaseCallback
 
-    env = make_vec_env(geo, table, {}, REFERENCE["n_envs"])
-    agent = build_agent(env, {"device": "cpu", "seed": 0, **REFERENCE})
-    agent._lowrank = agent.policy.optimizer.attach(agent.policy.features_extractor.lowrank_layers(), native)
-    counter = FlopCounter(agent.policy)
-    times: list[dict] = []
+        from cellrl.train import build_agent, make_vec_env
 
-    class Timer(BaseCallback):
-        def _on_rollout_start(self) -> None:
-            now = time.perf_counter()
-            if times:
-                times[-1]["update_s"] = now - times[-1]["t_end"]
-                times[-1]["flops_update"] = counter.fwd + counter.bwd - times[-1]["flops_mark"]
-            counter_mark = counter.fwd + counter.bwd
-            times.append({"t0": now, "flops_start": counter_mark})
+        env = make_vec_env(geo, table, {}, REFERENCE["n_envs"])
+        self.agent = agent = build_agent(env, {"device": "cpu", "seed": 0, **REFERENCE})
+        agent._lowrank = agent.policy.optimizer.attach(agent.policy.features_extractor.lowrank_layers(), native)
+        self.counter = counter = FlopCounter(agent.policy)
+        self.times = times = []
+        self.wall = 0.0
 
-        def _on_rollout_end(self) -> None:
-            now = time.perf_counter()
-            times[-1]["rollout_s"] = now - times[-1]["t0"]
-            times[-1]["t_end"] = now
-            times[-1]["flops_mark"] = counter.fwd + counter.bwd
-            times[-1]["flops_rollout"] = times[-1]["flops_mark"] - times[-1]["flops_start"]
+        class Timer(BaseCallback):
+            def _on_rollout_start(self) -> None:
+                now = time.perf_counter()
+                if times and "update_s" not in times[-1]:
+                    times[-1]["update_s"] = now - times[-1]["t_end"]
+                    times[-1]["flops_update"] = counter.fwd + counter.bwd - times[-1]["flops_mark"]
+                times.append({"t0": now, "flops_start": counter.fwd + counter.bwd})
 
-        def _on_training_end(self) -> None:
-            self._on_rollout_start()
-            times.pop()
+            def _on_rollout_end(self) -> None:
+                now = time.perf_counter()
+                times[-1]["rollout_s"] = now - times[-1]["t0"]
+                times[-1]["t_end"] = now
+                times[-1]["flops_mark"] = counter.fwd + counter.bwd
+                times[-1]["flops_rollout"] = times[-1]["flops_mark"] - times[-1]["flops_start"]
 
-        def _on_step(self) -> bool:
-            return True
+            def _on_training_end(self) -> None:
+                self._on_rollout_start()
+                times.pop()
 
-    steps_per_iter = REFERENCE["n_envs"] * REFERENCE["n_steps"]
-    t0 = time.perf_counter()
-    agent.learn(iterations * steps_per_iter, callback=Timer())
-    wall = time.perf_counter() - t0
-    counter.close()
-    its = [{"rollout_s": round(t["rollout_s"], 2), "update_s": round(t["update_s"], 2),
-            "steps_per_s": round(steps_per_iter / (t["rollout_s"] + t["update_s"]), 1),
-            "gflop": round((t["flops_rollout"] + t["flops_update"]) / 1e9, 1),
-            "gflop_per_s": round((t["flops_rollout"] + t["flops_update"]) / (t["rollout_s"] + t["update_s"]) / 1e9,
-                                 1),
-            "update_gflop_per_s": round(t["flops_update"] / t["update_s"] / 1e9, 1)} for t in times]
-    best = max(its, key=lambda r: r["steps_per_s"])
-    floor = bench_minibatch_floor(agent)
-    n_mb = REFERENCE["n_epochs"] * steps_per_iter // REFERENCE["batch_size"]
-    best_update_ms = min(t["update_s"] for t in times) / n_mb * 1e3
-    min_rollout = min(t["rollout_s"] for t in times)
-    floor.update(minibatches_per_iteration=n_mb, ppo_update_ms_per_minibatch=round(best_update_ms, 2),
-                 ppo_overhead_over_floor=round(best_update_ms / floor["ms_per_minibatch"], 2),
-                 ceiling_steps_per_s_free_rollouts=round(steps_per_iter / (n_mb * floor["ms_per_minibatch"] / 1e3), 1),
-                 ceiling_steps_per_s_measured_rollouts=round(
-                     steps_per_iter / (n_mb * floor["ms_per_minibatch"] / 1e3 + min_rollout), 1))
-    g, a = geo.n_genes, int(table.shape[1])
-    e1, e2 = 512, 128
-    naive_fwd = 2 * 2 * (g * e1 + e1 * e2) + 2 * (256 * 256 + 256 * 64 + 64 * a + 256 * 128 + 128 * 64 + 64)
-    return dict(genes=g, actions=a, cells=geo.n_cells, types=geo.n_types, **REFERENCE, threads=threads,
-                native_kernels=bool(agent._lowrank), iterations=its, minibatch_floor=floor, steps_per_s=best["steps_per_s"], mean_steps_per_s=round(
-                    iterations * steps_per_iter / wall, 1),
-                achieved_gflop_per_s=best["gflop_per_s"],
-                executed_mflop_per_sample_iteration=round(best["gflop"] * 1e3 / steps_per_iter, 1),
-                naive_mflop_per_sample_forward=round(naive_fwd / 1e6, 2),
-                naive_mflop_per_sample_iteration=round(naive_fwd * (1 + 3 * REFERENCE["n_epochs"]) / 1e6, 1),
-                n_params=int(sum(p.numel() for p in agent.policy.parameters())))
+            def _on_step(self) -> bool:
+                return True
+
+        self.timer = Timer()
+
+    def iteration(self) -> None:
+        t0 = time.perf_counter()
+        self.agent.learn(REFERENCE["n_envs"] * REFERENCE["n_steps"], callback=self.timer,
+                         reset_num_timesteps=not self.times)
+        self.wall += time.perf_counter() - t0
+
+    def result(self, geo, table, threads: int) -> dict:
+        agent, times = self.agent, self.times
+        self.counter.close()
+        steps_per_iter = REFERENCE["n_envs"] * REFERENCE["n_steps"]
+        its = [{"rollout_s": round(t["rollout_s"], 2), "update_s": round(t["update_s"], 2),
+                "steps_per_s": round(steps_per_iter / (t["rollout_s"] + t["update_s"]), 1),
+                "gflop": round((t["flops_rollout"] + t["flops_update"]) / 1e9, 1),
+                "gflop_per_s": round((t["flops_rollout"] + t["flops_update"]) / (t["rollout_s"] + t["update_s"])
+                                     / 1e9, 1),
+                "update_gflop_per_s": round(t["flops_update"] / t["update_s"] / 1e9, 1)} for t in times]
+        best = max(its, key=lambda r: r["steps_per_s"])
+        floor = bench_minibatch_floor(agent)
+        n_mb = REFERENCE["n_epochs"] * steps_per_iter // REFERENCE["batch_size"]
+        best_update_ms = min(t["update_s"] for t in times) / n_mb * 1e3
+        min_rollout = min(t["rollout_s"] for t in times)
+        floor.update(minibatches_per_iteration=n_mb, ppo_update_ms_per_minibatch=round(best_update_ms, 2),
+                     ppo_overhead_over_floor=round(best_update_ms / floor["ms_per_minibatch"], 2),
+                     ceiling_steps_per_s_free_rollouts=round(
+                         steps_per_iter / (n_mb * floor["ms_per_minibatch"] / 1e3), 1),
+                     ceiling_steps_per_s_measured_rollouts=round(
+                         steps_per_iter / (n_mb * floor["ms_per_minibatch"] / 1e3 + min_rollout), 1))
+        g, a = geo.n_genes, int(table.shape[1])
+        e1, e2 = 512, 128
+        naive_fwd = 2 * 2 * (g * e1 + e1 * e2) + 2 * (256 * 256 + 256 * 64 + 64 * a + 256 * 128 + 128 * 64 + 64)
+        return dict(genes=g, actions=a, cells=geo.n_cells, types=geo.n_types, **REFERENCE, threads=threads,
+                    native_kernels=bool(agent._lowrank), iterations=its, minibatch_floor=floor,
+                    steps_per_s=best["steps_per_s"],
+                    median_steps_per_s=sorted(r["steps_per_s"] for r in its)[len(its) // 2],
+                    mean_steps_per_s=round(len(its) * steps_per_iter / self.wall, 1),
+                    achieved_gflop_per_s=best["gflop_per_s"],
+                    executed_mflop_per_sample_iteration=round(best["gflop"] * 1e3 / steps_per_iter, 1),
+                    naive_mflop_per_sample_forward=round(naive_fwd / 1e6, 2),
+                    naive_mflop_per_sample_iteration=round(naive_fwd * (1 + 3 * REFERENCE["n_epochs"]) / 1e6, 1),
+                    n_params=int(sum(p.numel() for p in agent.policy.parameters())))
+
+
+def bench_training(geo, table, iterations: int, threads: int, natives: tuple[bool, ...] = (True,)) -> list[dict]:
+    """End-to-end PPO training, one agent per entry of ``natives``; their iterations alternate (A B A B ...),
+    so that a shared machine's drifting speed hits both alike."""
+    runs = [_TrainingRun(geo, table, n) for n in natives]
+    for _ in range(iterations):
+        for r in runs:
+            r.iteration()
+    return [r.result(geo, table, threads) for r in runs]
 
 
 def main() -> None:
@@ -249,9 +272,10 @@ def main() -> None:
             mm = matmul_flops([(64, 3000, 512), (512, 64, 3000), (8, 3000, 512), (2048, 2048, 2048)])
             rec["matmul_gflop_per_s"][f"{nt}_threads"] = mm
             print("matmul", nt, "threads", mm, flush=True)
-            runs = [("demo", demo, True), ("3000_genes", big, True), ("3000_genes_torch_only", big, False)]
-            for name, (m, table, geo), native in runs:
-                r = bench_training(geo, table, args.iterations, nt, native)
+            results = [("demo", demo, r) for r in bench_training(demo[2], demo[1], args.iterations, nt)]
+            pair = bench_training(big[2], big[1], args.iterations, nt, natives=(True, False))
+            results += [("3000_genes", big, pair[0]), ("3000_genes_torch_only", big, pair[1])]
+            for name, (m, table, geo), r in results:
                 r["load_average"] = [round(x, 2) for x in os.getloadavg()]
                 # executed FLOPs (unique targets embedded once) and what the naive network would have cost
                 r["reference_equivalent_gflop_per_s"] = round(
@@ -280,9 +304,12 @@ def main() -> None:
         summary["training_steps_per_s_3000_genes_all_iterations"] = [
             it["steps_per_s"] for v in big_runs.values() for it in v["iterations"]]
         if torch_runs:
-            best_torch = max(v["steps_per_s"] for v in torch_runs.values())
-            summary["training_steps_per_s_3000_genes_torch_only"] = best_torch
-            summary["native_over_torch_only"] = round(summary["training_steps_per_s_3000_genes"] / best_torch, 2)
+            summary["training_steps_per_s_3000_genes_torch_only"] = max(v["steps_per_s"] for v in torch_runs.values())
+            summary["training_steps_per_s_3000_genes_torch_only_all_iterations"] = [
+                it["steps_per_s"] for v in torch_runs.values() for it in v["iterations"]]
+            summary["native_over_torch_only_median"] = round(
+                max(v["median_steps_per_s"] for v in big_runs.values())
+                / max(v["median_steps_per_s"] for v in torch_runs.values()), 2)
         summary["minibatch_floor_3000_genes"] = {k: v["minibatch_floor"] for k, v in rec["training"].items()
                                                  if k.startswith("3000_genes")}
         summary["targets"] = {"raw_env_steps_per_s": 100_000, "training_steps_per_s": 500,

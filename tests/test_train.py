@@ -127,6 +127,19 @@ def test_first_layers_update_from_gradient_factors(small):
     assert layers[1].pending[0][1].shape[0] < 16            # target layer saw only the unique centroids
 
 
+def test_lean_evaluate_actions_is_sb3s_bit_for_bit(small):
+    m, table = small
+    agent = build_agent(make_vec_env(m, table, {}, 4), {**TINY, "device": "cpu"})
+    agent.learn(2 * TINY["n_steps"] * 4)
+    rd = next(agent.rollout_buffer.get(TINY["batch_size"]))
+    acts = rd.actions.long().flatten()
+    assert not rd.action_masks.all()                         # some actions are masked
+    ref = agent.policy.evaluate_actions(rd.observations, acts, action_masks=rd.action_masks)
+    lean = agent._evaluate_actions(rd.observations, acts, rd.action_masks)
+    for name, a, b in zip(("values", "log_prob", "entropy"), ref, lean):
+        assert th.equal(a, b), name
+
+
 def test_lowrank_adam_steps_like_torch_adam():
     """LowRankLinear + LowRankAdam vs nn.Linear + torch's fused Adam: same weights after steps with gradient
     accumulation (two backward passes), a gradient scale and inference in between."""
