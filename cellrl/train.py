@@ -22,6 +22,7 @@ interrupted at step k and resumed ends with the same weights as an uninterrupted
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -33,7 +34,7 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch as th
@@ -54,6 +55,7 @@ from .errors import InputError
 from .io import atomic_path, write_json
 from .model import OracleModel, load_model
 from .tasks import TaskGeometry, validate_table
+from .xp import blas_threads
 
 log = logging.getLogger("cellrl.train")
 
@@ -158,21 +160,21 @@ class LowRankLinear(th.nn.Linear):
         self.lib = None                                   # the native kernels (set by LowRankAdam.attach)
         self.pending: list[tuple[th.Tensor, th.Tensor]] = []
 
+    @staticmethod
+    def _few_rows(x: th.Tensor) -> bool:
+        return x.dim() == 2 and x.shape[0] <= SMALL_BATCH_ROWS and x.dtype == th.float32
+
     def product(self, x: th.Tensor) -> th.Tensor:
         """``x @ weight.T``: one pass over the weight for a few rows, else BLAS."""
-        if x.dim() == 2 and x.shape[0] <= SMALL_BATCH_ROWS and x.dtype == th.float32:
+        if self._few_rows(x):
             return kernels.linear_forward(self.lib, self.weight, x, th.get_num_threads())
         return x @ self.weight.t()
 
     def forward(self, x: th.Tensor) -> th.Tensor:
-        if not self.lowrank:
+        training = th.is_grad_enabled() and self.weight.requires_grad
+        if not self.lowrank or not (training or self._few_rows(x)):
             return F.linear(x, self.weight, self.bias)
-        if th.is_grad_enabled() and self.weight.requires_grad:
-            y = _LowRankMatmul.apply(x, self.weight, self)
-        elif x.dim() == 2 and x.shape[0] <= SMALL_BATCH_ROWS and x.dtype == th.float32:
-            y = self.product(x)
-        else:
-            return F.linear(x, self.weight, self.bias)
+        y = _LowRankMatmul.apply(x, self.weight, self) if training else self.product(x)
         return y + self.bias if self.bias is not None else y
 
     def lowrank_sq_norm(self) -> float:
@@ -365,21 +367,18 @@ class _RolloutBuffer(MaskableDictRolloutBuffer):
             action_masks=t(self.action_masks[batch_inds].reshape(-1, self.mask_dims)))
 
 
-class _LeanSection:
+@contextlib.contextmanager
+def _lean_section() -> Iterator[None]:
     """Rollouts and updates: skip torch.distributions' argument validation (it re-checks every masked
     Categorical's logits; values unchanged) and hold NumPy's BLAS to one thread (the env's small products do
     not need more, and BLAS threads competing with torch's for 2 cores slowed a rollout 10x)."""
-
-    def __enter__(self) -> None:
-        from threadpoolctl import threadpool_limits
-
-        self._before = th.distributions.Distribution._validate_args
-        th.distributions.Distribution.set_default_validate_args(False)
-        self._blas = threadpool_limits(limits=1, user_api="blas")
-
-    def __exit__(self, *exc: Any) -> None:
-        self._blas.restore_original_limits()
-        th.distributions.Distribution.set_default_validate_args(self._before)
+    before = th.distributions.Distribution._validate_args
+    th.distributions.Distribution.set_default_validate_args(False)
+    try:
+        with blas_threads(1):
+            yield
+    finally:
+        th.distributions.Distribution.set_default_validate_args(before)
 
 
 class CellrlMaskablePPO(MaskablePPO):
@@ -406,7 +405,7 @@ class CellrlMaskablePPO(MaskablePPO):
 
     def collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps: int, use_masking: bool = True
                          ) -> bool:
-        with _LeanSection():
+        with _lean_section():
             return self._collect_rollouts(env, callback, rollout_buffer, n_rollout_steps, use_masking)
 
     def _collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps: int, use_masking: bool) -> bool:
@@ -503,7 +502,7 @@ class CellrlMaskablePPO(MaskablePPO):
             opt.found_inf = None
 
     def train(self) -> None:
-        with _LeanSection():
+        with _lean_section():
             self._train()
 
     def _train(self) -> None:

@@ -53,7 +53,6 @@ CellOracle's ``calculate_embedding_shift`` allocates several dense cells x cells
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -76,7 +75,7 @@ import scipy.sparse as sp
 from .errors import ConfigError, InputError
 from .io import save_npy, write_json, write_table
 from .model import OracleModel, load_model
-from .xp import cupy_available, get_xp, to_numpy
+from .xp import blas_threads, cupy_available, get_xp, to_numpy
 
 log = logging.getLogger("cellrl.transitions")
 
@@ -815,15 +814,6 @@ def chunk_workers(xp: ModuleType, threads: int | None, n_chunks: int) -> int:
     return max(1, min(n, n_chunks))
 
 
-def _blas_threads(n: int | None):
-    """Context manager: BLAS limited to ``n`` threads (no-op for None); chunk threads must not oversubscribe."""
-    if n is None:
-        return contextlib.nullcontext()
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=n, user_api="blas")
-
-
 def compute_table(model: OracleModel, settings: TransitionSettings | dict | None = None,
                   chunk_dir: str | Path | None = None,
                   on_chunk: Callable[[int, int], None] | None = None,
@@ -905,7 +895,7 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
 
     pool = ThreadPoolExecutor(workers, thread_name_prefix="cellrl-chunk") if workers > 1 else None
     try:
-        with _blas_threads(1 if workers > 1 else None):
+        with blas_threads(1 if workers > 1 else None):  # chunk threads must not oversubscribe
             results = pool.map(work, todo) if pool is not None else map(work, todo)
             for done, (i, next_cell, sn, n_clip) in enumerate(results):
                 cells = chunks[i][1]

@@ -1,12 +1,14 @@
 """Array-module switch: numpy on CPU, CuPy on GPU, one code path.
 
 ``get_xp("auto")`` returns CuPy when it imports and sees a GPU, else numpy. ``to_numpy`` brings arrays home.
+``blas_threads`` caps NumPy's BLAS threads where other threads already use the cores.
 """
 
 from __future__ import annotations
 
+import contextlib
 from types import ModuleType
-from typing import Any
+from typing import Any, ContextManager
 
 import numpy as np
 
@@ -42,3 +44,12 @@ def to_numpy(a: Any) -> np.ndarray:
     if hasattr(a, "get"):
         return a.get()
     return np.asarray(a)
+
+
+def blas_threads(n: int | None) -> ContextManager:
+    """Context manager: NumPy's BLAS limited to ``n`` threads (no-op for None)."""
+    if n is None:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=n, user_api="blas")

@@ -13,7 +13,7 @@ rule train:
         train=settings("train", run=True),
         out_dir=lambda w: f"results/{w.dataset}/models/{w.run}",
         code=code_version("train"),
-    threads: 1  # torch intra-op threads; on 2 cores 1 trains faster (demo: ~1,400 vs ~860 steps/s)
+    threads: 1  # torch intra-op threads: one, so training does not compete with other jobs on small machines
     resources:
         gpu=1,
     log:

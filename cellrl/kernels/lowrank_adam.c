@@ -116,10 +116,10 @@ static inline __attribute__((always_inline)) void rows_update(
 /* Y[j, r + i] = X[j, :] . W[r + i, :] for nr rows of W, JB rows of X at a time. */
 #define JB 4
 static inline __attribute__((always_inline)) void rows_forward(
-        int nr, ptrdiff_t r, const float *W, const float *Xn, ptrdiff_t Kn, ptrdiff_t R, ptrdiff_t C,
-        float *Yn) {
-    for (ptrdiff_t j0 = 0; j0 < Kn; j0 += JB) {
-        int nj = Kn - j0 < JB ? (int)(Kn - j0) : JB;
+        int nr, ptrdiff_t r, const float *W, const float *X, ptrdiff_t K, ptrdiff_t R, ptrdiff_t C,
+        float *Y) {
+    for (ptrdiff_t j0 = 0; j0 < K; j0 += JB) {
+        int nj = K - j0 < JB ? (int)(K - j0) : JB;
         __m512 s[JB][RB];
         for (int j = 0; j < JB; j++)
             for (int i = 0; i < RB; i++) s[j][i] = _mm512_setzero_ps();
@@ -132,7 +132,7 @@ static inline __attribute__((always_inline)) void rows_forward(
             }
             for (int j = 0; j < JB; j++) {
                 if (j >= nj) break;
-                __m512 x = _mm512_maskz_loadu_ps(mk, Xn + (j0 + j) * C + c);
+                __m512 x = _mm512_maskz_loadu_ps(mk, X + (j0 + j) * C + c);
                 for (int i = 0; i < RB; i++) {
                     if (i >= nr) break;
                     s[j][i] = _mm512_fmadd_ps(x, w[i], s[j][i]);
@@ -143,7 +143,7 @@ static inline __attribute__((always_inline)) void rows_forward(
             if (j >= nj) break;
             for (int i = 0; i < RB; i++) {
                 if (i >= nr) break;
-                Yn[(j0 + j) * R + r + i] = _mm512_reduce_add_ps(s[j][i]);
+                Y[(j0 + j) * R + r + i] = _mm512_reduce_add_ps(s[j][i]);
             }
         }
     }
