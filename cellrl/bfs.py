@@ -33,6 +33,8 @@ from .errors import InputError
 log = logging.getLogger(__name__)
 
 UNREACHABLE = -1
+BFS_COLUMNS = ("cell", "cell_name", "start_type", "target_type", "target_id", "length", "reachable",
+               "within_max_steps", "actions", "cells", "plan")  # benchmark/bfs.parquet
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ def check_table(table: np.ndarray, allowed: np.ndarray | None = None) -> None:
         raise InputError(f"transition table must be a 2-D integer array, got {table.dtype} {table.shape}",
                          fix="rebuild it with the transitions rule")
     n = table.shape[0]
+    if table.shape[1] == 0:
+        raise InputError(f"transition table has {n} cells but 0 actions (the model has no active regulator)",
+                         fix="refit the oracle so that it keeps regulators (rule fit_oracle), then rebuild the table")
     if table.size and (int(table.min()) < -1 or int(table.max()) >= n):
         raise InputError(f"transition table holds cell indices outside [0, {n}) (-1 = no transition)",
                          fix="the table and model.npz must come from the same run; rebuild the table")
@@ -218,9 +223,25 @@ def bfs_table(model: Any, table: np.ndarray, geometry: Any, allowed: np.ndarray,
                              target_type=tname, target_id=t, length=d, reachable=d >= 0,
                              within_max_steps=(d >= 0) and (max_steps is None or d <= max_steps),
                              actions=acts, cells=visited, plan=" > ".join(labels[a] for a in acts)))
-    df = pd.DataFrame(rows, columns=["cell", "cell_name", "start_type", "target_type", "target_id", "length",
-                                     "reachable", "within_max_steps", "actions", "cells", "plan"])
+    df = pd.DataFrame(rows, columns=list(BFS_COLUMNS))
     return df, res
+
+
+def read_bfs_table(path: str | Path) -> pd.DataFrame:
+    """Read ``benchmark/bfs.parquet``; InputError naming the file and the rule to rerun when it is missing,
+    unreadable or not a BFS table."""
+    path = Path(path)
+    rerun = f"rerun the bfs rule: snakemake {path} --forcerun bfs"
+    if not path.exists():
+        raise InputError("BFS table not found", path=path, fix=f"run the bfs rule: snakemake {path}")
+    try:
+        df = pd.read_parquet(path)
+    except Exception as e:  # truncated / not parquet (pyarrow raises its own error types)
+        raise InputError(f"cannot read the BFS table ({type(e).__name__}: {e})", path=path, fix=rerun) from e
+    missing = [c for c in BFS_COLUMNS if c not in df.columns]
+    if missing:
+        raise InputError(f"not a BFS table: columns {missing} missing", path=path, fix=rerun)
+    return df
 
 
 def eval_allowed_mask(model: Any, table: np.ndarray) -> np.ndarray:

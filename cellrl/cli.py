@@ -5,8 +5,17 @@
     cellrl plan --model m.npz --table table.npy --agent model.zip --start Stem --target FateA
 
 The start is a cell name, or a cell type (then the test cell of that type closest to its centroid stands for
-it). Exit status: 0 the agent reaches the target; 1 it does not, but a path exists (the BFS optimum is shown);
-2 bad input (unknown cell or type, missing files); 3 the target is unreachable from the start.
+it).
+
+Exit status:
+  0  the agent reaches the target
+  1  the agent does not reach it, but a path exists (the BFS optimum is shown)
+  2  bad input: unknown cell or type, bad option value, missing or unreadable file (model.npz, table.npy,
+     actions.tsv, model.zip, train_summary.json); the message names the file or option and the fix
+  3  the target is unreachable from the start (exact BFS)
+  4  internal error (a bug: please report it with the traceback)
+With --json every outcome prints one JSON object on stdout; errors as
+{"error": "input" | "unreachable" | "internal", "message", "path", "field", "fix", "exit_code"}.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import numpy as np
 
 from .errors import CellrlError, InputError
 
-EXIT_OK, EXIT_AGENT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_OK, EXIT_AGENT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE, EXIT_INTERNAL = 0, 1, 2, 3, 4
 
 
 class UnreachableError(CellrlError):
@@ -61,7 +70,11 @@ def env_settings(train_summary: Path | None, results: str | Path | None, run: st
     """Environment settings of the run: train_summary.json's ``env`` (what the agent was trained with), else
     the dataset's entry in config/config.yaml, else the reference defaults."""
     if train_summary is not None and train_summary.exists():
-        env = json.loads(train_summary.read_text()).get("env")
+        try:
+            env = json.loads(train_summary.read_text()).get("env")
+        except (OSError, ValueError, AttributeError) as e:
+            raise InputError(f"cannot read train_summary.json ({type(e).__name__}: {e})", path=train_summary,
+                             fix="rerun the train rule for this run (it writes train_summary.json)") from e
         if env:
             return dict(env)
     if results:
@@ -208,8 +221,30 @@ def format_plan(p: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+class _UsageError(InputError):
+    """A bad command line (argparse's own errors), reported like any bad input: exit 2, JSON under --json."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(message, fix=f"see `{self.prog} --help`")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cellrl", description="cellrl command line")
+    p = _Parser(prog="cellrl", description="cellrl command line",
+                epilog="exit status of `cellrl plan`: 0 agent reaches the target, 1 it does not (a path exists), "
+                       "2 bad input, 3 target unreachable, 4 internal error; see `cellrl plan --help`")
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("plan", help="plan a perturbation sequence from a start cell to a target cell type",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -221,15 +256,33 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--agent", help="MaskablePPO zip (default: <results>/models/<run>/model.zip)")
     q.add_argument("--start", required=True, help="start cell name, or a cell type (its representative cell)")
     q.add_argument("--target", required=True, help="target cell type")
-    q.add_argument("--max-steps", type=int, help="episode step limit (default: the evaluation limit of the run)")
+    q.add_argument("--max-steps", type=_positive_int,
+                   help="episode step limit, >= 1 (default: the evaluation limit of the run)")
     q.add_argument("--stochastic", action="store_true", help="sample the agent's actions instead of argmax")
     q.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
 
+def _error(kind: str, e: BaseException, code: int, as_json: bool) -> int:
+    """Report an error on stderr (and as one JSON object on stdout under --json); return ``code``."""
+    if as_json:
+        print(json.dumps({"error": kind, "message": str(e), "path": _str(getattr(e, "path", None)),
+                          "field": getattr(e, "field", None), "fix": getattr(e, "fix", None), "exit_code": code}))
+    print(f"cellrl plan: {'error: ' if kind != 'unreachable' else ''}{e}", file=sys.stderr)
+    return code
+
+
+def _str(x: Any) -> str | None:
+    return None if x is None else str(x)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cellrl`` command; returns the exit status (see module docstring)."""
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parser().parse_args(argv)
+    except _UsageError as e:
+        return _error("input", e, EXIT_INPUT, "--json" in argv)
     try:
         from .bfs import load_table
         from .evaluate import action_table, load_agent
@@ -243,15 +296,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         p = plan(model, table, lambda: load_agent(paths["agent"]), args.start, args.target, env=env, actions=acts,
                  deterministic=not args.stochastic, max_steps=args.max_steps)
     except UnreachableError as e:
-        if args.json:
-            print(json.dumps({"error": "unreachable", "message": str(e)}))
-        print(f"cellrl plan: {e}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return _error("unreachable", e, EXIT_UNREACHABLE, args.json)
     except CellrlError as e:
-        if args.json:
-            print(json.dumps({"error": "input", "message": str(e)}))
-        print(f"cellrl plan: error: {e}", file=sys.stderr)
-        return EXIT_INPUT
+        return _error("input", e, EXIT_INPUT, args.json)
+    except Exception as e:  # a bug, not an input problem: keep exit 1 meaning "the agent failed"
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        return _error("internal", e, EXIT_INTERNAL, args.json)
     print(json.dumps(p, indent=2) if args.json else format_plan(p))
     if not p["agent"]["success"]:
         print(f"cellrl plan: the agent does not reach {p['target']['cell_type']} within {p['max_steps']} steps; "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -37,19 +37,94 @@ def load_schema() -> dict[str, Any]:
     return yaml.safe_load(SCHEMA_PATH.read_text())
 
 
-def validate_config(cfg: Mapping[str, Any], source: str | Path = "config") -> None:
-    """Raise ConfigError naming the file, the key path and the problem for the first schema violations."""
+def _contains(data: Any, keys: Sequence[Any]) -> bool:
+    """Whether the nested mapping ``data`` holds the key path ``keys``."""
+    node = data
+    for k in keys:
+        if isinstance(node, Mapping) and k in node:
+            node = node[k]
+        elif isinstance(node, list) and isinstance(k, int) and 0 <= k < len(node):
+            node = node[k]
+        else:
+            return False
+    return True
+
+
+def error_origin(keys: Sequence[Any], layers: Sequence[tuple[str, Mapping[str, Any]]]) -> str | None:
+    """Label of the layer that set the key path ``keys``: the last layer (in merge order) holding the longest
+    prefix of it that any layer holds; None when no layer holds even its first key."""
+    for n in range(len(keys), 0, -1):
+        holders = [label for label, data in layers if _contains(data, keys[:n])]
+        if holders:
+            return holders[-1]
+    return None
+
+
+def _error_keys(e: Any) -> list[list[Any]]:
+    """Key paths a schema error is about: the unexpected keys of an additionalProperties error, the name of a
+    propertyNames error, else the error's own path."""
+    path = list(e.absolute_path)
+    if e.validator == "additionalProperties" and isinstance(e.instance, Mapping):
+        known = set(e.schema.get("properties", {}))
+        extra = [k for k in e.instance if k not in known]
+        if extra:
+            return [path + [k] for k in extra]
+    if "propertyNames" in e.absolute_schema_path:
+        return [path + [e.instance]]
+    return [path]
+
+
+def validate_config(cfg: Mapping[str, Any], source: str | Path = "config",
+                    layers: Sequence[tuple[str, Mapping[str, Any]]] | None = None) -> None:
+    """Raise ConfigError naming the file, the key path and the problem for the first schema violations.
+
+    ``layers``: the (label, raw mapping) pairs merged into ``cfg``, base first (config/config.yaml, each
+    --configfile overlay, --config overrides); each problem then names the layer that set the key, and the
+    message starts with those files instead of ``source``.
+    """
     import jsonschema
 
     validator = jsonschema.Draft202012Validator(load_schema())
     errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
     if errors:
-        lines = []
+        lines, blamed = [], []
         for e in errors[:10]:
             key = ".".join(str(p) for p in e.absolute_path) or "<top level>"
-            lines.append(f"  {key}: {e.message}")
-        raise ConfigError(f"{source}: invalid configuration (see config/schema.yaml and config/README.md):\n"
+            msg = e.message
+            if "propertyNames" in e.absolute_schema_path:  # a dataset or run name
+                msg = (f"name {e.instance!r} is not allowed: use only letters, digits and _ . - (the name becomes "
+                       "results/<name>/ and a Snakemake wildcard value; spaces, ';' or '/' break both)")
+            origins = [o for o in dict.fromkeys(error_origin(k, layers) for k in _error_keys(e)) if o] \
+                if layers else []
+            if origins:
+                msg += f" (set in {', '.join(origins)})"
+                blamed += [o for o in origins if o not in blamed]
+            lines.append(f"  {key}: {msg}")
+        head = ", ".join(blamed) if blamed else str(source)
+        raise ConfigError(f"{head}: invalid configuration (see config/schema.yaml and config/README.md):\n"
                           + "\n".join(lines))
+
+
+def config_layers(base: str | Path, overlays: Sequence[str | Path] = (),
+                  overrides: Mapping[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """The raw layers Snakemake merges, base first: ``base``, each --configfile overlay (shown relative to the
+    working directory when inside it), then --config overrides; for :func:`validate_config`'s attribution."""
+    def label(p: Path) -> str:
+        try:
+            return str(p.resolve().relative_to(Path.cwd().resolve()))
+        except ValueError:
+            return str(p)
+
+    layers = []
+    for p in [Path(base), *map(Path, overlays)]:
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except (OSError, yaml.YAMLError):  # unreadable here: Snakemake reports it; attribute nothing to it
+            data = {}
+        layers.append((label(p), data if isinstance(data, Mapping) else {}))
+    if overrides:
+        layers.append(("--config overrides", dict(overrides)))
+    return layers
 
 
 def load_config(path: str | Path = DEFAULT_CONFIG, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -21,7 +21,7 @@ class InputError(CellrlError, ValueError):
         if fix:
             msg += f"\n  fix: {fix}"
         super().__init__(msg)
-        self.path, self.field, self.fix = path, field, fix
+        self.what, self.path, self.field, self.fix = what, path, field, fix
 
 
 class ConfigError(CellrlError, ValueError):

@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .bfs import BfsResult, eval_allowed_mask, load_table, shortest_paths
+from .bfs import BfsResult, eval_allowed_mask, load_table, read_bfs_table, shortest_paths
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,11 @@ def action_table(n_actions: int, regulators: Sequence[str], actions_path: str | 
     knockouts and R..2R-1 overexpressions of ``regulators``.
     """
     if actions_path is not None and Path(actions_path).exists():
-        df = pd.read_csv(actions_path, sep="\t")
+        try:
+            df = pd.read_csv(actions_path, sep="\t")
+        except Exception as e:  # binary, empty or malformed file
+            raise InputError(f"cannot read the actions table ({type(e).__name__}: {e})", path=actions_path,
+                             fix="rebuild it with the transitions rule") from e
         missing = {"gene", "kind"} - set(df.columns)
         if missing:
             raise InputError(f"actions table lacks columns {sorted(missing)}", path=actions_path,
@@ -656,7 +660,12 @@ def _check_bfs(bfs_df: pd.DataFrame, res: BfsResult, model: Any) -> None:
     """bfs.parquet must match the distances recomputed here (else it is stale)."""
     if bfs_df.empty:
         return
-    d = res.dist[bfs_df.cell.to_numpy(np.int64), bfs_df.target_id.to_numpy(np.int64)]
+    cells, tids = bfs_df.cell.to_numpy(np.int64), bfs_df.target_id.to_numpy(np.int64)
+    if cells.min() < 0 or cells.max() >= res.dist.shape[0] or tids.min() < 0 or tids.max() >= res.dist.shape[1]:
+        raise InputError(f"bfs.parquet refers to cells or target types outside this model ({res.dist.shape[0]} "
+                         f"cells, {res.dist.shape[1]} types)", field="bfs",
+                         fix="bfs.parquet is stale: rerun the bfs rule")
+    d = res.dist[cells, tids]
     bad = d != bfs_df.length.to_numpy()
     if bad.any():
         raise InputError(f"bfs.parquet disagrees with the transition table on {int(bad.sum())} pairs",
@@ -682,7 +691,7 @@ def evaluate_files(model: str | Path, table: str | Path, actions: str | Path | N
     tab = load_table(table, m.n_cells)
     acts = action_table(tab.shape[1], m.regulators, actions)
     ag = load_agent(agent)
-    bfs_df = pd.read_parquet(bfs) if bfs is not None and Path(bfs).exists() else None
+    bfs_df = read_bfs_table(bfs) if bfs is not None and Path(bfs).exists() else None
     tr = json.loads(Path(truth).read_text()) if truth else None
     tset = None
     if transition_stats is not None and Path(transition_stats).exists():

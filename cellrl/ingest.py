@@ -6,17 +6,22 @@ The dataset's ``rna:`` entry of the config declares everything (see config/READM
   directory with ``matrix.mtx[.gz]``, ``features.tsv[.gz]`` or ``genes.tsv[.gz]``, ``barcodes.tsv[.gz]``) |
   ``csv`` | ``tsv`` (first column = row names, first row = column names);
 * ``genes_as_rows``: required for csv/tsv (``true`` when rows are genes, e.g. BEELINE's ExpressionData.csv);
-  for h5ad ``true`` transposes; ignored for 10x (always genes x cells on disk, read as cells x genes);
+  for h5ad ``true`` transposes; ignored for 10x (always genes x cells on disk, read as cells x genes). A matrix
+  whose "genes" look like cell names (barcodes, one shared name pattern) while its "cells" look like gene
+  symbols or Ensembl IDs is refused as transposed;
+* ``layer`` (h5ad): the matrix to read, ``X`` (default), ``raw`` (``.raw.X`` and its genes) or a name in
+  ``.layers``; scaled (negative) values are refused with the unscaled alternatives the file holds;
 * ``expression``: ``counts`` (non-negative integers, checked) or ``lognorm`` (log-normalised, non-negative);
 * ``cell_type``: one of ``obs_column`` (a column of the h5ad's obs), ``table`` (CSV/TSV with columns ``cell``
   and ``cell_type``; cells absent from the table are dropped with a warning) or ``from_name_regex`` (a regex
   with one capture group searched in each cell name, e.g. ``_(\\d+h)_`` for ``RamDA_mESC_00h_A04``). With none
   set, no labels are attached and the filter stage clusters cells with Leiden.
 
-Output: X = the matrix as given (CSR float32), ``obs["cell_type"]`` (str, when labelled), gene symbols
-normalised (``capitalize``: ``POU5F1`` -> ``Pou5f1``; ``upper``; ``as_is``) and made unique,
-``uns["cellrl"]`` with ``expression`` and provenance. Every problem raises ``InputError`` naming the file, the
-field and the fix; nothing is written then.
+Output: X = the matrix as given (CSR float32), ``obs["cell_type"]`` (str, when labelled; at least two types),
+gene symbols normalised (``capitalize``: ``POU5F1`` -> ``Pou5f1``; ``upper``; ``as_is``; Ensembl IDs are kept
+as they are) and made unique (with a warning naming the repeats), ``uns["cellrl"]`` with ``expression`` and
+provenance. Every problem raises ``InputError`` naming the file, the field (``datasets.<name>.rna...`` when the
+dataset is known) and the fix; nothing is written then.
 """
 
 from __future__ import annotations
@@ -38,18 +43,42 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("h5ad", "10x_h5", "10x_mtx", "csv", "tsv")
 GENE_SYMBOLS = ("as_is", "capitalize", "upper")
+ENSEMBL_ID = re.compile(r"^ENS[A-Z]*G\d+(\.\d+)?$")  # ENSG00000141510, ENSMUSG00000000001.3: never re-cased
+_BARCODE = re.compile(r"[ACGT]{10,}")  # a 10x / Drop-seq cell barcode somewhere in the name
+_SYMBOL = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*$")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # readers: each returns (X cells x genes, cell names, gene names, obs DataFrame or None)
 # ---------------------------------------------------------------------------------------------------------
-def _read_h5ad(path: Path, transpose: bool):
+def _read_h5ad(path: Path, transpose: bool, layer: str | None = None):
+    """The h5ad's matrix ``layer`` (X, raw or a name in .layers) and the other matrices it holds."""
     import anndata as ad
 
     a = ad.read_h5ad(path)
+    others = (["raw"] if a.raw is not None else []) + [str(k) for k in a.layers]
+    layer = layer or "X"
+    if layer == "X":
+        X, var = a.X, a.var
+    elif layer == "raw":
+        if a.raw is None:
+            raise InputError("rna.layer is 'raw' but the h5ad has no .raw", path=path, field="rna.layer",
+                             fix=f"set rna.layer to X or one of its layers {list(a.layers)}")
+        X, var = a.raw.X, a.raw.var
+    elif layer in a.layers:
+        X, var = a.layers[layer], a.var
+    else:
+        raise InputError(f"no layer {layer!r} in the h5ad (layers: {list(a.layers)}, .raw: "
+                         f"{'yes' if a.raw is not None else 'no'})", path=path, field="rna.layer",
+                         fix="set rna.layer to X, raw (when .raw exists) or one of the layers listed")
+    if X is None:
+        raise InputError("the h5ad has no X matrix", path=path, field="rna.layer",
+                         fix=f"set rna.layer to one of {others}" if others else "write the matrix into X")
+    others = [o for o in ["X"] + others if o != layer]
+    cells, genes, obs = list(map(str, a.obs_names)), list(map(str, var.index)), a.obs.copy()
     if transpose:
-        a = a.T
-    return a.X, list(map(str, a.obs_names)), list(map(str, a.var_names)), a.obs.copy()
+        X, cells, genes, obs = X.T, genes, cells, var.copy()
+    return X, cells, genes, obs, others
 
 
 def _read_10x_h5(path: Path):
@@ -133,11 +162,16 @@ def _read_delimited(path: Path, sep: str, genes_as_rows: bool | None):
     if df.shape[0] == 0 or df.shape[1] == 0:
         raise InputError(f"empty table ({df.shape[0]} rows x {df.shape[1]} columns)", path=path, field="rna.path",
                          fix="check the file and rna.format (csv = comma, tsv = tab)")
-    nonnum = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+    nonnum = [c for c, t in df.dtypes.items() if not pd.api.types.is_numeric_dtype(t)]
     if nonnum:
         raise InputError(f"{len(nonnum)} non-numeric column(s), e.g. {nonnum[:3]}", path=path, field="rna.path",
                          fix="the first column must hold the row names and every other column numbers; "
                              "check rna.format (csv vs tsv)")
+    # pandas renames repeated column names (Sox2, Sox2.1) silently: restore them so that the repeats are
+    # reported and made unique like repeated row names
+    header = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0].tolist()
+    if len(header) == df.shape[1] + 1:
+        df.columns = pd.Index(header[1:])
     if genes_as_rows:
         df = df.T
     X = sp.csr_matrix(df.to_numpy(dtype=np.float64))
@@ -146,19 +180,66 @@ def _read_delimited(path: Path, sep: str, genes_as_rows: bool | None):
 
 # ---------------------------------------------------------------------------------------------------------
 def normalise_symbols(names: list[str], mode: str) -> list[str]:
-    """Gene symbols as configured: ``capitalize`` (Pou5f1), ``upper`` (POU5F1) or ``as_is``."""
+    """Gene symbols as configured: ``capitalize`` (Pou5f1), ``upper`` (POU5F1) or ``as_is``; Ensembl IDs
+    (``ENSMUSG00000000001``, optionally ``.version``) are left unchanged in every mode."""
     if mode == "as_is":
         return list(names)
     if mode == "capitalize":
-        return [n[:1].upper() + n[1:].lower() for n in names]
+        return [n if ENSEMBL_ID.match(n) else n[:1].upper() + n[1:].lower() for n in names]
     if mode == "upper":
-        return [n.upper() for n in names]
+        return [n if ENSEMBL_ID.match(n) else n.upper() for n in names]
     raise ConfigError(f"ingest.gene_symbols must be one of {GENE_SYMBOLS}, got {mode!r}")
 
 
-def check_values(X: Any, expression: str, path: object) -> None:
-    """Raise InputError when values are NaN/inf, negative, or non-integer for ``expression: counts``."""
+def _name_shape(name: str) -> str:
+    """Character classes of a name with runs collapsed: ``RamDA_mESC_00h_A04`` -> ``AaA_aA_9a_A9``."""
+    s = re.sub(r"[A-Z]+", "A", name)
+    s = re.sub(r"[a-z]+", "a", s)
+    return re.sub(r"[0-9]+", "9", s)
+
+
+def _name_stats(names: list[str]) -> dict[str, float]:
+    """Fractions of names that look like barcodes, Ensembl IDs or gene symbols, and the share of the most
+    common name shape (cell names share one; gene symbols at most ~0.7 in real data)."""
+    step = max(1, len(names) // 2000)  # an even sample is enough and keeps this O(2000)
+    sample = names[::step]
+    n = len(sample)
+    shapes = pd.Series([_name_shape(x) for x in sample]).value_counts()
+    return {"barcode": sum(bool(_BARCODE.search(x)) for x in sample) / n,
+            "ensembl": sum(bool(ENSEMBL_ID.match(x)) for x in sample) / n,
+            "symbol": sum(bool(_SYMBOL.match(x)) for x in sample) / n,
+            "shape": float(shapes.iloc[0]) / n}
+
+
+def transposed_reason(cells: list[str], genes: list[str]) -> str | None:
+    """Why a cells x genes matrix looks transposed (its genes named like cells, its cells like genes), or None.
+
+    Signals: most "genes" carry a cell barcode while no "cell" does; most "cells" are Ensembl gene IDs while no
+    "gene" is; or every "gene" shares one name shape with a running number (``c0``, ``cell00042``,
+    ``RamDA_mESC_00h_A04``) while the "cells" look like varied gene symbols. Needs >= 5 names on each axis.
+    """
+    if len(cells) < 5 or len(genes) < 5:
+        return None
+    c, g = _name_stats(cells), _name_stats(genes)
+    if g["barcode"] >= 0.5 and c["barcode"] < 0.1:
+        return f"{g['barcode']:.0%} of the gene names look like cell barcodes (e.g. {genes[:2]})"
+    if c["ensembl"] >= 0.5 and g["ensembl"] < 0.1:
+        return f"{c['ensembl']:.0%} of the cell names are Ensembl gene IDs (e.g. {cells[:2]})"
+    if (g["shape"] >= 0.95 and c["shape"] <= 0.8 and c["symbol"] >= 0.9 and c["barcode"] < 0.1
+            and g["ensembl"] < 0.1 and any(ch.isdigit() for ch in genes[0])):
+        return (f"the {len(genes)} gene names all follow one pattern, as cell names do (e.g. {genes[:3]}), while "
+                f"the {len(cells)} cell names look like gene symbols (e.g. {cells[:3]})")
+    return None
+
+
+def check_values(X: Any, expression: str, path: object, others: list[str] | None = None) -> None:
+    """Raise InputError when values are NaN/inf, negative, or non-integer for ``expression: counts``.
+
+    ``others``: the other matrices of an h5ad (``X``, ``raw``, layer names), suggested as ``rna.layer``.
+    """
     data = X.data if sp.issparse(X) else np.asarray(X).ravel()
+    alt = (f"; this h5ad also holds {others}: read one of them with rna.layer (e.g. rna.layer: "
+           f"{'raw' if 'raw' in others else others[0]})") if others else ""
     if data.size and not np.isfinite(data).all():
         n = int((~np.isfinite(data)).sum())
         raise InputError(f"{n} NaN or infinite value(s) in the expression matrix", path=path, field="rna.path",
@@ -168,14 +249,14 @@ def check_values(X: Any, expression: str, path: object) -> None:
         raise InputError(f"{n} negative value(s) (min {data.min():.3g}) in the expression matrix", path=path,
                          field="rna.expression",
                          fix="give raw counts (expression: counts) or log-normalised values >= 0 "
-                             "(expression: lognorm), not scaled/centred data")
+                             f"(expression: lognorm), not scaled/centred data{alt}")
     if expression == "counts":
         frac = data[np.abs(data - np.round(data)) > 1e-6]
         if frac.size:
             raise InputError(f"expression is declared 'counts' but {frac.size} value(s) are not integers "
                              f"(e.g. {frac[0]:.4g})", path=path, field="rna.expression",
                              fix="set expression: lognorm for log-normalised input, or point rna.path at raw "
-                                 "UMI counts")
+                                 f"UMI counts{alt}")
     elif expression == "lognorm":
         if data.size and np.all(np.abs(data - np.round(data)) < 1e-9) and data.max() > 20:
             log.warning("%s: expression is declared 'lognorm' but every value is an integer up to %g; are these "
@@ -237,14 +318,27 @@ def _cell_types(rna: Mapping[str, Any], cells: list[str], obs: pd.DataFrame | No
     raise ConfigError(f"unknown rna.cell_type key {key!r}")
 
 
-def read_rna(rna: Mapping[str, Any], gene_symbols: str = "capitalize"):
+def read_rna(rna: Mapping[str, Any], gene_symbols: str = "capitalize", dataset: str | None = None):
     """Read the dataset declared by ``rna`` (a dataset's ``rna:`` config entry) into a checked AnnData.
 
     Returns an AnnData (cells x genes, X CSR float32 as given), ``obs["cell_type"]`` (str) when a cell-type
-    source is configured, ``uns["cellrl"]`` = {expression, format, path, gene_symbols, cell_type_source}.
-    Raises InputError (file, field, fix) for a missing/unreadable/empty input, NaN/inf or negative values,
-    non-integer values declared as counts, a missing cell-type column, or no labelled cell.
+    source is configured, ``uns["cellrl"]`` = {expression, format, path, gene_symbols, cell_type_source,
+    dataset}. Raises InputError (file, field, fix) for a missing/unreadable/empty input, a matrix that looks
+    transposed, NaN/inf or negative values, non-integer values declared as counts, a missing cell-type column,
+    no labelled cell, or a single cell type. With ``dataset``, fields read ``datasets.<dataset>.rna...``.
     """
+    try:
+        adata = _read_rna(rna, gene_symbols)
+    except InputError as e:
+        if dataset and e.field and e.field.startswith("rna."):
+            raise InputError(e.what, path=e.path, field=f"datasets.{dataset}.{e.field}", fix=e.fix) from e
+        raise
+    if dataset:
+        adata.uns["cellrl"]["dataset"] = dataset
+    return adata
+
+
+def _read_rna(rna: Mapping[str, Any], gene_symbols: str):
     import anndata as ad
 
     for k in ("path", "format", "expression"):
@@ -259,9 +353,14 @@ def read_rna(rna: Mapping[str, Any], gene_symbols: str = "capitalize"):
         raise InputError("input file not found", path=path, field="rna.path",
                          fix="fix rna.path in config/config.yaml (relative paths start at the project root)")
     genes_as_rows = rna.get("genes_as_rows")
+    layer = rna.get("layer")
+    if fmt != "h5ad" and layer not in (None, "X"):
+        raise InputError(f"rna.layer: {layer} applies to h5ad input only, this is {fmt}", path=path,
+                         field="rna.layer", fix="remove rna.layer (or point rna.path at the h5ad)")
+    others: list[str] = []
     try:
         if fmt == "h5ad":
-            X, cells, genes, obs = _read_h5ad(path, bool(genes_as_rows))
+            X, cells, genes, obs, others = _read_h5ad(path, bool(genes_as_rows), layer)
         elif fmt == "10x_h5":
             X, cells, genes, obs = _read_10x_h5(path)
         elif fmt == "10x_mtx":
@@ -280,12 +379,21 @@ def read_rna(rna: Mapping[str, Any], gene_symbols: str = "capitalize"):
     if n_cells == 0 or n_genes == 0:
         raise InputError(f"empty expression matrix ({n_cells} cells x {n_genes} genes)", path=path,
                          field="rna.path", fix="point rna.path at a non-empty matrix")
+    if fmt in ("csv", "tsv", "h5ad"):  # the formats whose orientation the config declares
+        why = transposed_reason(cells, genes)
+        if why:
+            flip = not bool(genes_as_rows)
+            raise InputError(f"the matrix looks transposed (read as {n_cells} cells x {n_genes} genes): {why}",
+                             path=path, field="rna.genes_as_rows",
+                             fix=f"set rna.genes_as_rows: {str(flip).lower()} (it is "
+                                 f"{'unset' if genes_as_rows is None else str(bool(genes_as_rows)).lower()}): "
+                                 f"{'rows' if flip else 'columns'} of the file are the genes")
     X = sp.csr_matrix(X, dtype=np.float32) if not sp.issparse(X) else X.tocsr().astype(np.float32)
     X.eliminate_zeros()
     if X.nnz == 0:
         raise InputError(f"expression matrix ({n_cells} x {n_genes}) holds only zeros", path=path,
                          field="rna.path", fix="point rna.path at the real matrix")
-    check_values(X, expression, path)
+    check_values(X, expression, path, others)
 
     labels, ct_source = _cell_types(rna, cells, obs, path)
     obs_out = obs.copy() if obs is not None else pd.DataFrame(index=pd.Index(cells))
@@ -302,16 +410,22 @@ def read_rna(rna: Mapping[str, Any], gene_symbols: str = "capitalize"):
                         int(missing.sum()), n_cells, ct_source, [cells[i] for i in np.flatnonzero(missing)[:3]])
             keep = np.flatnonzero(~missing)
             X, obs_out, labels = X[keep], obs_out.iloc[keep], labels.iloc[keep]
+        kinds = sorted(set(labels.astype(str)))
+        if len(kinds) < 2:
+            key = next(k for k, v in (rna.get("cell_type") or {}).items() if v not in (None, ""))
+            raise InputError(f"every cell has the same cell type ({kinds[0]!r}, from {ct_source}); a plan needs "
+                             "a start type and a different target type", path=path, field=f"rna.cell_type.{key}",
+                             fix="point rna.cell_type at a source with at least two types (another obs column, "
+                                 "a table, a regex), or remove rna.cell_type so that the filter stage clusters "
+                                 "the cells (Leiden)")
         obs_out["cell_type"] = pd.Categorical(labels.astype(str).to_numpy())
 
-    var = pd.DataFrame(index=pd.Index(normalise_symbols(genes, gene_symbols)))
+    symbols = normalise_symbols(genes, gene_symbols)
+    var = pd.DataFrame(index=pd.Index(symbols))
     var["original_symbol"] = genes
     adata = ad.AnnData(X=X, obs=obs_out, var=var)
     if adata.var_names.has_duplicates:
-        n = int(adata.var_names.duplicated().sum())
-        log.warning("%s: %d duplicated gene symbol(s) after '%s' normalisation (e.g. %s); made unique with "
-                    "suffixes -1, -2, ...", path, n, gene_symbols,
-                    list(adata.var_names[adata.var_names.duplicated()][:3]))
+        _warn_duplicate_genes(path, genes, symbols, gene_symbols)
         adata.var_names_make_unique()
     if adata.obs_names.has_duplicates:
         log.warning("%s: %d duplicated cell name(s); made unique", path, int(adata.obs_names.duplicated().sum()))
@@ -327,7 +441,27 @@ def read_rna(rna: Mapping[str, Any], gene_symbols: str = "capitalize"):
     return adata
 
 
-def ingest_file(rna: Mapping[str, Any], out_path: str | Path, gene_symbols: str = "capitalize") -> Path:
+def _warn_duplicate_genes(path: object, genes: list[str], symbols: list[str], mode: str) -> None:
+    """Log which gene names repeat (in the file, or only after symbol normalisation) and how they are kept."""
+    in_file = pd.Index(genes)
+    rep_file = sorted(set(in_file[in_file.duplicated()]))
+    sym = pd.Index(symbols)
+    from_file = set(rep_file)
+    rep_sym = sorted(set(sym[sym.duplicated()]) - {s for g, s in zip(genes, symbols) if g in from_file})
+    parts = []
+    if rep_file:
+        parts.append(f"{len(rep_file)} gene name(s) occur more than once in the file: {rep_file[:10]}"
+                     f"{' ...' if len(rep_file) > 10 else ''}")
+    if rep_sym:
+        parts.append(f"{len(rep_sym)} symbol(s) collide after ingest.gene_symbols: {mode}: {rep_sym[:10]}"
+                     f"{' ...' if len(rep_sym) > 10 else ''}")
+    log.warning("%s: %s. Every copy is kept as its own gene: the first under its name, the next ones renamed "
+                "<name>-1, <name>-2, ... (only the first matches the base GRN); merge or drop them in the input "
+                "if they are the same gene", path, "; ".join(parts))
+
+
+def ingest_file(rna: Mapping[str, Any], out_path: str | Path, gene_symbols: str = "capitalize",
+                dataset: str | None = None) -> Path:
     """Read the dataset (see ``read_rna``) and write it to ``out_path`` (``rna/raw.h5ad``) atomically."""
-    adata = read_rna(rna, gene_symbols=gene_symbols)
+    adata = read_rna(rna, gene_symbols=gene_symbols, dataset=dataset)
     return write_h5ad(out_path, adata)

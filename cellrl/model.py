@@ -26,6 +26,8 @@ meta                  () str                 JSON: parameters used, dataset name
 from __future__ import annotations
 
 import json
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,8 +130,9 @@ class OracleModel:
         return save_npz(path, **arrays)
 
 
-def load_model(path: str | Path) -> OracleModel:
-    """Load ``model.npz``; raise InputError naming the file when missing or malformed."""
+def load_model(path: str | Path, require_regulators: bool = True) -> OracleModel:
+    """Load ``model.npz``; raise InputError naming the file when missing, malformed or (``require_regulators``)
+    without any active regulator, i.e. no action for transitions, BFS, training or planning."""
     path = Path(path)
     if not path.exists():
         raise InputError("model file not found", path=path, fix="run `snakemake <results>/oracle/model.npz` first")
@@ -147,9 +150,15 @@ def load_model(path: str | Path) -> OracleModel:
         )
     except KeyError as e:
         raise InputError(f"model.npz lacks array {e}", path=path, fix="rebuild it with the fit_oracle rule") from e
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read model.npz ({e})", path=path, fix="rebuild it with the fit_oracle rule") from e
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # truncated or not an npz
+        raise InputError(f"cannot read model.npz ({type(e).__name__}: {e})", path=path,
+                         fix="rebuild it with the fit_oracle rule") from e
     m.validate(path)
+    if require_regulators and m.n_regulators == 0:
+        raise InputError("the model has 0 active regulators, so there is no action to simulate or plan with",
+                         path=path, field="regulators",
+                         fix="refit with looser oracle.p_cutoff / larger oracle.top_n_links or a base GRN whose TFs "
+                             "are expressed (fit_oracle now refuses such a fit), then rerun fit_oracle")
     return m
 
 

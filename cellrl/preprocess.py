@@ -97,6 +97,16 @@ def filter_adata(adata, regulators: Iterable[str] = (), expression: str = "count
     has_types = "cell_type" in adata.obs.columns
     obs = adata.obs.copy()
     var = pd.DataFrame(index=adata.var_names.copy())
+    dataset = adata.uns.get("cellrl", {}).get("dataset")
+    ds = f"datasets.{dataset}." if dataset else ""
+    regs = set(regulators)
+    if regs and not regs & set(var.index):
+        # the base GRN's TFs name the cells, not the genes: the matrix was read the wrong way round
+        as_cells = sorted(regs & set(map(str, adata.obs_names)))
+        if as_cells:
+            raise InputError(f"no base-GRN TF is among the genes, but {len(as_cells)} are cell names (e.g. "
+                             f"{as_cells[:3]}): the matrix is transposed", path=source, field=f"{ds}rna.genes_as_rows",
+                             fix="flip rna.genes_as_rows in the dataset's rna entry; ingest then reruns")
 
     # 1. QC ---------------------------------------------------------------------------------------------
     ok = _nnz_per_row(X) >= min_genes
@@ -110,6 +120,12 @@ def filter_adata(adata, regulators: Iterable[str] = (), expression: str = "count
         raise InputError(f"QC removed every cell (min_genes={min_genes}, min_counts={min_counts})", path=source,
                          field="filter.min_genes / filter.min_counts", fix="lower the QC thresholds")
     X, obs = X[np.flatnonzero(ok)], obs.iloc[np.flatnonzero(ok)]
+    if has_types and obs["cell_type"].nunique() < 2:
+        raise InputError(f"after QC every cell has the same cell type ({obs['cell_type'].iloc[0]!r}); a plan needs "
+                         "a start type and a different target type", path=source,
+                         field=f"{ds}rna.cell_type / filter.min_genes / filter.min_counts",
+                         fix="give at least two cell types (rna.cell_type) or lower the QC thresholds that "
+                             "removed the other types' cells")
     gene_ok = np.bincount(X.indices, minlength=X.shape[1]) >= min_cells_per_gene
     if gene_ok.sum() < 2:
         raise InputError(f"QC left {int(gene_ok.sum())} gene(s) detected in >= {min_cells_per_gene} cells",
@@ -132,7 +148,6 @@ def filter_adata(adata, regulators: Iterable[str] = (), expression: str = "count
     counts = X if expression == "counts" else X.copy()
     if expression == "lognorm":
         counts.data = np.expm1(counts.data)
-    regs = set(regulators)
     var["regulator"] = var.index.isin(regs)
     n_reg = int(var["regulator"].sum())
     if X.shape[1] <= n_top_genes:
@@ -203,6 +218,15 @@ def filter_adata(adata, regulators: Iterable[str] = (), expression: str = "count
         ct_source = f"leiden (igraph, resolution {leiden_resolution})"
     out.obs["cell_type"] = pd.Categorical(lab.to_numpy(), categories=sorted(lab.unique()))
     sizes = out.obs["cell_type"].value_counts()
+    if len(sizes) < 2 and has_types:  # rare: checked after QC, but dropping empty cells can remove a type
+        raise InputError(f"every remaining cell has the same cell type ({sizes.index[0]!r})", path=source,
+                         field=f"{ds}rna.cell_type", fix="give at least two cell types with enough cells")
+    if len(sizes) < 2:
+        raise InputError(f"Leiden found a single cluster in {out.n_obs} cells at resolution {leiden_resolution}; "
+                         "a plan needs a start type and a different target type", path=source,
+                         field="filter.leiden_resolution",
+                         fix=f"raise filter.leiden_resolution (e.g. {2 * leiden_resolution:g}) or give cell types "
+                             f"with {ds or 'datasets.<name>.'}rna.cell_type")
     small = sizes[sizes < 10]
     if len(small):
         log.warning("cell types with fewer than 10 cells (CellOracle fits these poorly): %s", dict(small))

@@ -104,6 +104,10 @@ def split_file(filtered_path: str | Path, out_path: str | Path, train: float = 0
                          fix="re-run the filter rule (it always writes obs['cell_type'])")
     ct = pd.Series(a.obs["cell_type"].astype(str).to_numpy(), index=a.obs_names.astype(str))
     a.file.close()
+    if ct.nunique() < 2:  # ingest and filter refuse this; a hand-made filtered.h5ad may not
+        raise InputError(f"every cell has the same cell type ({ct.iloc[0]!r}); a plan needs two types", path=p,
+                         field="cell_type", fix="give at least two cell types (datasets.<name>.rna.cell_type) and "
+                                                "re-run ingest and filter")
     df = split_cells(ct, train=train, val=val, test=test, seed=seed)
     report: dict[str, Any] = {"fractions": {"train": train, "val": val, "test": test}, "seed": seed,
                               "n_cells": int(len(df)), "totals": df["split"].value_counts().to_dict(),
