@@ -16,9 +16,10 @@ The steps are CellOracle's tutorial (celloracle 0.20.0), with the settings of th
 4. ``get_links`` per cell type (bagging ridge, ``alpha``, ``bagging_number``), ``filter_links(p, top N)``.
 5. ``get_cluster_specific_TFdict_from_Links`` + ``fit_GRN_for_simulation(alpha, cluster-specific TF dict)``.
 
-Steps 4-5 run under :func:`reproducible_celloracle`, which makes CellOracle's gene-list intersections keep a
-fixed order, so the same input gives the same links and coefficients in every process (stock CellOracle's
-result depends on Python's per-process string hash seed).
+The phases and each cluster of ``get_links`` are reported on the console (:mod:`cellrl.progress`). Steps 4-5
+run under :func:`reproducible_celloracle`, which makes CellOracle's gene-list intersections keep a fixed order,
+so the same input gives the same links and coefficients in every process (stock CellOracle's result depends on
+Python's per-process string hash seed).
 
 :func:`model_from_oracle` turns the fitted oracle into an :class:`~cellrl.model.OracleModel`;
 :func:`fit_oracle_files` is the ``fit_oracle`` rule (writes the CellOracle objects, ``model.npz`` and
@@ -44,6 +45,7 @@ from .errors import InputError
 from .grn import load_tf_targets, to_celloracle_tfdict
 from .io import atomic_path, write_json
 from .model import SPLITS, OracleModel
+from .progress import Progress, note
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,26 @@ def check_overlap(genes: Sequence[str], tf_targets: Mapping[str, Sequence[str]],
     return tfs, n_targets
 
 
+def check_active_regulators(oracle: Any, links: Any, grn_src: object = "base GRN", p_cutoff: float | None = None,
+                            top_n_links: int | None = None, dataset: str | None = None) -> None:
+    """InputError (before anything is written) when the fit kept no active regulator: the model would have no
+    action, and every later stage would fail on an empty table."""
+    regs = list(getattr(oracle, "active_regulatory_genes", None) or [])
+    if regs:
+        return
+    raw = {str(c): int(len(v)) for c, v in getattr(links, "links_dict", {}).items()}
+    kept = {str(c): int(len(v)) for c, v in getattr(links, "filtered_links", {}).items()}
+    where = f"datasets.{dataset}" if dataset else "datasets.<name>"
+    raise InputError(
+        f"0 active regulators: after filter_links (p < {p_cutoff}, top {top_n_links} links per cell type) no "
+        f"base-GRN TF keeps a link with a non-zero coefficient (links per cell type before the filter: {raw}; "
+        f"kept: {kept}), so the model would have no perturbation to plan with", path=grn_src,
+        field="oracle.p_cutoff / oracle.top_n_links",
+        fix=f"loosen oracle.p_cutoff (e.g. 0.01) or raise oracle.top_n_links (globally or in {where}.overrides."
+            f"oracle); with no link before the filter, use a base GRN ({where}.base_grn) whose TFs are expressed "
+            "and regulate the kept genes (filter.keep_regulators: true, more filter.n_top_genes)")
+
+
 _INTERSECT_USERS = ("celloracle.trajectory.oracle_utility", "celloracle.trajectory.oracle_GRN",
                     "celloracle.network.regression_models", "celloracle.network.net_core")
 
@@ -167,6 +189,32 @@ def reproducible_celloracle() -> Iterator[None]:
     finally:
         for m, f in saved:
             m.intersect = f
+
+
+@contextlib.contextmanager
+def cluster_progress(bar: Progress) -> Iterator[int]:
+    """Count each cluster of CellOracle's ``get_links`` loop on ``bar``; yields the ``verbose_level`` to pass.
+
+    celloracle 0.20.0's ``_fit_GRN_for_network_analysis`` wraps ``np.unique(clusters)`` in its module's ``tqdm``
+    when ``verbose_level >= 1`` (1 changes nothing else; that is its only ``tqdm``). Inside this block that name
+    is a generator that counts the clusters, so the loop and its maths stay CellOracle's own.
+    """
+    mod = importlib.import_module("celloracle.network_analysis.network_construction")
+    if not bar.enabled or not hasattr(mod, "tqdm"):
+        yield 0
+        return
+
+    def loop(items: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        for c in items:
+            yield c
+            bar.update(1, done=c)
+
+    saved = mod.tqdm
+    mod.tqdm = loop
+    try:
+        yield 1
+    finally:
+        mod.tqdm = saved
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -226,18 +274,21 @@ def fit_oracle(adata: Any, tf_targets: Mapping[str, Sequence[str]], split: Any, 
                bagging_number: int = 20, p_cutoff: float = 0.001, top_n_links: int = 2000,
                embedding: str = "X_umap", oe_sd: float = 1.5, oe_iqr: float = 3.0, seed: int = 123,
                threads: int = 1, sources: tuple[object, object] = ("expression", "base GRN"),
-               meta: Mapping[str, Any] | None = None) -> tuple[Any, Any, OracleModel, dict[str, Any]]:
+               meta: Mapping[str, Any] | None = None,
+               progress: bool = True) -> tuple[Any, Any, OracleModel, dict[str, Any]]:
     """Fit CellOracle on a filtered AnnData (contract of ``rna/filtered.h5ad``) and a TF -> targets dict.
 
     Returns ``(oracle, links, model, stats)``: the CellOracle ``Oracle`` and ``Links`` objects, the portable
     :class:`OracleModel` and a JSON-able dict of sizes, active regulators, links per cluster and timings.
-    ``sources`` names the expression and base-GRN files in error messages.
+    ``sources`` names the expression and base-GRN files in error messages. ``progress``: phase lines and
+    one line per cluster of ``get_links`` on the console (:mod:`cellrl.progress`).
     """
     import celloracle as co
 
     t_all = time.time()
     timings: dict[str, float] = {}
     adata_src, grn_src = sources
+    tag = f"fit_oracle {meta['dataset']}" if meta and meta.get("dataset") else "fit_oracle"
     if CLUSTER_COLUMN not in adata.obs:
         raise InputError(f"obs[{CLUSTER_COLUMN!r}] missing", path=adata_src, fix="re-run the filter rule")
     if embedding not in adata.obsm:
@@ -275,27 +326,35 @@ def fit_oracle(adata: Any, tf_targets: Mapping[str, Sequence[str]], split: Any, 
     timings["import"] = time.time() - t
 
     t = time.time()
+    note(f"[{tag}] PCA on {oad.n_obs:,} cells x {oad.n_vars:,} genes", enabled=progress)
     oracle.perform_PCA()
     n_comps = int(n_pcs) if n_pcs else choose_n_pcs(oracle.pca.explained_variance_ratio_)
     n_comps = min(n_comps, oracle.pcs.shape[1])
     k = max(2, int(knn_k_fraction * oad.n_obs))
+    note(f"[{tag}] kNN imputation: k = {k}, {n_comps} PCs", enabled=progress)
     oracle.knn_imputation(n_pca_dims=n_comps, k=k, balanced=True, b_sight=k * 8, b_maxl=k * 4,
                           n_jobs=max(1, int(threads)))
     timings["pca_knn_imputation"] = time.time() - t
     log.info("PCA: %d components; kNN imputation with k = %d", n_comps, k)
 
+    n_clusters = int(oad.obs[CLUSTER_COLUMN].nunique())
     with reproducible_celloracle():
         t = time.time()
-        links = oracle.get_links(cluster_name_for_GRN_unit=CLUSTER_COLUMN, alpha=alpha,
-                                 bagging_number=bagging_number, verbose_level=0, n_jobs=max(1, int(threads)))
+        with Progress(n_clusters, f"{tag}: get_links", unit="cluster", log=log, enabled=progress) as bar, \
+                cluster_progress(bar) as verbose:
+            links = oracle.get_links(cluster_name_for_GRN_unit=CLUSTER_COLUMN, alpha=alpha,
+                                     bagging_number=bagging_number, verbose_level=verbose,
+                                     n_jobs=max(1, int(threads)))
         links.filter_links(p=p_cutoff, weight="coef_abs", threshold_number=top_n_links)
         timings["get_links"] = time.time() - t
 
         t = time.time()
+        note(f"[{tag}] fitting the simulation GRN of {n_clusters} clusters", enabled=progress)
         oracle.get_cluster_specific_TFdict_from_Links(links_object=links)
         oracle.fit_GRN_for_simulation(alpha=alpha, use_cluster_specific_TFdict=True, verbose_level=0)
         timings["fit_grn"] = time.time() - t
 
+    check_active_regulators(oracle, links, grn_src, p_cutoff, top_n_links, (meta or {}).get("dataset"))
     params = dict(expression=expression, n_pcs=n_comps, knn_k=k, knn_k_fraction=knn_k_fraction, alpha=alpha,
                   bagging_number=bagging_number, p_cutoff=p_cutoff, top_n_links=top_n_links,
                   embedding=embedding, seed=seed, raw_count_scale=scale, celloracle=co.__version__)
@@ -315,6 +374,8 @@ def fit_oracle(adata: Any, tf_targets: Mapping[str, Sequence[str]], split: Any, 
     )
     log.info("active regulators (%d): %s", model.n_regulators, ", ".join(model.regulators))
     log.info("timings: %s", stats["timings_s"])
+    note(f"[{tag}] {model.n_regulators} active regulators, {model.n_cells:,} cells, {model.n_genes:,} genes; "
+         f"{timings['total']:.0f} s", enabled=progress)
     return oracle, links, model, stats
 
 
@@ -323,8 +384,9 @@ def fit_oracle_files(adata_path: str | os.PathLike, tf_targets_path: str | os.Pa
                      links_path: str | os.PathLike, model_path: str | os.PathLike,
                      stats_path: str | os.PathLike, dataset: str | None = None, **settings: Any) -> dict[str, Any]:
     """Rule ``fit_oracle``: read filtered.h5ad, tf_targets.json and split.tsv; write the oracle, links,
-    ``model.npz`` and ``stats.json``. Each output is written under a temporary name and renamed, and on any
-    error the outputs already written are removed, so a failure leaves none of them behind."""
+    ``model.npz`` and ``stats.json``. ``settings`` go to :func:`fit_oracle` (``progress`` included). Each output
+    is written under a temporary name and renamed, and on any error the outputs already written are removed, so
+    a failure leaves none of them behind."""
     import anndata as ad
 
     adata_path, tf_targets_path = Path(adata_path), Path(tf_targets_path)

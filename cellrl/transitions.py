@@ -75,6 +75,7 @@ import scipy.sparse as sp
 from .errors import ConfigError, InputError
 from .io import save_npy, write_json, write_table
 from .model import OracleModel, load_model
+from .progress import Progress, note
 from .xp import blas_threads, cupy_available, get_xp, to_numpy
 
 log = logging.getLogger("cellrl.transitions")
@@ -817,7 +818,7 @@ def chunk_workers(xp: ModuleType, threads: int | None, n_chunks: int) -> int:
 def compute_table(model: OracleModel, settings: TransitionSettings | dict | None = None,
                   chunk_dir: str | Path | None = None,
                   on_chunk: Callable[[int, int], None] | None = None,
-                  threads: int | None = None) -> tuple[np.ndarray, Actions, dict]:
+                  threads: int | None = None, progress: bool = True) -> tuple[np.ndarray, Actions, dict]:
     """The whole table ``(cells, A)`` int32, the actions and diagnostics.
 
     ``threads``: CPU worker threads, each computing whole chunks (default: every core this process may use;
@@ -826,13 +827,16 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
     ``chunk_dir``: finished chunks are stored under ``chunk_dir/<key>/`` with key = hash(model arrays, settings
     that change the result, engine source, backend) and reused by a later call with the same key (resume after
     an interruption; the interrupted run's chunk size is kept unless ``chunk_cells`` is set).
-    ``on_chunk(i, n_chunks)`` is called after each chunk is stored (progress; tests raise from it).
+    ``on_chunk(i, n_chunks)`` is called after each chunk is stored (tests raise from it). ``progress``: chunks
+    done, cell-actions/s and ETA on the console (:mod:`cellrl.progress`) and in the log.
     """
     if not isinstance(settings, TransitionSettings):
         settings = TransitionSettings.from_dict(settings)
     t0 = time.time()
     xp, why = select_backend(settings.backend)
     log.info("backend %s", why)
+    tag = f"transitions {model.meta['dataset']}" if model.meta.get("dataset") else "transitions"
+    note(f"[{tag}] neighbours and reachable genes of {model.n_cells:,} cells ({why})", enabled=progress)
     ctx = prepare(model, settings, xp)
     t_prep = time.time() - t0
     A, N, G = len(ctx.actions), model.n_cells, model.n_genes
@@ -874,6 +878,7 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
     gpu_peak = 0
     t_chunks = time.time()
     todo = []
+    reused_cells = 0
     for i, (c, cells) in enumerate(chunks):
         f = cdir / f"chunk_{i:05d}.npz" if cdir is not None else None
         if f is not None and f.exists():
@@ -883,6 +888,7 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
                 shift_norm_sum += z["shift_norm_sum"]
                 clipped += int(z["n_clipped"])
                 reused += 1
+                reused_cells += len(cells)
                 continue
         todo.append(i)
     workers = chunk_workers(xp, threads, len(todo))
@@ -893,9 +899,11 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
         r = run_chunk(ctx, cells, c)
         return i, r.next_cell, to_numpy(xp.sqrt((r.shift ** 2).sum(axis=2)).sum(axis=0)), r.n_clipped
 
+    # counted in cell-actions (chunks differ in size); chunks reused from chunk_dir count as done before the start
+    bar = Progress(N * A, tag, unit="cell-action", log=log, enabled=progress, initial=reused_cells * A)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="cellrl-chunk") if workers > 1 else None
     try:
-        with blas_threads(1 if workers > 1 else None):  # chunk threads must not oversubscribe
+        with bar, blas_threads(1 if workers > 1 else None):  # chunk threads must not oversubscribe
             results = pool.map(work, todo) if pool is not None else map(work, todo)
             for done, (i, next_cell, sn, n_clip) in enumerate(results):
                 cells = chunks[i][1]
@@ -911,8 +919,7 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
                     os.replace(tmp, f)
                 if on_chunk is not None:
                     on_chunk(i, len(chunks))
-                if (done + 1) % max(1, len(todo) // 10) == 0:
-                    log.info("chunk %d/%d (%.1f s)", done + 1, len(todo), time.time() - t_chunks)
+                bar.update(len(cells) * A, chunks=f"{reused + done + 1}/{len(chunks)}")
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -946,15 +953,16 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
 
 def transitions_files(model_path: str | Path, table_out: str | Path, actions_out: str | Path,
                       stats_out: str | Path, chunk_dir: str | Path | None = None, threads: int | None = None,
-                      **settings: Any) -> dict:
+                      progress: bool = True, **settings: Any) -> dict:
     """Rule ``transitions``: model.npz -> table.npy (int32 cells x actions), actions.tsv, stats.json.
 
     Resumable: chunks finished by an interrupted run are reused (``chunk_dir``); removed after success.
-    ``threads``: CPU worker threads (the rule's ``threads``); the table does not depend on it.
+    ``threads``: CPU worker threads (the rule's ``threads``); the table does not depend on it. ``progress``:
+    chunk progress on the console.
     """
     s = TransitionSettings.from_dict(settings)
     model = load_model(model_path)
-    table, acts, stats = compute_table(model, s, chunk_dir=chunk_dir, threads=threads)
+    table, acts, stats = compute_table(model, s, chunk_dir=chunk_dir, threads=threads, progress=progress)
     stats["model"] = str(model_path)
     stats["dataset"] = model.meta.get("dataset")
     save_npy(table_out, table)

@@ -1,12 +1,13 @@
 # Shared helpers: config validation, per-dataset settings, code-version hashes, target lists.
-import ast
-import functools
-import hashlib
 from pathlib import Path
 
-from cellrl.config import dataset_config, validate_config
+from cellrl.config import config_layers, dataset_config, validate_config
+from cellrl.provenance import code_version as _code_version
 
-validate_config(config, "config/config.yaml (after --config overrides)")
+# each problem names the file that set the key: config/config.yaml, a --configfile overlay or --config
+validate_config(config, "config/config.yaml (after --configfile/--config overrides)",
+                layers=config_layers("config/config.yaml", getattr(workflow, "overwrite_configfiles", None) or [],
+                                     getattr(getattr(workflow, "config_settings", None), "config", None)))
 
 DATASETS = sorted(config["datasets"])
 RUNS = sorted(config["runs"])
@@ -35,78 +36,15 @@ def dataset_entry(key):
     return lambda wildcards: config["datasets"][wildcards.dataset][key]
 
 
-# Library code that each stage runs. Snakemake's code trigger sees only a rule's script file, so each rule
-# gets `params: code=code_version(...)`, a hash of the cellrl modules it runs: its entry modules below plus every
-# cellrl module they import, followed through the package (ast, so imports inside functions count too). Editing
-# the transition engine reruns transitions and its descendants, nothing upstream; a new helper module imported by
-# a stage is picked up without touching this list.
-_SHARED = ["__init__", "smk"]  # imported by every workflow script
-STAGE_MODULES = {
-    "demo_data": ["synthetic"],
-    "ingest": ["ingest"],
-    "filter": ["preprocess"],
-    "split": ["split"],
-    "base_grn": ["grn"],
-    "fit_oracle": ["oracle", "model"],
-    "transitions": ["transitions", "model", "xp"],
-    "hpo": ["hpo", "train", "env", "model"],
-    "train": ["train", "env", "model"],
-    "bfs": ["bfs", "env", "model"],
-    "evaluate": ["evaluate", "bfs", "env", "train", "model"],
-    "report": ["report", "plots"],
-}
+# Library code that each stage runs: `params: code=code_version(stage)` is a hash of the cellrl modules the stage
+# runs (cellrl/provenance.py), read from this workflow's own cellrl/. Editing the transition engine reruns
+# transitions and its descendants, nothing upstream.
 _CELLRL = Path(workflow.basedir) / "cellrl"
 
 
-def _module_file(mod):
-    p = _CELLRL / f"{mod}.py"
-    return p if p.exists() else _CELLRL / mod / "__init__.py"
-
-
-@functools.lru_cache(maxsize=None)
-def _cellrl_imports(mod):
-    """Names of the cellrl modules that cellrl/<mod> imports anywhere in its source."""
-    path = _module_file(mod)
-    try:
-        tree = ast.parse(path.read_bytes(), str(path))
-    except (OSError, SyntaxError):  # missing or broken: hashed as bytes; the job itself reports the error
-        return frozenset()
-    package = mod.split(".")[:-1] if path.name != "__init__.py" else mod.split(".")
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:  # from .x import y / from . import x
-                base = package[: len(package) - node.level + 1]
-                if node.module:
-                    found.add(".".join(base + node.module.split(".")))
-                else:
-                    found.update(".".join(base + [a.name]) for a in node.names)
-            elif node.module and node.module.split(".")[0] == "cellrl":
-                rest = node.module.split(".")[1:]
-                found.update([".".join(rest)] if rest else [a.name for a in node.names])
-        elif isinstance(node, ast.Import):
-            found.update(a.name.split(".", 1)[1] for a in node.names if a.name.startswith("cellrl."))
-    return frozenset(m for m in found if m and _module_file(m).exists())
-
-
-def stage_modules(stage):
-    """Every cellrl module a stage runs: its entry modules and their imports within cellrl, sorted."""
-    todo, seen = list(_SHARED + STAGE_MODULES[stage]), set()
-    while todo:
-        mod = todo.pop()
-        if mod not in seen and _module_file(mod).exists():
-            seen.add(mod)
-            todo.extend(_cellrl_imports(mod))
-    return sorted(seen)
-
-
 def code_version(stage):
-    """Short sha256 of the source of every cellrl module the stage runs (see stage_modules)."""
-    h = hashlib.sha256()
-    for mod in stage_modules(stage):
-        h.update(mod.encode())
-        h.update(_module_file(mod).read_bytes())
-    return h.hexdigest()[:16]
+    """Short sha256 of the source of every cellrl module the stage runs (cellrl.provenance.code_version)."""
+    return _code_version(stage, _CELLRL)
 
 
 def rna_input(wildcards):

@@ -13,8 +13,11 @@ from stable_baselines3.common.callbacks import BaseCallback
 from cellrl.errors import InputError
 from cellrl.model import random_model
 from cellrl.tasks import TaskGeometry
-from cellrl.train import (ReprogrammingExtractor, build_agent, evaluate_success, latest_checkpoint, load_inputs,
-                          make_vec_env, merge_hpo_params, train_agent, train_files)
+from cellrl import checkpoints as ckpts
+from cellrl.checkpoints import latest_checkpoint
+from cellrl.network import ReprogrammingExtractor
+from cellrl.train import (TRAIN_DEFAULTS, build_agent, evaluate_success, fit_curriculum, load_inputs, make_vec_env,
+                          merge_hpo_params, train_agent, train_files)
 
 from rl_fixtures import random_table, structured_problem
 
@@ -99,135 +102,6 @@ def test_unique_target_embedding_is_the_same_maths(small):
     th.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
 
 
-def test_first_layers_update_from_gradient_factors(small):
-    """On CPU the genes x 512 layers keep their gradient as (grad_output, input) for the fused Adam kernel;
-    the clipping norm from K x K Gram matrices equals the norm of the full gradient."""
-    from cellrl import kernels
-
-    if kernels.load() is None:
-        pytest.skip("no C compiler: the native kernels cannot be built here")
-    m, table = small
-    env = make_vec_env(m, table, {}, 4)
-    agent = build_agent(env, {**TINY, "device": "cpu"})
-    assert agent._lowrank
-    fe = agent.policy.features_extractor
-    layers = fe.lowrank_layers()
-    assert all(l.lowrank for l in layers)
-    geo = env.geometry
-    rng = np.random.default_rng(1)
-    obs = {"current_expression": th.as_tensor(geo.z[rng.integers(0, geo.n_cells, 16)]),
-           "target_expression": th.as_tensor(geo.centroids[rng.integers(0, geo.n_types, 16)])}
-    agent.policy.optimizer.zero_grad()
-    (fe(obs) ** 2).sum().backward()
-    for l in layers:
-        assert l.weight.grad is None and len(l.pending) == 1
-        g, x = l.factors()
-        full = g.t() @ x
-        assert l.lowrank_sq_norm() == pytest.approx(float(full.double().pow(2).sum()), rel=1e-5)
-    assert layers[1].pending[0][1].shape[0] < 16            # target layer saw only the unique centroids
-
-
-def test_lean_evaluate_actions_is_sb3s_bit_for_bit(small):
-    m, table = small
-    agent = build_agent(make_vec_env(m, table, {}, 4), {**TINY, "device": "cpu"})
-    agent.learn(2 * TINY["n_steps"] * 4)
-    rd = next(agent.rollout_buffer.get(TINY["batch_size"]))
-    acts = rd.actions.long().flatten()
-    assert not rd.action_masks.all()                         # some actions are masked
-    ref = agent.policy.evaluate_actions(rd.observations, acts, action_masks=rd.action_masks)
-    lean = agent._evaluate_actions(rd.observations, acts, rd.action_masks)
-    for name, a, b in zip(("values", "log_prob", "entropy"), ref, lean):
-        assert th.equal(a, b), name
-
-
-def test_lowrank_adam_steps_like_torch_adam():
-    """LowRankLinear + LowRankAdam vs nn.Linear + torch's fused Adam: same weights after steps with gradient
-    accumulation (two backward passes), a gradient scale and inference in between."""
-    from cellrl import kernels
-    from cellrl.train import LowRankAdam, LowRankLinear
-
-    if kernels.load() is None:
-        pytest.skip("no C compiler: the native kernels cannot be built here")
-    th.manual_seed(0)
-    ref = th.nn.Linear(300, 40)
-    low = LowRankLinear(300, 40)
-    low.load_state_dict(ref.state_dict())
-    opt_ref = th.optim.Adam(ref.parameters(), lr=1e-2, eps=1e-5, fused=True)
-    opt_low = LowRankAdam(low.parameters(), lr=1e-2, eps=1e-5, fused=True)
-    assert opt_low.attach([low]) and low.lowrank
-    gen = th.Generator().manual_seed(1)
-    for step in range(4):
-        xs = [th.randn(24, 300, generator=gen) for _ in range(2)]
-        for mod, opt in ((ref, opt_ref), (low, opt_low)):
-            opt.zero_grad()
-            for x in xs:
-                (mod(x).tanh() ** 2).sum().backward()
-            opt.grad_scale = th.tensor(1.7) if step % 2 else None
-            opt.found_inf = th.zeros(()) if step % 2 else None
-            opt.step()
-            opt.grad_scale = opt.found_inf = None
-        assert low.weight.grad is None and not low.pending
-        with th.no_grad():
-            x = th.randn(8, 300, generator=gen)
-            th.testing.assert_close(low(x), ref(x), rtol=1e-5, atol=1e-5)
-    th.testing.assert_close(low.weight, ref.weight, rtol=1e-5, atol=1e-6)
-    th.testing.assert_close(low.bias, ref.bias, rtol=1e-5, atol=1e-6)
-    th.testing.assert_close(opt_low.state[low.weight]["exp_avg_sq"], opt_ref.state[ref.weight]["exp_avg_sq"],
-                            rtol=1e-4, atol=1e-12)
-    assert float(opt_low.state[low.weight]["step"]) == 4
-
-
-def test_rollout_target_cache_follows_weight_updates(small):
-    m, table = small
-    env = make_vec_env(m, table, {}, 2)
-    fe = ReprogrammingExtractor(env.observation_space, embed_dims=(16, 8))
-    opt = th.optim.Adam(fe.parameters(), lr=0.1, fused=True)
-    geo = env.geometry
-    tgt = th.as_tensor(geo.centroids[[0, 1, 1, 2, 0]])
-    obs = {"current_expression": th.as_tensor(geo.z[:5]), "target_expression": tgt}
-    for _ in range(3):
-        with th.no_grad():
-            cached = fe(obs)
-            fe.dedupe_targets = False
-            plain = fe(obs)
-            fe.dedupe_targets = True
-        th.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-6)
-        opt.zero_grad()
-        fe(obs).sum().backward()                 # a training pass, then a (fused, version-less) update
-        opt.step()
-    with th.no_grad():
-        before = fe(obs)
-        fe.load_state_dict({k: v + 1 for k, v in fe.state_dict().items()})
-        after = fe(obs)
-        fe.dedupe_targets = False
-        th.testing.assert_close(after, fe(obs))
-    assert not th.allclose(before, after)
-
-
-def test_lean_ppo_matches_sb3_maskable_ppo(small):
-    """CellrlMaskablePPO's rollout and update are SB3's MaskablePPO's maths (to float rounding)."""
-    from sb3_contrib import MaskablePPO
-
-    m, table = small
-    cfg = {**TINY, "n_epochs": 3}
-    env_cfg = {"max_steps": 3}                               # frequent truncations: batched bootstrapping
-    lean = build_agent(make_vec_env(m, table, env_cfg, 2, seed=0), cfg, seed=5)
-    ref_env = make_vec_env(m, table, env_cfg, 2, seed=0)
-    ref = MaskablePPO("MultiInputPolicy", ref_env, seed=5, device="cpu", **{
-        k: lean.__dict__[k] for k in ("n_steps", "batch_size", "n_epochs", "gamma", "gae_lambda", "ent_coef",
-                                      "vf_coef")}, learning_rate=lean.learning_rate,
-        policy_kwargs=dict(lean.policy_kwargs))
-    ref.policy.load_state_dict(lean.policy.state_dict())
-    for a in (lean, ref):
-        th.manual_seed(9)
-        np.random.seed(9)
-        a.env.seed(1)
-        a.learn(2 * cfg["n_steps"] * cfg["n_envs"])
-    for (k, v1), v2 in zip(lean.policy.state_dict().items(), ref.policy.state_dict().values()):
-        th.testing.assert_close(v1, v2, rtol=1e-4, atol=1e-5, msg=k)
-    assert lean.num_timesteps == ref.num_timesteps
-
-
 # ------------------------------------------------------------------------------------------------ resume
 class _Crash(Exception):
     pass
@@ -252,19 +126,27 @@ def _params(agent) -> dict[str, th.Tensor]:
     return {k: v.detach().clone() for k, v in agent.policy.state_dict().items()}
 
 
+def _rows(d, skip=("wall_s", "steps_per_s")):
+    with open(d / "progress.csv") as fh:
+        return [{k: v for k, v in r.items() if k not in skip} for r in csv.DictReader(fh)]
+
+
+RESUME_ENV = {"max_steps": 6, "curriculum": {"enabled": True, "targets_per_phase": 1, "first_phase_steps": 64,
+                                             "success_threshold": 0.2, "window": 5}}
+
+
 def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, small):
     m, table = small
     cfg = {**TINY, "total_timesteps": 320}
-    env_cfg = {"max_steps": 6, "curriculum": {"enabled": True, "targets_per_phase": 1, "first_phase_steps": 64,
-                                              "success_threshold": 0.2, "window": 5}}
-    a_full, s_full = train_agent(m, table, env_cfg, cfg, out_dir=tmp_path / "full", progress=False, threads=1)
+    a_full, s_full = train_agent(m, table, RESUME_ENV, cfg, out_dir=tmp_path / "full", progress=False, threads=1)
     with pytest.raises(_Crash):
-        train_agent(m, table, env_cfg, cfg, out_dir=tmp_path / "cut", callbacks=[_CrashAt(190)],
+        train_agent(m, table, RESUME_ENV, cfg, out_dir=tmp_path / "cut", callbacks=[_CrashAt(190)],
                     progress=False, threads=1)
     ck = latest_checkpoint(tmp_path / "cut")
     assert ck is not None and ck["timesteps"] == 192
     assert not (tmp_path / "cut" / "model.zip").exists()
-    a_res, s_res = train_agent(m, table, env_cfg, cfg, out_dir=tmp_path / "cut", resume=True, progress=False,
+    (tmp_path / "cut" / "progress.csv").unlink()             # Snakemake deletes a failed job's outputs
+    a_res, s_res = train_agent(m, table, RESUME_ENV, cfg, out_dir=tmp_path / "cut", resume=True, progress=False,
                                threads=1)
     assert s_res["resumed_from"] == 192 and s_res["timesteps"] == s_full["timesteps"] == 320
     p1, p2 = _params(a_full), _params(a_res)
@@ -278,21 +160,111 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, small
     # the curriculum advanced during the run and resumed where it was
     assert s_full["curriculum_phase"] == s_res["curriculum_phase"] >= 1
     assert s_full["final_val_success"] == s_res["final_val_success"]
+    # every row is back, those before the checkpoint from the checkpoint itself (the file was deleted)
+    assert len(_rows(tmp_path / "full")) == 6 and _rows(tmp_path / "full") == _rows(tmp_path / "cut")
 
-    def rows(d):
-        with open(d / "progress.csv") as fh:
-            return [{k: v for k, v in r.items() if k not in ("wall_s", "steps_per_s")} for r in csv.DictReader(fh)]
 
-    assert rows(tmp_path / "full") == rows(tmp_path / "cut")
-    # a second resume of a finished run does not train further
-    a3, s3 = train_agent(m, table, env_cfg, cfg, out_dir=tmp_path / "cut", resume=True, progress=False, threads=1)
-    assert s3["timesteps"] == 320
-    for k, v in _params(a3).items():
-        assert th.equal(v, p1[k])
-    # other settings (here the learning rate) never resume a stale checkpoint: the run starts afresh
-    _, s4 = train_agent(m, table, env_cfg, {**cfg, "learning_rate": 1e-3, "total_timesteps": 64},
-                        out_dir=tmp_path / "cut", resume=True, progress=False, threads=1)
-    assert s4["resumed_from"] is None and s4["timesteps"] == 64
+def test_finished_run_rerun_reproduces_its_outputs(tmp_path, small):
+    """--forcerun train (or an identical regenerated table): Snakemake deletes the outputs; the rerun resumes
+    from the final checkpoint and writes the same weights, progress rows (wall times included) and summary."""
+    m, table = small
+    cfg = {**TINY, "total_timesteps": 192}
+    a1, s1 = train_agent(m, table, RESUME_ENV, cfg, out_dir=tmp_path, progress=False, threads=1)
+    first = (tmp_path / "progress.csv").read_text()
+    for f in ("model.zip", "progress.csv", "train_summary.json"):
+        (tmp_path / f).unlink()
+    a2, s2 = train_agent(m, table, RESUME_ENV, cfg, out_dir=tmp_path, resume=True,
+                         progress=False, threads=1)
+    assert s2["resumed_from"] == 192 and (tmp_path / "progress.csv").read_text() == first
+    for k, v in _params(a1).items():
+        assert th.equal(v, _params(a2)[k]), k
+    assert {k: v for k, v in s1.items() if k != "resumed_from"} == {k: v for k, v in s2.items() if k != "resumed_from"}
+    assert (tmp_path / "model.zip").exists()
+
+
+def test_changed_settings_or_code_never_resume(tmp_path, small, caplog):
+    """A checkpoint of another fingerprint (settings, code, table) is set aside with a log line; the run starts
+    afresh and keeps the old checkpoints aside."""
+    m, table = small
+    cfg = {**TINY, "total_timesteps": 128}
+    train_agent(m, table, RESUME_ENV, cfg, out_dir=tmp_path, progress=False, threads=1)
+    old = latest_checkpoint(tmp_path)["fingerprint"]
+    with caplog.at_level("WARNING", logger="cellrl.checkpoints"):
+        _, s = train_agent(m, table, RESUME_ENV, {**cfg, "learning_rate": 1e-3, "total_timesteps": 64},
+                           out_dir=tmp_path, resume=True, progress=False, threads=1)
+    assert s["resumed_from"] is None and s["timesteps"] == 64 and len(_rows(tmp_path)) == 2
+    assert "set aside" in caplog.text and old in caplog.text
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "set_aside" / old).iterdir()) == [
+        "ckpt_0000000064.json", "ckpt_0000000064.pt", "ckpt_0000000128.json", "ckpt_0000000128.pt"]
+    # what the fingerprint covers: code, every setting but tracking/retention, the table, the scaler
+    geo = TaskGeometry.from_model(m)
+    params = ckpts.EnvParams.from_config(RESUME_ENV)
+    base = ckpts.fingerprint(params, cfg, geo, table, code="a")
+    assert ckpts.fingerprint(params, cfg, geo, table, code="b") != base
+    assert ckpts.fingerprint(params, {**cfg, "eval_every": 32}, geo, table, code="a") != base
+    assert ckpts.fingerprint(params.__class__.from_config({**RESUME_ENV, "step_penalty": -2.0}), cfg, geo, table,
+                             code="a") != base
+    shuffled = table[::-1].copy()
+    assert ckpts.fingerprint(params, cfg, geo, shuffled, code="a") != base
+    assert ckpts.fingerprint(params, {**cfg, "wandb": {"mode": "offline"}, "keep_checkpoints": 5}, geo, table,
+                             code="a") == base
+
+
+def test_corrupt_checkpoint_is_discarded_and_the_previous_one_resumed(tmp_path, small, caplog):
+    m, table = small
+    cfg = {**TINY, "total_timesteps": 192, "checkpoint_every": 64, "keep_checkpoints": 3}
+    train_agent(m, table, RESUME_ENV, cfg, out_dir=tmp_path, progress=False, threads=1)
+    ck = tmp_path / "checkpoints"
+    (ck / "ckpt_0000000192.pt").write_bytes(b"garbage")                      # bad weights
+    doc = json.loads((ck / "ckpt_0000000128.json").read_text())
+    doc["state"]["timesteps"] = 7                                          # altered state
+    (ck / "ckpt_0000000128.json").write_text(json.dumps(doc))
+    with caplog.at_level("WARNING", logger="cellrl.checkpoints"):
+        _, s = train_agent(m, table, RESUME_ENV, cfg, out_dir=tmp_path, resume=True, progress=False, threads=1)
+    assert s["resumed_from"] == 64 and s["timesteps"] == 192
+    assert "ckpt_0000000192.pt" in caplog.text and "ckpt_0000000128.json" in caplog.text
+
+
+def test_checkpoints_load_without_unpickling(tmp_path, small):
+    """Checkpoint weights load with torch.load(weights_only=True); the rest is plain JSON."""
+    m, table = small
+    train_agent(m, table, RESUME_ENV, {**TINY, "total_timesteps": 64}, out_dir=tmp_path, progress=False, threads=1)
+    js = sorted((tmp_path / "checkpoints").glob("ckpt_*.json"))[-1]
+    json.loads(js.read_text())
+    w = th.load(js.with_suffix(".pt"), weights_only=True)
+    assert set(w) == {"policy", "optimizer", "rng"}
+
+
+def test_defaults_equal_config_yaml(repo_root):
+    """Defaults written in code are config/config.yaml's (the one source of truth)."""
+    import dataclasses
+
+    import yaml
+
+    from cellrl.env import EnvParams
+
+    cfg = yaml.safe_load((repo_root / "config" / "config.yaml").read_text())
+    assert TRAIN_DEFAULTS == cfg["train"]
+    assert dataclasses.asdict(EnvParams()) == cfg["env"]
+
+
+def test_curriculum_fits_its_budget():
+    from cellrl.env import EnvParams
+
+    p = EnvParams.from_config({"curriculum": {"targets_per_phase": 2, "first_phase_steps": 100_000}})
+    fitted, warn = fit_curriculum(p, n_types=7, total_timesteps=100_000)     # 6 targets -> 3 phases
+    assert fitted.curriculum.first_phase_steps == 33_333 and "scaled" in warn[0]
+    assert fit_curriculum(p, n_types=7, total_timesteps=1_000_000) == (p, [])
+    assert fit_curriculum(p, n_types=3, total_timesteps=1_000) == (p, [])    # one phase: nothing to fit
+
+
+def test_short_run_warns_when_it_never_reaches_the_last_phase(tmp_path, small):
+    m, table = small
+    env_cfg = {"max_steps": 4, "curriculum": {"targets_per_phase": 1, "success_threshold": 1.0}}
+    _, s = train_agent(m, table, env_cfg, {**TINY, "total_timesteps": 64}, progress=False, threads=1)
+    assert s["curriculum_phases"] == 2 and s["curriculum_first_phase_steps"] == 32
+    assert any("first_phase_steps" in w for w in s["warnings"])
+    assert any("curriculum phase 1 of 2" in w for w in s["warnings"])
 
 
 def test_train_files_outputs(tmp_path, small):
@@ -310,11 +282,15 @@ def test_train_files_outputs(tmp_path, small):
     for k in ("timesteps", "wall_s", "steps_per_s", "final_val_success", "random_val_success"):
         assert k in saved and k in summary
     assert saved["train"]["learning_rate"] == 0.0005
-    assert len(list((out / "checkpoints").glob("ckpt_*.zip"))) == 1
+    assert len(list((out / "checkpoints").glob("ckpt_*.json"))) == 1
     from sb3_contrib import MaskablePPO
 
     agent = MaskablePPO.load(out / "model.zip", device="cpu")
     assert agent.learning_rate == 0.0005
+    assert type(agent.policy.optimizer) is th.optim.Adam                    # no cellrl-private optimizer class
+    import zipfile
+
+    assert b"cellrl" not in zipfile.ZipFile(out / "model.zip").read("data").replace(b"cellrl.network", b"")
 
 
 def test_wandb_offline_needs_no_account(tmp_path, small, monkeypatch):

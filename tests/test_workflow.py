@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from workflow_copy import ROOT, TinyRun, changed_config, descendants, make_copy, planned_jobs, rule_graph, tiny_run
+from workflow_copy import (ROOT, TinyRun, changed_config, descendants, make_copy, planned_jobs, rule_graph, snakemake,
+                           tiny_run)
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +161,129 @@ def test_conda_env_pins_match_constraints(repo_root):
         assert pins.get(name.lower().replace("_", "-")) == version, spec
     conda = {d.split("=")[0]: d for d in env["dependencies"] if isinstance(d, str)}
     assert conda["numpy"] == f"numpy={pins['numpy']}"
+
+
+# --- reruns of a finished training run (kept last: they rerun train and its descendants, then leave the run
+# finished again, so the tests above see a complete workflow) ---------------------------------------------------
+
+MODEL = "results/demo/models/default"
+
+
+def _weights(zip_path: Path) -> dict:
+    import io
+    import zipfile
+
+    import torch as th
+
+    with zipfile.ZipFile(zip_path) as z:
+        return th.load(io.BytesIO(z.read("policy.pth")), weights_only=True)
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    import torch as th
+
+    return a.keys() == b.keys() and all(th.equal(a[k], b[k]) for k in a)
+
+
+def _progress_rows(path: Path, skip=("wall_s", "steps_per_s")) -> list[dict]:
+    import csv
+
+    with open(path) as fh:
+        return [{k: v for k, v in r.items() if k not in skip} for r in csv.DictReader(fh)]
+
+
+def _train_log(run: TinyRun) -> str:
+    return (run.workdir / "results" / "demo" / "logs" / "train_default.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("force", ["train", "transitions"], ids=["forcerun-train", "identical-table"])
+def test_rerun_of_a_finished_run_reproduces_it(run, graph, force):
+    """`--forcerun train`, or an upstream rerun that writes an identical table: train reruns (Snakemake deleted
+    its outputs first), resumes from the final checkpoint and writes the same weights and progress rows."""
+    out = run.workdir / MODEL
+    before = (_weights(out / "model.zip"), (out / "progress.csv").read_text(),
+              json.loads((out / "train_summary.json").read_text()))
+    table = run.workdir / "results/demo/transitions/table.npy"
+    table_bytes = table.read_bytes()
+    proc = snakemake(run.workdir, "--cores", "2", "--forcerun", force)
+    assert "rule train" in proc.stdout + proc.stderr
+    assert table.read_bytes() == table_bytes
+    assert "resuming from" in _train_log(run)
+    assert _same_weights(_weights(out / "model.zip"), before[0])
+    assert (out / "progress.csv").read_text() == before[1]
+    after = json.loads((out / "train_summary.json").read_text())
+    assert after["resumed_from"] == after["timesteps"] == before[2]["timesteps"]
+    assert after["final_val_success"] == before[2]["final_val_success"]
+    assert planned_jobs(run.workdir) == {}
+
+
+@pytest.mark.slow
+def test_reward_code_edit_trains_afresh(run):
+    """An edit of the reward code (cellrl/env.py) reruns train, which sets the old checkpoints aside and trains
+    from step 0 under the new code; reverting the edit trains afresh again (never a resume across code)."""
+    out = run.workdir / MODEL
+    env_py = run.workdir / "cellrl" / "env.py"
+    original = env_py.read_text()
+    marker = "        reward = p.step_penalty + "
+    edited = original.replace(marker, "        reward = 1.0 * p.step_penalty + ", 1)  # same values, new code
+    assert edited != original, "the reward code was not found in cellrl/env.py"
+    rows_before = _progress_rows(out / "progress.csv")
+    try:
+        env_py.write_text(edited)
+        snakemake(run.workdir, "--cores", "2", MODEL + "/model.zip")
+        log = _train_log(run)
+        assert "set aside" in log and "resuming from" not in log
+        summary = json.loads((out / "train_summary.json").read_text())
+        assert summary["resumed_from"] is None
+        assert len(_progress_rows(out / "progress.csv")) == len(rows_before)
+        assert len(list((out / "checkpoints" / "set_aside").iterdir())) >= 1
+    finally:
+        env_py.write_text(original)
+    snakemake(run.workdir, "--cores", "2")
+    assert "resuming from" not in _train_log(run)
+    assert _progress_rows(out / "progress.csv") == rows_before     # same code, same weights and rows again
+    assert planned_jobs(run.workdir) == {}
+
+
+@pytest.mark.slow
+def test_kill_9_mid_training_then_rerun(run, tmp_path):
+    """kill -9 of the whole Snakemake process group mid-training, `--unlock`, rerun: the run resumes from its
+    last checkpoint, keeps every progress row and ends bit-identical to an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from cellrl.config import dataset_config
+    from cellrl.train import train_files
+
+    killed = "results/demo/models/killtest"
+    train = {"total_timesteps": 16384, "checkpoint_every": 2048, "eval_every": 4096}
+    path = changed_config(run.workdir, "kill", runs={"default": {"overrides": {}},
+                                                     "killtest": {"overrides": {"train": train}}})
+    target = [f"{killed}/model.zip", "--configfile", str(path), "--cores", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "snakemake", *target], cwd=run.workdir, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_dir = run.workdir / killed / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(ckpt_dir.glob("ckpt_*.json")) and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run.workdir / killed / "model.zip").exists(), "training finished before the kill"
+    first = sorted(ckpt_dir.glob("ckpt_*.json"))
+    assert first, "no checkpoint was written before the deadline"
+    snakemake(run.workdir, "--unlock", *target)
+    snakemake(run.workdir, "--rerun-incomplete", *target)
+    log = (run.workdir / "results/demo/logs/train_killtest.log").read_text()
+    assert "resuming from" in log
+    cfg = yaml.safe_load(path.read_text())
+    settings = dataset_config(cfg, "demo", "killtest")
+    ref = tmp_path / "uninterrupted"
+    res = run.workdir / "results" / "demo"
+    train_files(res / "oracle/model.npz", res / "transitions/table.npy", ref, env=settings["env"],
+                train=settings["train"], progress=False, threads=1)
+    assert _same_weights(_weights(run.workdir / killed / "model.zip"), _weights(ref / "model.zip"))
+    rows = _progress_rows(run.workdir / killed / "progress.csv")
+    assert rows == _progress_rows(ref / "progress.csv") and int(rows[-1]["timesteps"]) >= 16384
