@@ -252,10 +252,12 @@ def eval_allowed_mask(model: Any, table: np.ndarray) -> np.ndarray:
 
 
 def load_table(path: str | Path, n_cells: int | None = None, n_actions: int | None = None) -> np.ndarray:
-    """Load ``table.npy``; raise InputError naming the file when missing or inconsistent with the model."""
+    """Load ``table.npy``; raise InputError naming the file when missing, inconsistent with the model or not
+    matching the ``table_sha256`` recorded in the transitions rule's ``stats.json`` next to it (when present)."""
     path = Path(path)
     if not path.exists():
         raise InputError("transition table not found", path=path, fix="run the transitions rule first")
+    from .io import sha256_array, verify_artifact
     from .tasks import validate_table
 
     try:
@@ -265,8 +267,11 @@ def load_table(path: str | Path, n_cells: int | None = None, n_actions: int | No
                          fix="rebuild it with the transitions rule") from e
     if n_cells is None:
         check_table(table)
-        return table
-    return validate_table(table, n_cells, n_actions if n_actions is not None else table.shape[1], source=path)
+        out = table
+    else:
+        out = validate_table(table, n_cells, n_actions if n_actions is not None else table.shape[1], source=path)
+    verify_artifact(path, "table", actual=sha256_array(table))
+    return out
 
 
 def bfs_file(model_path: str | Path, table_path: str | Path, out_path: str | Path,

@@ -35,7 +35,7 @@ import torch as th
 from sb3_contrib import MaskablePPO
 
 from .env import EnvParams, VecReprogrammingEnv
-from .io import atomic_path
+from .io import atomic_path, sha256_file
 from .provenance import code_version
 from .tasks import TaskGeometry
 
@@ -121,14 +121,6 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _global_rng() -> tuple[dict[str, Any], dict[str, th.Tensor]]:
     """(JSON part, tensor part) of the python, numpy and torch RNG states."""
     v, mt, gauss = random.getstate()
@@ -169,7 +161,7 @@ def save_checkpoint(ckpt_dir: Path, agent: MaskablePPO, env: VecReprogrammingEnv
         "ep_info_buffer": list(agent.ep_info_buffer or []), "ep_success_buffer": list(agent.ep_success_buffer or []),
         "action_space_rng": space_rng.bit_generator.state if space_rng is not None else None,
     })
-    doc = {"fingerprint": fingerprint, "timesteps": ts, "weights_sha256": _file_sha256(stem.with_suffix(".pt")),
+    doc = {"fingerprint": fingerprint, "timesteps": ts, "weights_sha256": sha256_file(stem.with_suffix(".pt")),
            "state_sha256": _digest(state), "state": state}
     with atomic_path(stem.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(doc))
@@ -198,7 +190,7 @@ def _read(json_path: Path) -> dict[str, Any]:
     if _digest(state) != doc.get("state_sha256"):
         raise ValueError(f"{json_path}: checkpoint state does not match its sha256")
     pt = json_path.with_suffix(".pt")
-    if not pt.exists() or _file_sha256(pt) != doc.get("weights_sha256"):
+    if not pt.exists() or sha256_file(pt) != doc.get("weights_sha256"):
         raise ValueError(f"{pt}: checkpoint weights missing or not matching their sha256")
     return doc
 

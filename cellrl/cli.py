@@ -7,11 +7,18 @@
 The start is a cell name, or a cell type (then the test cell of that type closest to its centroid stands for
 it).
 
+Files are checked against the sha256 their stage recorded next to them (model.npz: oracle/stats.json,
+table.npy: transitions/stats.json, model.zip: train_summary.json; skipped when that file is absent). The agent
+is loaded without unpickling: only its weights (policy.pth, torch weights_only), the network rebuilt from
+train_summary.json. --trust-pickled-agent loads it with SB3's MaskablePPO.load instead, which unpickles the
+zip's data: a crafted zip runs arbitrary code. Use it only for zips you made yourself.
+
 Exit status:
   0  the agent reaches the target
   1  the agent does not reach it, but a path exists (the BFS optimum is shown)
   2  bad input: unknown cell or type, bad option value, missing or unreadable file (model.npz, table.npy,
-     actions.tsv, model.zip, train_summary.json); the message names the file or option and the fix
+     actions.tsv, model.zip, train_summary.json) or one that differs from its recorded sha256; the message
+     names the file or option and the fix
   3  the target is unreachable from the start (exact BFS)
   4  internal error (a bug: please report it with the traceback)
 With --json every outcome prints one JSON object on stdout; errors as
@@ -21,6 +28,7 @@ With --json every outcome prints one JSON object on stdout; errors as
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -145,9 +153,10 @@ def plan(model: Any, table: np.ndarray, agent: Any, start: str, target: str, env
          actions: Any = None, deterministic: bool = True, max_steps: int | None = None) -> dict[str, Any]:
     """Plan from ``start`` (cell name or type) to cell type ``target`` with the agent and with BFS.
 
-    ``agent`` is a MaskablePPO model or a zero-argument function that loads one (called only once the names
-    are resolved and a path exists, so bad input fails fast). Raises InputError for unknown names,
-    UnreachableError when no path exists. Returns a JSON-ready dict.
+    ``agent`` is a policy with ``predict`` or a function ``(geometry, n_actions) -> policy`` that loads one
+    (:func:`cellrl.agent_io.load_agent`; called only once the names are resolved and a path exists, so bad input
+    fails fast). Raises InputError for unknown names, UnreachableError when no path exists. Returns a JSON-ready
+    dict.
     """
     from .bfs import eval_allowed_mask, shortest_paths
     from .env import EnvParams
@@ -180,7 +189,7 @@ def plan(model: Any, table: np.ndarray, agent: Any, start: str, target: str, env
     out["bfs"] = {"length": d, "within_max_steps": d <= limit,
                   "steps": _steps(c, b_acts, b_cells, t, model, geo, acts)}
     if callable(agent) and not hasattr(agent, "predict"):
-        agent = agent()
+        agent = agent(geo, table.shape[1])
     check_agent_spaces(agent, geo, table.shape[1])
     r = rollout(geo, table, params, np.array([c]), np.array([t]), agent_chooser(agent, deterministic),
                 max_steps=limit)
@@ -253,7 +262,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--model", help="model.npz (default: <results>/oracle/model.npz)")
     q.add_argument("--table", help="table.npy (default: <results>/transitions/table.npy)")
     q.add_argument("--actions", help="actions.tsv (default: <results>/transitions/actions.tsv)")
-    q.add_argument("--agent", help="MaskablePPO zip (default: <results>/models/<run>/model.zip)")
+    q.add_argument("--agent", help="MaskablePPO zip (default: <results>/models/<run>/model.zip); read without "
+                                   "unpickling, the network rebuilt from the train_summary.json next to it")
+    q.add_argument("--trust-pickled-agent", action="store_true",
+                   help="load the agent with SB3's MaskablePPO.load, which unpickles the zip's data: a crafted zip "
+                        "runs arbitrary code; only for zips you made yourself")
     q.add_argument("--start", required=True, help="start cell name, or a cell type (its representative cell)")
     q.add_argument("--target", required=True, help="target cell type")
     q.add_argument("--max-steps", type=_positive_int,
@@ -284,8 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as e:
         return _error("input", e, EXIT_INPUT, "--json" in argv)
     try:
+        from .agent_io import load_agent
         from .bfs import load_table
-        from .evaluate import action_table, load_agent
+        from .evaluate import action_table
         from .model import load_model
 
         paths = resolve_paths(args.results, args.run, args.model, args.table, args.agent, args.actions)
@@ -293,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         table = load_table(paths["table"], model.n_cells, model.n_actions)
         acts = action_table(table.shape[1], model.regulators, paths["actions"])
         env = env_settings(paths["train_summary"], args.results, args.run)
-        p = plan(model, table, lambda: load_agent(paths["agent"]), args.start, args.target, env=env, actions=acts,
+        agent = functools.partial(load_agent, paths["agent"], trust_pickled=args.trust_pickled_agent)
+        p = plan(model, table, agent, args.start, args.target, env=env, actions=acts,
                  deterministic=not args.stochastic, max_steps=args.max_steps)
     except UnreachableError as e:
         return _error("unreachable", e, EXIT_UNREACHABLE, args.json)

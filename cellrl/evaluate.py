@@ -21,6 +21,7 @@ the ground-truth check: do BFS and agent plans use the planted master regulators
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from .agent_io import load_agent
 from .bfs import BfsResult, eval_allowed_mask, load_table, read_bfs_table, shortest_paths
 from .errors import InputError
 
@@ -143,20 +145,6 @@ def agent_chooser(agent: Any, deterministic: bool = True) -> Chooser:
         return np.asarray(a, dtype=np.int64).reshape(-1)
 
     return choose
-
-
-def load_agent(path: str | Path, device: str = "cpu") -> Any:
-    """Load a MaskablePPO zip; InputError naming the file when missing or unreadable."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError("agent not found", path=path, fix="train it first (rule train -> models/{run}/model.zip)")
-    from sb3_contrib import MaskablePPO
-
-    try:
-        return MaskablePPO.load(path, device=device)
-    except Exception as e:  # corrupt zip, incompatible versions
-        raise InputError(f"cannot load the agent ({type(e).__name__}: {e})", path=path,
-                         fix="retrain with the installed stable-baselines3/sb3-contrib versions") from e
 
 
 def check_agent_spaces(agent: Any, geometry: Any, n_actions: int, source: object = "agent") -> None:
@@ -572,7 +560,8 @@ def evaluate(model: Any, table: np.ndarray, agent: Any | None, env: Mapping[str,
              truth: Mapping[str, Any] | None = None, progress: str | Path | None = None,
              policies: Sequence[str] = POLICIES,
              transition_settings: Mapping[str, Any] | None = None) -> Evaluation:
-    """Run the test protocol in memory (``agent=None`` skips the agent)."""
+    """Run the test protocol in memory (``agent=None`` skips the agent). ``agent`` is a policy with ``predict``
+    or a function ``(geometry, n_actions) -> policy`` that loads one (e.g. :func:`cellrl.agent_io.load_agent`)."""
     from .bfs import bfs_table
     from .env import EnvParams
     from .tasks import TaskGeometry
@@ -582,6 +571,8 @@ def evaluate(model: Any, table: np.ndarray, agent: Any | None, env: Mapping[str,
     if actions is None:
         actions = action_table(table.shape[1], model.regulators)
     if agent is not None:
+        if callable(agent) and not hasattr(agent, "predict"):
+            agent = agent(geo, table.shape[1])
         check_agent_spaces(agent, geo, table.shape[1])
     max_steps = params.eval_max_steps(geo.n_types)
     allowed = eval_allowed_mask(model, table)
@@ -680,7 +671,8 @@ def evaluate_files(model: str | Path, table: str | Path, actions: str | Path | N
     """Rule ``evaluate``: write ``episodes.parquet``, ``summary.json`` and ``plots/`` for one run.
 
     ``transition_stats`` (the transitions rule's stats.json) supplies the simulator settings for the
-    ground-truth check's simulator level; without it that level is skipped.
+    ground-truth check's simulator level; without it that level is skipped. The agent is loaded without
+    unpickling (:func:`cellrl.agent_io.load_agent`: checked against its train_summary.json, network rebuilt from it).
     """
     import json
 
@@ -690,7 +682,7 @@ def evaluate_files(model: str | Path, table: str | Path, actions: str | Path | N
     m = load_model(model)
     tab = load_table(table, m.n_cells)
     acts = action_table(tab.shape[1], m.regulators, actions)
-    ag = load_agent(agent)
+    ag = functools.partial(load_agent, agent)  # loaded by evaluate() once the run's geometry is known
     bfs_df = read_bfs_table(bfs) if bfs is not None and Path(bfs).exists() else None
     tr = json.loads(Path(truth).read_text()) if truth else None
     tset = None

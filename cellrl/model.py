@@ -36,7 +36,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .errors import InputError
-from .io import save_npz
+from .io import save_npz, verify_artifact
 
 SPLITS = ("train", "val", "test")
 
@@ -131,8 +131,9 @@ class OracleModel:
 
 
 def load_model(path: str | Path, require_regulators: bool = True) -> OracleModel:
-    """Load ``model.npz``; raise InputError naming the file when missing, malformed or (``require_regulators``)
-    without any active regulator, i.e. no action for transitions, BFS, training or planning."""
+    """Load ``model.npz``; raise InputError naming the file when missing, malformed, (``require_regulators``)
+    without any active regulator, i.e. no action for transitions, BFS, training or planning, or not matching the
+    ``model_sha256`` that fit_oracle recorded in the ``stats.json`` next to it (checked when that file exists)."""
     path = Path(path)
     if not path.exists():
         raise InputError("model file not found", path=path, fix="run `snakemake <results>/oracle/model.npz` first")
@@ -159,6 +160,7 @@ def load_model(path: str | Path, require_regulators: bool = True) -> OracleModel
                          path=path, field="regulators",
                          fix="refit with looser oracle.p_cutoff / larger oracle.top_n_links or a base GRN whose TFs "
                              "are expressed (fit_oracle now refuses such a fit), then rerun fit_oracle")
+    verify_artifact(path, "model")
     return m
 
 

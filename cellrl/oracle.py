@@ -23,7 +23,8 @@ Python's per-process string hash seed).
 
 :func:`model_from_oracle` turns the fitted oracle into an :class:`~cellrl.model.OracleModel`;
 :func:`fit_oracle_files` is the ``fit_oracle`` rule (writes the CellOracle objects, ``model.npz`` and
-``stats.json``, each atomically).
+``stats.json``, each atomically; ``stats.json`` records ``model_sha256``, which every stage that loads
+``model.npz`` checks).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import scipy.sparse as sp
 
 from .errors import InputError
 from .grn import load_tf_targets, to_celloracle_tfdict
-from .io import atomic_path, write_json
+from .io import atomic_path, sha256_file, write_json
 from .model import SPLITS, OracleModel
 from .progress import Progress, note
 
@@ -406,6 +407,7 @@ def fit_oracle_files(adata_path: str | os.PathLike, tf_targets_path: str | os.Pa
         with atomic_path(links_path) as tmp:
             links.to_hdf5(str(tmp))
         model.save(model_path)
+        stats["model_sha256"] = sha256_file(model_path)  # checked by every stage that loads model.npz
         stats["timings_s"]["save"] = round(time.time() - t, 3)
         write_json(stats_path, stats)
     except BaseException:

@@ -44,7 +44,7 @@ from .checkpoints import PROGRESS_FIELDS, RunState
 from .config import deep_merge
 from .env import EnvParams, VecReprogrammingEnv
 from .errors import InputError
-from .io import atomic_path, write_json
+from .io import atomic_path, sha256_array, sha256_file, verify_artifact, write_json
 from .model import OracleModel, load_model
 from .network import policy_kwargs
 from .progress import Progress
@@ -69,7 +69,8 @@ def load_inputs(model_path: str | Path, table_path: str | Path) -> tuple[OracleM
     """Load ``model.npz`` and ``table.npy`` and check that they belong together.
 
     Returns the model and the (cells, 2 * regulators) int32 table. Raises InputError naming the file for a
-    missing table, a table whose shape does not match the model, or out-of-range entries.
+    missing table, a table whose shape does not match the model, out-of-range entries, or a model or table that
+    differs from the sha256 its stage recorded in the ``stats.json`` next to it.
     """
     model = load_model(model_path)
     table_path = Path(table_path)
@@ -81,7 +82,9 @@ def load_inputs(model_path: str | Path, table_path: str | Path) -> tuple[OracleM
     except (OSError, ValueError) as e:
         raise InputError(f"cannot read the transition table ({e})", path=table_path,
                          fix="re-run the transitions rule") from e
+    digest = sha256_array(table)
     table = validate_table(table, model.n_cells, model.n_actions, source=table_path)
+    verify_artifact(table_path, "table", actual=digest)  # the model is checked by load_model
     return model, table
 
 
@@ -413,6 +416,7 @@ def train_agent(model: OracleModel | TaskGeometry, table: np.ndarray, env_cfg: M
     if out is not None:
         with atomic_path(out / "model.zip") as tmp:
             agent.save(tmp)
+        summary["model_zip_sha256"] = sha256_file(out / "model.zip")  # checked by evaluate and `cellrl plan`
         write_json(out / "train_summary.json", summary)
     log.info("trained %d steps in %.0f s (%.0f steps/s); val success %.3f (random masked %.3f)",
              summary["timesteps"], summary["wall_s"], summary["steps_per_s"], summary["final_val_success"],

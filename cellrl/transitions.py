@@ -73,7 +73,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .errors import ConfigError, InputError
-from .io import save_npy, write_json, write_table
+from .io import atomic_path, sha256_file, save_npy, write_json, write_table
 from .model import OracleModel, load_model
 from .progress import Progress, note
 from .xp import blas_threads, cupy_available, get_xp, to_numpy
@@ -815,6 +815,45 @@ def chunk_workers(xp: ModuleType, threads: int | None, n_chunks: int) -> int:
     return max(1, min(n, n_chunks))
 
 
+def _store_chunk(f: Path, **arrays: Any) -> None:
+    """Write a finished chunk and its sha256 (``chunk_<i>.sha256``, written first: a crash between the two
+    leaves a checksum without its piece, which is simply recomputed)."""
+    tmp = f.with_name(f".{f.name}.tmp.npz")
+    np.savez(tmp, **arrays)
+    with atomic_path(f.with_suffix(".sha256")) as t:
+        t.write_text(sha256_file(tmp) + "\n")
+    os.replace(tmp, f)
+
+
+def _stored_chunk(f: Path, cells: np.ndarray, n_actions: int) -> dict[str, np.ndarray] | None:
+    """A stored chunk of these ``cells`` that matches its recorded sha256, or None (recompute it). A piece that
+    fails the check or cannot be read is removed with a warning naming the file."""
+    if not f.exists():
+        return None
+    side = f.with_suffix(".sha256")
+    try:
+        expected = side.read_text().strip() if side.exists() else None
+        if expected is None:
+            why = "no recorded sha256 next to it"
+        elif sha256_file(f) != expected:
+            why = f"its sha256 differs from the one recorded in {side.name} (altered or damaged since it was stored)"
+        else:
+            with np.load(f, allow_pickle=False) as z:
+                d = {k: z[k] for k in ("cells", "next_cell", "shift_norm_sum", "n_clipped")}
+            if not np.array_equal(d["cells"], cells):
+                return None  # another chunking (e.g. chunk_cells changed): recomputed and overwritten
+            if d["next_cell"].shape != (len(cells), n_actions) or d["shift_norm_sum"].shape != (n_actions,):
+                why = f"next_cell {d['next_cell'].shape} does not fit {len(cells)} cells x {n_actions} actions"
+            else:
+                return d
+    except Exception as e:  # truncated, not an npz, missing arrays: the piece is only a cache
+        why = f"unreadable ({type(e).__name__}: {e})"
+    log.warning("discarding transition chunk %s: %s; recomputing it", f, why)
+    f.unlink(missing_ok=True)
+    side.unlink(missing_ok=True)
+    return None
+
+
 def compute_table(model: OracleModel, settings: TransitionSettings | dict | None = None,
                   chunk_dir: str | Path | None = None,
                   on_chunk: Callable[[int, int], None] | None = None,
@@ -826,7 +865,8 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
 
     ``chunk_dir``: finished chunks are stored under ``chunk_dir/<key>/`` with key = hash(model arrays, settings
     that change the result, engine source, backend) and reused by a later call with the same key (resume after
-    an interruption; the interrupted run's chunk size is kept unless ``chunk_cells`` is set).
+    an interruption; the interrupted run's chunk size is kept unless ``chunk_cells`` is set). Each piece has its
+    sha256 next to it; one that fails it or cannot be read is discarded with a warning and recomputed.
     ``on_chunk(i, n_chunks)`` is called after each chunk is stored (tests raise from it). ``progress``: chunks
     done, cell-actions/s and ETA on the console (:mod:`cellrl.progress`) and in the log.
     """
@@ -857,7 +897,10 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
                 if stale.is_dir() and stale.name != key:
                     shutil.rmtree(stale, ignore_errors=True)
         if (cdir / "meta.json").exists():
-            stored = json.loads((cdir / "meta.json").read_text()).get("chunk_cells")
+            try:
+                stored = json.loads((cdir / "meta.json").read_text()).get("chunk_cells")
+            except (OSError, ValueError, AttributeError) as e:  # the pieces' own checks still guard reuse
+                log.warning("ignoring unreadable %s (%s: %s)", cdir / "meta.json", type(e).__name__, e)
     if stored and settings.chunk_cells is None:
         chunk, chunk_why = int(stored), "reused from the interrupted run in chunk_dir"
     else:
@@ -880,16 +923,14 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
     todo = []
     reused_cells = 0
     for i, (c, cells) in enumerate(chunks):
-        f = cdir / f"chunk_{i:05d}.npz" if cdir is not None else None
-        if f is not None and f.exists():
-            z = np.load(f)
-            if np.array_equal(z["cells"], cells):
-                table[cells] = z["next_cell"]
-                shift_norm_sum += z["shift_norm_sum"]
-                clipped += int(z["n_clipped"])
-                reused += 1
-                reused_cells += len(cells)
-                continue
+        z = _stored_chunk(cdir / f"chunk_{i:05d}.npz", cells, A) if cdir is not None else None
+        if z is not None:
+            table[cells] = z["next_cell"]
+            shift_norm_sum += z["shift_norm_sum"]
+            clipped += int(z["n_clipped"])
+            reused += 1
+            reused_cells += len(cells)
+            continue
         todo.append(i)
     workers = chunk_workers(xp, threads, len(todo))
     ctx.lin_cache_size = workers
@@ -913,10 +954,8 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
                 if xp is not np:
                     gpu_peak = max(gpu_peak, int(xp.get_default_memory_pool().total_bytes()))
                 if cdir is not None:
-                    f = cdir / f"chunk_{i:05d}.npz"
-                    tmp = f.with_name(f".{f.name}.tmp.npz")
-                    np.savez(tmp, cells=cells, next_cell=next_cell, shift_norm_sum=sn, n_clipped=n_clip)
-                    os.replace(tmp, f)
+                    _store_chunk(cdir / f"chunk_{i:05d}.npz", cells=cells, next_cell=next_cell, shift_norm_sum=sn,
+                                 n_clipped=n_clip)
                 if on_chunk is not None:
                     on_chunk(i, len(chunks))
                 bar.update(len(cells) * A, chunks=f"{reused + done + 1}/{len(chunks)}")

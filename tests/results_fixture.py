@@ -23,6 +23,7 @@ TINY_TRAIN = {"n_steps": 16, "batch_size": 16, "n_epochs": 1, "embed_dims": [16,
 def build_results(root: Path, train_steps: int = 0) -> dict[str, Path]:
     from scipy.spatial import cKDTree
 
+    from cellrl.io import sha256_file
     from cellrl.model import random_model
     from cellrl.train import build_agent, make_vec_env
 
@@ -53,7 +54,9 @@ def build_results(root: Path, train_steps: int = 0) -> dict[str, Path]:
     if train_steps:
         agent.learn(train_steps)
     agent.save(paths["agent"])
-    paths["train_summary"].write_text(json.dumps({"env": ENV, "timesteps": train_steps}))
+    # as train_files records them: the settings that rebuild the network and the zip's sha256
+    paths["train_summary"].write_text(json.dumps({"env": ENV, "train": TINY_TRAIN, "timesteps": train_steps,
+                                                  "model_zip_sha256": sha256_file(paths["agent"])}))
     pd.DataFrame({"timesteps": [16, 32, 48, 64], "train_success": [0.1, 0.2, 0.25, 0.3],
                   "val_success": [np.nan, 0.15, np.nan, 0.3], "ep_reward_mean": [-10, -9, -8.5, -8],
                   "phase": [0, 0, 1, 1]}).to_csv(paths["progress"], index=False)

@@ -135,7 +135,7 @@ def test_baselines_without_agent_and_stagnation(tiny):
 
 def test_errors(tiny, tmp_path):
     with pytest.raises(InputError, match="agent not found"):
-        load_agent(tmp_path / "nope.zip")
+        load_agent(tmp_path / "nope.zip", None, 12)
     bad = tmp_path / "actions.tsv"
     bad.write_text("index\tgene\n0\tg1\n")
     with pytest.raises(InputError, match="lacks columns"):

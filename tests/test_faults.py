@@ -471,3 +471,266 @@ def test_scanpy_pbmc68k_reduced_needs_layer_raw(tmp_path):
 def test_every_new_config_key_is_in_the_schema_docs():
     text = (ROOT / "config" / "README.md").read_text()
     assert "| `layer` |" in text and "letters, digits" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 10. verified artifacts: every file a later stage reads is checked against the sha256 its stage recorded
+#     (model.npz: oracle/stats.json, table.npy: transitions/stats.json, model.zip: train_summary.json, transition
+#     chunks: a .sha256 next to each); agents load without unpickling
+# ---------------------------------------------------------------------------------------------------------------
+def _recorded(tiny, tmp_path) -> dict:
+    """A copy of the tiny results folder whose model and table have their checksums recorded, as the
+    fit_oracle and transitions rules record them."""
+    from cellrl.io import sha256_array, sha256_file
+
+    res = tmp_path / "results" / "tiny"
+    shutil.copytree(tiny["results"], res)
+    paths = {k: res / v.relative_to(tiny["results"]) for k, v in tiny.items() if k not in ("results", "truth")}
+    (res / "oracle" / "stats.json").write_text(json.dumps({"model_sha256": sha256_file(paths["model"])}))
+    (res / "transitions" / "stats.json").write_text(
+        json.dumps({"table_sha256": sha256_array(np.load(paths["table"]))}))
+    return {"results": res, **paths}
+
+
+def _refused(e, path, rule):
+    assert str(path) in str(e) and "sha256" in str(e) and f"--forcerun {rule}" in e.fix, str(e)
+
+
+def test_untouched_recorded_artifacts_pass(tiny, tmp_path, capsys):
+    from cellrl.train import load_inputs
+
+    r = _recorded(tiny, tmp_path)
+    load_inputs(r["model"], r["table"])
+    code, _, err = _plan(capsys, "--results", str(r["results"]), "--start", "T0", "--target", "T1")
+    assert code in (0, 1), err
+
+
+def test_shuffled_table_is_refused_by_bfs_plan_and_train(tiny, tmp_path, capsys):
+    from cellrl.bfs import bfs_file
+    from cellrl.cli import EXIT_INPUT
+    from cellrl.train import load_inputs
+
+    r = _recorded(tiny, tmp_path)
+    table = np.load(r["table"])
+    np.save(r["table"], table[np.random.default_rng(0).permutation(len(table))])  # right shape, valid indices
+    with pytest.raises(InputError) as ei:
+        bfs_file(r["model"], r["table"], tmp_path / "bfs.parquet")
+    _refused(ei.value, r["table"], "transitions")
+    assert ei.value.field == "stats.json table_sha256" and not (tmp_path / "bfs.parquet").exists()
+    with pytest.raises(InputError) as ei:
+        load_inputs(r["model"], r["table"])
+    _refused(ei.value, r["table"], "transitions")
+    code, out, err = _plan(capsys, "--results", str(r["results"]), "--start", "T0", "--target", "T1", "--json")
+    e = json.loads(out)
+    assert code == EXIT_INPUT == e["exit_code"] and e["path"] == str(r["table"]) and "transitions rule" in e["fix"]
+
+
+def test_altered_model_is_refused_by_its_consumers(tiny, tmp_path, capsys):
+    from cellrl.bfs import bfs_file
+    from cellrl.cli import EXIT_INPUT
+    from cellrl.model import load_model
+    from cellrl.train import load_inputs
+
+    r = _recorded(tiny, tmp_path)
+    m = load_model(r["model"])
+    m.X = m.X * 1.01  # still a well-formed model
+    m.save(r["model"])
+    for consume in (lambda: load_model(r["model"]), lambda: load_inputs(r["model"], r["table"]),
+                    lambda: bfs_file(r["model"], r["table"], tmp_path / "bfs.parquet")):
+        with pytest.raises(InputError) as ei:
+            consume()
+        _refused(ei.value, r["model"], "fit_oracle")
+    code, out, _ = _plan(capsys, "--results", str(r["results"]), "--start", "T0", "--target", "T1", "--json")
+    e = json.loads(out)
+    assert code == EXIT_INPUT and e["path"] == str(r["model"]) and "fit_oracle rule" in e["fix"]
+
+
+def _rewrite_zip(src, dst, **members: bytes) -> None:
+    """Copy an SB3 zip with some members replaced."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            zout.writestr(item, members.get(item.filename, zin.read(item.filename)))
+
+
+def test_altered_agent_is_refused_by_plan(tiny, tmp_path, capsys):
+    import io
+    import zipfile
+
+    import torch as th
+
+    from cellrl.cli import EXIT_INPUT
+
+    r = _recorded(tiny, tmp_path)
+    with zipfile.ZipFile(tiny["agent"]) as z:
+        w = th.load(io.BytesIO(z.read("policy.pth")), weights_only=True)
+    w["action_net.bias"] += 1.0
+    buf = io.BytesIO()
+    th.save(w, buf)
+    _rewrite_zip(tiny["agent"], r["agent"], **{"policy.pth": buf.getvalue()})  # a valid zip, other weights
+    code, out, err = _plan(capsys, "--results", str(r["results"]), "--start", "T0", "--target", "T1", "--json")
+    e = json.loads(out)
+    assert code == EXIT_INPUT == e["exit_code"] and e["error"] == "input" and e["path"] == str(r["agent"])
+    assert "model_zip_sha256" in e["field"] and "--forcerun train" in e["fix"] and "model.zip" in err
+
+
+class _Payload:
+    """Unpickling this creates a file: what a crafted agent zip could do instead."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _crafted_agent(tiny, tmp_path, marker):
+    """A results copy whose model.zip carries a pickle payload in ``data`` (its checksum recorded, as a zip and
+    train_summary.json handed over together would have it)."""
+    import base64
+    import pickle
+    import zipfile
+
+    from cellrl.io import sha256_file
+
+    r = _recorded(tiny, tmp_path)
+    with zipfile.ZipFile(tiny["agent"]) as z:
+        data = json.loads(z.read("data"))
+    data["policy_class"][":serialized:"] = base64.b64encode(pickle.dumps(_Payload(marker))).decode()
+    _rewrite_zip(tiny["agent"], r["agent"], data=json.dumps(data).encode())
+    summary = json.loads(r["train_summary"].read_text())
+    r["train_summary"].write_text(json.dumps({**summary, "model_zip_sha256": sha256_file(r["agent"])}))
+    return r, data
+
+
+def test_crafted_agent_pickle_never_runs_in_plan_or_evaluate(tiny, tmp_path, capsys):
+    from stable_baselines3.common.save_util import json_to_data
+
+    from cellrl.evaluate import evaluate_files
+    from results_fixture import ENV
+
+    marker = tmp_path / "pwned"
+    r, data = _crafted_agent(tiny, tmp_path, marker)
+    code, out, err = _plan(capsys, "--results", str(r["results"]), "--start", "T0", "--target", "T1", "--json")
+    assert code in (0, 1), err
+    assert json.loads(out)["agent"]["steps"] and not marker.exists()
+    out_dir = tmp_path / "bench"
+    s = evaluate_files(r["model"], r["table"], r["actions"], r["agent"], None, None, None,
+                       out_dir / "episodes.parquet", out_dir / "summary.json", out_dir / "plots", env=ENV,
+                       n_episodes=12)
+    assert s["policies"]["agent"]["episodes"] == 12 and not marker.exists()
+    json_to_data(json.dumps(data))  # what MaskablePPO.load does with `data`: the payload is live
+    assert marker.exists()
+
+
+def test_trust_pickled_agent_uses_maskableppo_load(tiny, capsys, monkeypatch):
+    from sb3_contrib import MaskablePPO
+
+    calls = []
+    original = MaskablePPO.load
+
+    def load(path, *a, **kw):
+        calls.append(str(path))
+        return original(path, *a, **kw)
+
+    monkeypatch.setattr(MaskablePPO, "load", load)
+    code, _, err = _plan(capsys, "--results", str(tiny["results"]), "--start", "T0", "--target", "T1")
+    assert code in (0, 1) and calls == [], err          # the default path never unpickles
+    code, _, err = _plan(capsys, "--results", str(tiny["results"]), "--start", "T0", "--target", "T1",
+                         "--trust-pickled-agent")
+    assert code in (0, 1) and calls == [str(tiny["agent"])], err
+
+
+def test_safe_loaded_policy_acts_like_maskableppo_load(tmp_path):
+    import torch as th
+    from rl_fixtures import random_table
+    from sb3_contrib import MaskablePPO
+    from test_train import TINY
+
+    from cellrl.agent_io import PolicyAgent, load_agent
+    from cellrl.model import random_model
+    from cellrl.tasks import TaskGeometry
+    from cellrl.train import make_vec_env, train_files
+
+    m = random_model(n_cells=200, n_genes=16, n_types=3, n_regulators=4, seed=1)
+    m.save(tmp_path / "model.npz")
+    np.save(tmp_path / "table.npy", random_table(m, seed=2))
+    out = tmp_path / "run"
+    env_cfg = {"max_steps": 6}
+    s = train_files(tmp_path / "model.npz", tmp_path / "table.npy", out, env=env_cfg,
+                    train={**TINY, "total_timesteps": 64}, progress=False, threads=1)
+    assert s["model_zip_sha256"] == json.loads((out / "train_summary.json").read_text())["model_zip_sha256"]
+    table = np.load(tmp_path / "table.npy")
+    geo = TaskGeometry.from_model(m)
+    safe = load_agent(out / "model.zip", geo, table.shape[1])
+    ref = MaskablePPO.load(out / "model.zip", device="cpu")
+    assert isinstance(safe, PolicyAgent) and safe.action_space == ref.action_space
+    env = make_vec_env(geo, table, env_cfg, 64, split="test", seed=5, training=False)
+    obs = env.reset()
+    logits = [a.policy.get_distribution(a.policy.obs_to_tensor(obs)[0]).distribution.logits for a in (safe, ref)]
+    assert th.equal(*logits)  # bit-identical network outputs
+    for _ in range(4):
+        masks = env.action_masks()
+        a_safe, _ = safe.predict(obs, action_masks=masks, deterministic=True)
+        a_ref, _ = ref.predict(obs, action_masks=masks, deterministic=True)
+        assert np.array_equal(a_safe, a_ref)
+        obs, *_ = env.step(a_ref)
+    with pytest.raises(InputError, match="do not fit the network"):  # other train settings, other network
+        from cellrl.agent_io import agent_spaces, load_policy
+
+        load_policy(out / "model.zip", {**TINY, "actor_dims": [32]}, *agent_spaces(geo, table.shape[1]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 11. transition chunks: an altered or corrupt piece is discarded with a warning naming it and recomputed
+# ---------------------------------------------------------------------------------------------------------------
+def _alter_next_cell(f):
+    with np.load(f) as z:
+        d = dict(z)
+    d["next_cell"] = (d["next_cell"] + 1) % 300  # a valid npz with other next cells
+    np.savez(f, **d)
+
+
+@pytest.mark.parametrize("damage", ["altered", "garbage", "no checksum"])
+def test_bad_transition_chunk_is_recomputed(tmp_path, small_model, caplog, damage):
+    from cellrl import transitions as T
+
+    s = {"n_neighbors": 30, "backend": "numpy", "chunk_cells": 40, "seed": 0}
+    ref, _, _ = T.compute_table(small_model, s, progress=False)
+
+    def stop(i, n):
+        if i == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        T.compute_table(small_model, s, chunk_dir=tmp_path / "chunks", on_chunk=stop, progress=False, threads=1)
+    f = next((tmp_path / "chunks").glob("*/chunk_00001.npz"))
+    if damage == "altered":
+        _alter_next_cell(f)
+    elif damage == "garbage":
+        f.write_bytes(b"\x00garbage, not a zip")
+    else:
+        f.with_suffix(".sha256").unlink()
+    with caplog.at_level(logging.WARNING, logger="cellrl.transitions"):
+        table, _, st = T.compute_table(small_model, s, chunk_dir=tmp_path / "chunks", progress=False)
+    assert st["chunks_reused"] == 2 and np.array_equal(table, ref)
+    assert any("discarding transition chunk" in r.getMessage() and str(f) in r.getMessage() for r in caplog.records)
+    # the recomputed piece is stored again with its checksum
+    from cellrl.io import sha256_file
+
+    assert f.with_suffix(".sha256").read_text().strip() == sha256_file(f)
+
+
+def test_transitions_rule_records_what_consumers_check(tmp_path, small_model):
+    from cellrl.bfs import load_table
+    from cellrl.io import sha256_array, verify_artifact
+    from cellrl.transitions import transitions_files
+
+    small_model.save(tmp_path / "oracle" / "model.npz")
+    t = tmp_path / "transitions"
+    transitions_files(tmp_path / "oracle" / "model.npz", t / "table.npy", t / "actions.tsv", t / "stats.json",
+                      n_neighbors=30, backend="numpy", progress=False)
+    table = load_table(t / "table.npy", small_model.n_cells, small_model.n_actions)
+    assert verify_artifact(t / "table.npy", "table", actual=sha256_array(table))
+    assert not verify_artifact(tmp_path / "oracle" / "model.npz", "model")  # no stats.json there: skipped

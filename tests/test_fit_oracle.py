@@ -11,6 +11,7 @@ import pytest
 from conftest import MM10_PROMOTER_GRN, fit_chain, shared_path
 
 from cellrl.errors import InputError
+from cellrl.io import sha256_file
 from cellrl.model import load_model
 from cellrl.oracle import (MAX_PSEUDO_MEAN, _pseudo_counts, check_overlap, choose_n_pcs, fit_oracle_files,
                            model_from_oracle, oe_values)
@@ -221,6 +222,7 @@ def test_fit_oracle_files_outputs_load_and_are_reproducible_across_processes(tmp
     m = load_model(outs["model_path"])
     assert m.meta["dataset"] == "tiny" and m.n_regulators == stats["n_active_regulators"] > 0
     assert json.loads(outs["stats_path"].read_text())["active_regulators"] == list(m.regulators)
+    assert json.loads(outs["stats_path"].read_text())["model_sha256"] == sha256_file(outs["model_path"])
     oracle = co.load_hdf5(str(outs["oracle_path"]))
     np.testing.assert_array_equal(oracle.adata.layers["imputed_count"], m.X)
     links = co.load_hdf5(str(outs["links_path"]))
