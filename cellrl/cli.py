@@ -3,9 +3,20 @@
     cellrl plan --results results/demo --start Stem --target FateA
     cellrl plan --results results/demo --run default --start cell00042 --target FateA --json
     cellrl plan --model m.npz --table table.npy --agent model.zip --start Stem --target FateA
+    cellrl plan --results results/demo --expression my_cells.csv --cell sample1 --target FateA
 
 The start is a cell name, or a cell type (then the test cell of that type closest to its centroid stands for
-it).
+it), or, with --expression FILE --cell ID, a cell of your own that is not in the table: it is placed at its
+nearest table cells and the plan starts from the nearest one. FILE is an .h5ad (X) or a .csv/.tsv in either
+orientation (genes as rows or as columns, told apart by the dataset's gene names), raw counts or
+log-normalised values (detected: all integers = counts; or --expression-type), the dataset's gene symbols (at
+least half of the model's genes must be found; missing genes take the table mean). It is normalised as the
+dataset was (counts scaled to the dataset's per-cell total, log1p) and compared in the PCA space of the
+oracle's log-normalised input (rna/filtered.h5ad next to the model), else in the environment's z-scored
+imputed expression. The placement (nearest cells, their types, distances) is printed before the plans and is
+"placement" under --json; a warning says when the nearest cell is farther than 95% of table cells are from
+their own nearest neighbour, or the cell farther from that PCA subspace than 95% of them (no such test in the
+imputed fallback, where every single cell lies far).
 
 Files are checked against the sha256 their stage recorded next to them (model.npz: oracle/stats.json,
 table.npy: transitions/stats.json, model.zip: train_summary.json; skipped when that file is absent). The agent
@@ -17,7 +28,8 @@ Exit status:
   0  the agent reaches the target
   1  the agent does not reach it, but a path exists (the BFS optimum is shown)
   2  bad input: unknown cell or type, bad option value, missing or unreadable file (model.npz, table.npy,
-     actions.tsv, model.zip, train_summary.json) or one that differs from its recorded sha256; the message
+     actions.tsv, model.zip, train_summary.json) or one that differs from its recorded sha256; an --expression
+     file that cannot be read, lacks the --cell or holds fewer than half of the model's genes; the message
      names the file or option and the fix
   3  the target is unreachable from the start (exact BFS)
   4  internal error (a bug: please report it with the traceback)
@@ -150,13 +162,14 @@ def _steps(start: int, actions: Sequence[int], cells: Sequence[int], target: int
 
 
 def plan(model: Any, table: np.ndarray, agent: Any, start: str, target: str, env: Mapping[str, Any] | None = None,
-         actions: Any = None, deterministic: bool = True, max_steps: int | None = None) -> dict[str, Any]:
+         actions: Any = None, deterministic: bool = True, max_steps: int | None = None,
+         geometry: Any = None) -> dict[str, Any]:
     """Plan from ``start`` (cell name or type) to cell type ``target`` with the agent and with BFS.
 
     ``agent`` is a policy with ``predict`` or a function ``(geometry, n_actions) -> policy`` that loads one
     (:func:`cellrl.agent_io.load_agent`; called only once the names are resolved and a path exists, so bad input
     fails fast). Raises InputError for unknown names, UnreachableError when no path exists. Returns a JSON-ready
-    dict.
+    dict. ``geometry``: the model's TaskGeometry for ``env``'s percentiles when already built.
     """
     from .bfs import eval_allowed_mask, shortest_paths
     from .env import EnvParams
@@ -164,7 +177,8 @@ def plan(model: Any, table: np.ndarray, agent: Any, start: str, target: str, env
     from .tasks import TaskGeometry
 
     params = EnvParams.from_config(env)
-    geo = TaskGeometry.from_model(model, params.goal_percentile, params.centroid_percentile)
+    geo = geometry if geometry is not None else \
+        TaskGeometry.from_model(model, params.goal_percentile, params.centroid_percentile)
     acts = actions if actions is not None else action_table(table.shape[1], model.regulators)
     t = find_type(geo, target, "target")
     c, how = resolve_start(model, geo, start)
@@ -267,8 +281,20 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--trust-pickled-agent", action="store_true",
                    help="load the agent with SB3's MaskablePPO.load, which unpickles the zip's data: a crafted zip "
                         "runs arbitrary code; only for zips you made yourself")
-    q.add_argument("--start", required=True, help="start cell name, or a cell type (its representative cell)")
-    q.add_argument("--target", required=True, help="target cell type")
+    # --start | --expression and --target are required; checked in main() so that one message names all missing
+    start = q.add_mutually_exclusive_group()
+    start.add_argument("--start", help="start cell name, or a cell type (its representative cell); this or "
+                                       "--expression is required")
+    start.add_argument("--expression", metavar="FILE",
+                       help="start from a cell of your own: an .h5ad or .csv/.tsv (genes as rows or columns) of "
+                            "counts or log-normalised values; it is placed at its nearest table cells and the "
+                            "plan starts from the nearest one")
+    q.add_argument("--cell", metavar="ID", help="with --expression: the cell's name in FILE (may be left out "
+                                                "when FILE holds one cell)")
+    q.add_argument("--expression-type", choices=("auto", "counts", "lognorm"), default="auto",
+                   help="with --expression: raw counts or log-normalised values (default auto: all integers = "
+                        "counts)")
+    q.add_argument("--target", help="target cell type (required)")
     q.add_argument("--max-steps", type=_positive_int,
                    help="episode step limit, >= 1 (default: the evaluation limit of the run)")
     q.add_argument("--stochastic", action="store_true", help="sample the agent's actions instead of argmax")
@@ -279,8 +305,11 @@ def _parser() -> argparse.ArgumentParser:
 def _error(kind: str, e: BaseException, code: int, as_json: bool) -> int:
     """Report an error on stderr (and as one JSON object on stdout under --json); return ``code``."""
     if as_json:
-        print(json.dumps({"error": kind, "message": str(e), "path": _str(getattr(e, "path", None)),
-                          "field": getattr(e, "field", None), "fix": getattr(e, "fix", None), "exit_code": code}))
+        obj = {"error": kind, "message": str(e), "path": _str(getattr(e, "path", None)),
+               "field": getattr(e, "field", None), "fix": getattr(e, "fix", None), "exit_code": code}
+        if getattr(e, "placement", None) is not None:  # --expression: where the user's cell was placed
+            obj["placement"] = e.placement  # type: ignore[attr-defined]
+        print(json.dumps(obj))
     print(f"cellrl plan: {'error: ' if kind != 'unreachable' else ''}{e}", file=sys.stderr)
     return code
 
@@ -289,11 +318,54 @@ def _str(x: Any) -> str | None:
     return None if x is None else str(x)
 
 
+def _plan_user_cell(args: argparse.Namespace, paths: Mapping[str, Path | None], model: Any, table: np.ndarray,
+                    agent: Any, env: Mapping[str, Any], acts: Any) -> dict[str, Any]:
+    """``--expression FILE --cell ID``: place the cell at its nearest table cells (:mod:`cellrl.placement`), then
+    plan from the nearest one exactly as ``--start <its name>``; the plan gets a ``placement`` object."""
+    from .env import EnvParams
+    from .placement import filtered_path, format_placement, place
+    from .tasks import TaskGeometry
+
+    params = EnvParams.from_config(env)
+    geo = TaskGeometry.from_model(model, params.goal_percentile, params.centroid_percentile)
+    pl = place(model, geo, args.expression, args.cell, args.expression_type, filtered=filtered_path(paths["model"]))
+    for w in pl["warnings"]:
+        print(f"cellrl plan: warning: {w}", file=sys.stderr)
+    if not args.json:  # shown before the plans, and also when planning fails
+        print(format_placement(pl) + "\n", flush=True)
+    near = pl["nearest"][0]
+    try:
+        p = plan(model, table, agent, near["cell"], args.target, env=env, actions=acts,
+                 deterministic=not args.stochastic, max_steps=args.max_steps, geometry=geo)
+    except UnreachableError as e:
+        err: CellrlError = UnreachableError(f"{e} (the nearest table cell to {pl['cell']} of {pl['file']})")
+        err.placement = pl  # type: ignore[attr-defined]
+        raise err from None
+    except InputError as e:
+        if e.field != "start":
+            raise
+        err = InputError(f"your cell {pl['cell']} lies nearest to table cell {near['cell']} (distance "
+                         f"{near['distance']:.3g}), which is already of type {near['cell_type']}",
+                         path=pl["file"], field="--target", fix="choose a target of another type")
+        err.placement = pl  # type: ignore[attr-defined]
+        raise err from None
+    p["start"]["chosen_as"] = f"nearest table cell to {pl['cell']} of {pl['file']} (distance {near['distance']:.3g})"
+    return {"placement": pl, **p}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cellrl`` command; returns the exit status (see module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = _parser().parse_args(argv)
+        missing = ([] if args.start is not None or args.expression is not None else ["--start (or --expression)"]) \
+            + ([] if args.target is not None else ["--target"])
+        if missing:
+            raise _UsageError(f"the following arguments are required: {', '.join(missing)}",
+                              fix="see `cellrl plan --help`")
+        if args.expression is None and (args.cell is not None or args.expression_type != "auto"):
+            raise _UsageError("--cell and --expression-type apply to --expression only", field="--cell",
+                              fix="pass --expression FILE --cell ID, or --start alone")
     except _UsageError as e:
         return _error("input", e, EXIT_INPUT, "--json" in argv)
     try:
@@ -308,8 +380,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         acts = action_table(table.shape[1], model.regulators, paths["actions"])
         env = env_settings(paths["train_summary"], args.results, args.run)
         agent = functools.partial(load_agent, paths["agent"], trust_pickled=args.trust_pickled_agent)
-        p = plan(model, table, agent, args.start, args.target, env=env, actions=acts,
-                 deterministic=not args.stochastic, max_steps=args.max_steps)
+        if args.expression is None:
+            p = plan(model, table, agent, args.start, args.target, env=env, actions=acts,
+                     deterministic=not args.stochastic, max_steps=args.max_steps)
+        else:
+            p = _plan_user_cell(args, paths, model, table, agent, env, acts)
     except UnreachableError as e:
         return _error("unreachable", e, EXIT_UNREACHABLE, args.json)
     except CellrlError as e:
