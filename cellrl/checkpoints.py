@@ -61,6 +61,7 @@ class RunState:
         self.t0 = time.perf_counter()
         self.last_val: dict[str, Any] = {}
         self.wandb_id: str | None = None
+        self.warm_start: dict[str, Any] = {}    # what the warm start did (cellrl.warmstart), before step 0
         self.rows: list[dict[str, Any]] = []   # every progress row so far (progress.csv is rebuilt from these)
 
     def wall(self) -> float:
@@ -72,12 +73,14 @@ class RunState:
 
     def to_dict(self) -> dict[str, Any]:
         return {"last_logged": self.last_logged, "next_eval": self.next_eval, "next_ckpt": self.next_ckpt,
-                "elapsed": self.wall(), "last_val": self.last_val, "wandb_id": self.wandb_id, "rows": self.rows}
+                "elapsed": self.wall(), "last_val": self.last_val, "wandb_id": self.wandb_id,
+                "warm_start": self.warm_start, "rows": self.rows}
 
     def load(self, d: Mapping[str, Any]) -> None:
         self.last_logged, self.next_eval, self.next_ckpt = d["last_logged"], d["next_eval"], d["next_ckpt"]
         self.elapsed, self.last_val, self.wandb_id = d["elapsed"], dict(d["last_val"]), d.get("wandb_id")
         self.rows = [dict(r) for r in d["rows"]]
+        self.warm_start = dict(d.get("warm_start") or {})
         self.t0 = time.perf_counter()
 
 

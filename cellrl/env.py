@@ -6,12 +6,18 @@ the next cell is ``table[cell, action]``. Observation (a Dict):
 
 * ``current_expression`` (G,) float32: the current cell's expression, z-scored with the training-cell scaler;
 * ``target_expression`` (G,) float32: the target type's centroid in the same space;
-* ``action_mask`` (A,) int8 (MultiBinary): allowed actions (``cellrl.tasks.allowed_mask``).
+* ``action_mask`` (A,) int8 (MultiBinary): allowed actions (``cellrl.tasks.allowed_mask``; with
+  ``mask_revisits`` also no action whose next cell was already visited in the episode).
 
 Reward: ``step_penalty + distance_reward_scale * (gamma * cos(next, target) - cos(current, target))``
 (potential-based shaping) plus ``goal_bonus`` when the next cell is a goal cell (episode terminates).
 An episode is truncated at ``max_steps`` or when the cell has no allowed action left. A masked action
 leaves the cell where it is (MaskablePPO never picks one; random agents and ``check_env`` may).
+
+No loops (``mask_revisits``, default on): each episode records the cells it has visited (start included) and
+the mask also excludes every action whose next cell is one of them, so no episode ever revisits a cell (a
+cell whose every move leads back into its own path is a dead end: the episode is truncated). Shortest paths
+never revisit a cell, so BFS distances are unchanged by it.
 
 Two front-ends share one array core (:class:`EpisodeBatch`), so their maths is identical:
 
@@ -74,6 +80,7 @@ class EnvParams:
     gamma: float = 0.9831
     goal_percentile: float = 25.0
     centroid_percentile: float = 95.0
+    mask_revisits: bool = True
     curriculum: CurriculumParams = field(default_factory=CurriculumParams)
 
     @classmethod
@@ -112,7 +119,10 @@ class EpisodeBatch:
 
     State arrays (length N): ``cell`` current cell, ``target`` target type, ``t`` steps taken, ``limit``
     step limit, ``ret`` return so far, ``start`` start cell, ``task_id`` index into the task queue (-1 for
-    sampled tasks).
+    sampled tasks); ``path`` (N, max limit + 1) the cells visited so far (column k: the cell after k steps,
+    -1 beyond ``t``) and ``mask`` (N, A) bool the allowed actions of every episode's current cell (the
+    static mask of :func:`cellrl.tasks.allowed_mask`, less the moves back into ``path`` with
+    ``params.mask_revisits``). ``mask`` is derived state: rebuilt whenever ``cell`` or ``path`` change.
     """
 
     def __init__(self, geometry: TaskGeometry, table: np.ndarray, n: int, params: EnvParams,
@@ -128,13 +138,10 @@ class EpisodeBatch:
         self.training = bool(training)
         self.n_actions = int(self.table.shape[1])
         allowed = allowed_mask(self.table, geometry.split, self.training)
-        self.allowed = allowed                                    # (C, A) bool
+        self.allowed = allowed                                    # (C, A) bool, the static mask
         self.allowed_i8 = allowed.view(np.int8)                   # same memory, for the observation
-        counts = allowed.sum(1)
-        self.has_action = counts > 0
-        # CSR of allowed actions per cell, for vectorised random masked actions.
-        self._act_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._act_idx = np.nonzero(allowed)[1].astype(np.int64)
+        self.has_action = allowed.any(1)
+        self.mask_revisits = bool(params.mask_revisits)
         in_split = geometry.split == split
         # Training episodes start only where some action is allowed; evaluation uses every cell of the split.
         pool = in_split & self.has_action if self.training else in_split
@@ -171,6 +178,8 @@ class EpisodeBatch:
         self.tasks = np.zeros((0, 2), np.int64)                  # queued (start cell, target type)
         self.task_ptr = 0
         self.rng = np.random.default_rng(seed)
+        self.path = np.full((n, self.max_steps + 1), -1, np.int64)
+        self.mask = np.zeros((n, self.n_actions), bool)
 
     # -- task sampling ---------------------------------------------------------------------------------
     @property
@@ -235,6 +244,24 @@ class EpisodeBatch:
         self.t[idx] = 0
         self.ret[idx] = 0.0
         self.limit[idx] = self.max_steps
+        if self.path.shape[1] < self.max_steps + 1:               # a later curriculum phase: longer episodes
+            grow = np.full((self.n, self.max_steps + 1 - self.path.shape[1]), -1, np.int64)
+            self.path = np.concatenate([self.path, grow], 1)
+        self.path[idx] = -1
+        self.path[idx, 0] = start
+        self.mask[idx] = self.masks_of(idx)
+
+    def masks_of(self, idx: np.ndarray | None = None) -> np.ndarray:
+        """(k, A) bool: allowed actions of episodes ``idx`` (all when None) in their current cell; with
+        ``mask_revisits`` no action leads back into the episode's path."""
+        cells = self.cell if idx is None else self.cell[idx]
+        m = self.allowed[cells]
+        if self.mask_revisits and len(cells):
+            path = self.path if idx is None else self.path[idx]
+            path = path[:, :int((self.t if idx is None else self.t[idx]).max()) + 1]
+            nxt = self.table[cells]                                # (k, A); -1 entries are never allowed
+            m &= ~(nxt[:, :, None] == path[:, None, :]).any(2)
+        return m
 
     # -- stepping ----------------------------------------------------------------------------------------
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -244,7 +271,8 @@ class EpisodeBatch:
         if a.min() < 0 or a.max() >= self.n_actions:
             raise InputError(f"actions must lie in [0, {self.n_actions}); got {a.min()}..{a.max()}",
                              field="action")
-        ok = self.allowed[cur, a]
+        rows = np.arange(self.n)
+        ok = self.mask[rows, a]
         nxt = np.where(ok, self.table[cur, a], cur)
         tg = self.target
         p = self.params
@@ -256,7 +284,9 @@ class EpisodeBatch:
         self.cell = nxt
         self.t += 1
         self.ret += reward
-        truncated = ~success & ((self.t >= self.limit) | ~self.has_action[nxt])
+        self.path[rows, np.minimum(self.t, self.path.shape[1] - 1)] = nxt
+        self.mask = self.masks_of()
+        truncated = ~success & ((self.t >= self.limit) | ~self.mask.any(1))
         self.total_steps += self.n
         return reward, success, truncated, ~ok
 
@@ -286,12 +316,13 @@ class EpisodeBatch:
         return True
 
     def sample_masked_actions(self, rng: np.random.Generator | None = None) -> np.ndarray:
-        """A uniformly random allowed action per env (0 where none is allowed), vectorised."""
+        """A uniformly random allowed action per env (0 where none is allowed), vectorised: the k-th allowed
+        action (in index order) with k = floor(u x count), one uniform draw per env."""
         rng = rng if rng is not None else self.rng
-        lo = self._act_ptr[self.cell]
-        cnt = self._act_ptr[self.cell + 1] - lo
-        pick = lo + (rng.random(self.n) * cnt).astype(np.int64)
-        return np.where(cnt > 0, self._act_idx[np.minimum(pick, len(self._act_idx) - 1)], 0)
+        cnt = self.mask.sum(1)
+        k = np.minimum((rng.random(self.n) * cnt).astype(np.int64), np.maximum(cnt - 1, 0))
+        pick = (np.cumsum(self.mask, 1) > k[:, None]).argmax(1)
+        return np.where(cnt > 0, pick, 0)
 
     @property
     def success_rate(self) -> float:
@@ -304,9 +335,10 @@ class EpisodeBatch:
         return {
             "cell": self.cell.copy(), "target": self.target.copy(), "start": self.start.copy(), "t": self.t.copy(),
             "limit": self.limit.copy(), "ret": self.ret.copy(), "task_id": self.task_id.copy(),
-            "phase": self.phase, "phase_start_step": self.phase_start_step, "total_steps": self.total_steps,
-            "episodes": self.episodes, "successes": self.successes, "window": list(self.window),
-            "recent": list(self.recent), "tasks": self.tasks.copy(), "task_ptr": self.task_ptr,
+            "path": self.path.copy(), "phase": self.phase, "phase_start_step": self.phase_start_step,
+            "total_steps": self.total_steps, "episodes": self.episodes, "successes": self.successes,
+            "window": list(self.window), "recent": list(self.recent), "tasks": self.tasks.copy(),
+            "task_ptr": self.task_ptr,
             "rng": self.rng.bit_generator.state,
         }
 
@@ -317,6 +349,7 @@ class EpisodeBatch:
                              field="train.n_envs", fix="resume with the same n_envs")
         for k in ("cell", "target", "start", "t", "limit", "ret", "task_id"):
             setattr(self, k, np.array(state[k], dtype=getattr(self, k).dtype))
+        self.path = np.array(state["path"], np.int64).reshape(self.n, -1)
         self.phase = int(state["phase"])
         self.phase_start_step = int(state["phase_start_step"])
         self.total_steps = int(state["total_steps"])
@@ -328,6 +361,7 @@ class EpisodeBatch:
         self.task_ptr = int(state["task_ptr"])
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = state["rng"]
+        self.mask = self.masks_of()
 
 
 def _obs_space(geo: TaskGeometry, n_actions: int) -> spaces.Dict:
@@ -512,11 +546,11 @@ class VecReprogrammingEnv(VecEnv):
         bt = self._buf_target[self._which]
         if idx is None:
             np.take(geo.z, b.cell, axis=0, out=buf["current_expression"])
-            np.take(b.allowed_i8, b.cell, axis=0, out=buf["action_mask"])
+            buf["action_mask"][:] = b.mask.view(np.int8)
             stale = np.flatnonzero(bt != b.target)
         else:
             buf["current_expression"][idx] = geo.z[b.cell[idx]]
-            buf["action_mask"][idx] = b.allowed_i8[b.cell[idx]]
+            buf["action_mask"][idx] = b.mask[idx].view(np.int8)
             stale = idx
         if len(stale):
             buf["target_expression"][stale] = geo.centroids[b.target[stale]]
@@ -550,7 +584,7 @@ class ReprogrammingEnv(gym.Env):
         c, t = int(self.batch.cell[0]), int(self.batch.target[0])
         return {"current_expression": self.geometry.z[c].copy(),
                 "target_expression": self.geometry.centroids[t].copy(),
-                "action_mask": self.batch.allowed_i8[c].copy()}
+                "action_mask": self.batch.mask[0].view(np.int8).copy()}
 
     def _info(self) -> dict[str, Any]:
         b = self.batch
@@ -584,7 +618,7 @@ class ReprogrammingEnv(gym.Env):
 
     def action_masks(self) -> np.ndarray:
         """(A,) bool: allowed actions in the current cell (MaskablePPO's ``ActionMasker`` protocol)."""
-        return self.batch.allowed[int(self.batch.cell[0])].copy()
+        return self.batch.mask[0].copy()
 
 
 if ENV_ID not in gym.registry:

@@ -49,6 +49,7 @@ from .model import OracleModel, load_model
 from .network import policy_kwargs
 from .progress import Progress
 from .tasks import TaskGeometry, validate_table
+from .warmstart import ppo_config, warm_start
 from .xp import blas_threads
 
 log = logging.getLogger("cellrl.train")
@@ -60,7 +61,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "learning_rate": 1.07e-4, "gamma": 0.9831, "gae_lambda": 0.9013, "ent_coef": 0.0054, "vf_coef": 0.4075,
     "clip_range": 0.2, "embed_dims": [512, 128], "actor_dims": [256, 64], "critic_dims": [128, 64],
     "checkpoint_every": 100_000, "keep_checkpoints": 2, "eval_every": 20_000, "eval_episodes": 200,
-    "device": "auto", "seed": 77, "use_hpo": False, "wandb": {"mode": "offline", "project": "cellrl"},
+    "device": "auto", "seed": 77, "use_hpo": False, "warm_start": "bfs", "warm_start_epochs": 60,
+    "warm_start_ppo_lr_scale": 0.03, "wandb": {"mode": "offline", "project": "cellrl"},
 }
 
 
@@ -392,7 +394,7 @@ def train_agent(model: OracleModel | TaskGeometry, table: np.ndarray, env_cfg: M
     env = make_vec_env(geo, table, params, int(cfg["n_envs"]), split="train", seed=int(cfg["seed"]), training=True)
     run = _Run(out, cfg, params, geo, table, env, progress, total)
     ckpt = ckpts.resumable_checkpoint(out, run.fingerprint, resume=resume) if out is not None else None
-    agent = build_agent(env, cfg, device=device)
+    agent = build_agent(env, ppo_config(cfg), device=device)
     if ckpt is not None:
         log.info("resuming from %s (step %d)", ckpt["path"], ckpt["timesteps"])
         ckpts.restore(ckpt, agent, env, run.state)
@@ -401,6 +403,8 @@ def train_agent(model: OracleModel | TaskGeometry, table: np.ndarray, env_cfg: M
     elif out is not None:
         for stale in (out / "progress.csv", out / "train_summary.json", out / "model.zip"):
             stale.unlink(missing_ok=True)
+    if ckpt is None:            # a fresh run (a resumed one has the warm-started weights in its checkpoint)
+        run.state.warm_start = warm_start(agent, geo, table, params, cfg)
     run.open()
     try:
         remaining = total - int(agent.num_timesteps)
@@ -413,6 +417,7 @@ def train_agent(model: OracleModel | TaskGeometry, table: np.ndarray, env_cfg: M
     finally:
         run.close()
     summary = _summary(agent, run, ckpt, device, threads, warnings)
+    summary["warm_start"] = run.state.warm_start
     if out is not None:
         with atomic_path(out / "model.zip") as tmp:
             agent.save(tmp)

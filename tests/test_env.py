@@ -224,3 +224,94 @@ def test_bad_settings():
         VecReprogrammingEnv(m, random_table(m), 2, {}, split="training")
     with pytest.raises(InputError, match="does not match"):
         VecReprogrammingEnv(m, random_table(m)[:-1], 2, {})
+
+
+# ------------------------------------------------------------------------------------------------ no loops
+def _episode_paths(env, steps, rng):
+    """Run ``steps`` vector steps with random masked actions; return every finished episode's cells."""
+    b = env.batch
+    cur = [[int(c)] for c in b.cell]
+    done_paths = []
+    for _ in range(steps):
+        _, _, dones, infos = env.step(env.sample_masked_actions(rng))
+        for i in range(env.num_envs):
+            if dones[i]:
+                cur[i].append(infos[i]["final_cell"])
+                done_paths.append(cur[i])
+                cur[i] = [int(b.cell[i])]
+            else:
+                cur[i].append(int(b.cell[i]))
+    return done_paths
+
+
+def test_no_episode_revisits_a_cell(problem):
+    """mask_revisits (default): training and evaluation episodes never come back to a cell they visited;
+    without it random walks on the same table do."""
+    m, table, geo = problem
+    assert EnvParams().mask_revisits
+    rng = np.random.default_rng(0)
+    for split, training in (("train", True), ("test", False)):
+        env = VecReprogrammingEnv(geo, table, 32, {"max_steps": 30}, split=split, training=training, seed=1)
+        env.reset()
+        paths = _episode_paths(env, 300, rng)
+        assert len(paths) > 100
+        assert all(len(set(p)) == len(p) for p in paths)
+        # the mask never offers a move into the path; the observation carries the same mask
+        b = env.batch
+        for i in range(env.num_envs):
+            nxt = table[b.cell[i], env.action_masks()[i]]
+            assert not np.isin(nxt, b.path[i, :b.t[i] + 1]).any()
+        np.testing.assert_array_equal(env.action_masks(), b.masks_of())
+    loops = VecReprogrammingEnv(geo, table, 32, {"max_steps": 30, "mask_revisits": False}, seed=1)
+    loops.reset()
+    assert any(len(set(p)) < len(p) for p in _episode_paths(loops, 300, rng))
+
+
+def test_revisit_mask_dead_end_truncates():
+    """A cell whose only move leads back into the episode's path ends the episode (truncated)."""
+    m = random_model(n_cells=100, n_genes=10, n_types=3, n_regulators=2, seed=4)
+    geo = TaskGeometry.from_model(m)
+    a, b = (int(c) for c in np.flatnonzero((geo.type_ids == 0) & (geo.split == "train"))[:2])
+    table = np.tile(np.arange(m.n_cells, dtype=np.int32)[:, None], (1, m.n_actions))
+    table[a, 0], table[b, 0] = b, a                          # a <-> b, nothing else moves
+    env = ReprogrammingEnv(geo, table, {})
+    env.reset(options={"start_cell": a, "target_type": 1})
+    assert env.action_masks().tolist() == [True] + [False] * (m.n_actions - 1)
+    _, _, term, trunc, info = env.step(0)
+    assert info["cell"] == b and trunc and not term         # b's only move returns to a
+    env = ReprogrammingEnv(geo, table, {"mask_revisits": False, "max_steps": 3})
+    env.reset(options={"start_cell": a, "target_type": 1})
+    _, _, term, trunc, _ = env.step(0)
+    assert not (term or trunc) and env.action_masks()[0]
+
+
+def test_get_state_set_state_round_trip_with_the_visited_cells(problem):
+    """Checkpoint state (through JSON, as checkpoints store it) restores paths and masks: the restored env
+    continues exactly like the original."""
+    import json
+
+    from cellrl.checkpoints import _plain
+
+    m, table, geo = problem
+    cfg = {"max_steps": 12}
+    env = VecReprogrammingEnv(geo, table, 8, cfg, seed=3)
+    env.reset()
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        env.step(env.sample_masked_actions(rng))
+    assert (env.batch.t >= 2).any()
+    state = json.loads(json.dumps(_plain(env.get_state())))
+    twin = VecReprogrammingEnv(geo, table, 8, cfg, seed=99)
+    twin.reset()
+    twin.set_state(state)
+    np.testing.assert_array_equal(twin.batch.path, env.batch.path)
+    np.testing.assert_array_equal(twin.action_masks(), env.action_masks())
+    np.testing.assert_array_equal(twin.current_obs()["action_mask"], env.current_obs()["action_mask"])
+    r1, r2 = np.random.default_rng(5), np.random.default_rng(5)
+    for _ in range(20):
+        o1, rew1, d1, _ = env.step(env.sample_masked_actions(r1))
+        o2, rew2, d2, _ = twin.step(twin.sample_masked_actions(r2))
+        np.testing.assert_array_equal(rew1, rew2)
+        np.testing.assert_array_equal(d1, d2)
+        np.testing.assert_array_equal(o1["action_mask"], o2["action_mask"])
+        np.testing.assert_array_equal(env.batch.path, twin.batch.path)

@@ -27,8 +27,11 @@ from cellrl.errors import ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 
 ENV = {"max_steps": 1, "curriculum": {"enabled": False}}
+# warm_start none: these trials measure PPO from scratch (a BFS warm start solves the 1-step task before any
+# trial step, leaving nothing for the search or the pruner to tell apart)
 TRAIN = {"n_envs": 4, "n_steps": 64, "batch_size": 32, "n_epochs": 4, "learning_rate": 1e-3,
-         "embed_dims": [16, 8], "actor_dims": [16], "critic_dims": [16], "device": "cpu", "seed": 0}
+         "embed_dims": [16, 8], "actor_dims": [16], "critic_dims": [16], "device": "cpu", "seed": 0,
+         "warm_start": "none"}
 SPACE = {"learning_rate": {"low": 1e-9, "high": 1e-2, "log": True}, "n_epochs": {"low": 2, "high": 6, "int": True},
          "embed_dims": {"choices": [[16, 8], [32, 8]]}, "step_penalty": {"low": -2.0, "high": -0.1}}
 

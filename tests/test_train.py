@@ -288,7 +288,7 @@ def test_train_files_outputs(tmp_path, small):
     from sb3_contrib import MaskablePPO
 
     agent = MaskablePPO.load(out / "model.zip", device="cpu")
-    assert agent.learning_rate == 0.0005
+    assert agent.learning_rate == pytest.approx(0.0005 * TRAIN_DEFAULTS["warm_start_ppo_lr_scale"])  # bfs warm start
     assert type(agent.policy.optimizer) is th.optim.Adam                    # no cellrl-private optimizer class
     import zipfile
 
