@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
+from .tasks import check_table, load_table
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +50,6 @@ class ReverseGraph:
     src: np.ndarray  # (edges,) int32 predecessor cell
     act: np.ndarray  # (edges,) int32 action taken at the predecessor
     n_cells: int
-
-
-def check_table(table: np.ndarray, allowed: np.ndarray | None = None) -> None:
-    """Raise InputError unless ``table`` is a 2-D integer cells x actions table of cell indices (-1: none)."""
-    if table.ndim != 2 or not np.issubdtype(table.dtype, np.integer):
-        raise InputError(f"transition table must be a 2-D integer array, got {table.dtype} {table.shape}",
-                         fix="rebuild it with the transitions rule")
-    n = table.shape[0]
-    if table.shape[1] == 0:
-        raise InputError(f"transition table has {n} cells but 0 actions (the model has no active regulator)",
-                         fix="refit the oracle so that it keeps regulators (rule fit_oracle), then rebuild the table")
-    if table.size and (int(table.min()) < -1 or int(table.max()) >= n):
-        raise InputError(f"transition table holds cell indices outside [0, {n}) (-1 = no transition)",
-                         fix="the table and model.npz must come from the same run; rebuild the table")
-    if allowed is not None and allowed.shape != table.shape:
-        raise InputError(f"mask shape {allowed.shape} differs from table shape {table.shape}")
 
 
 def self_transition_mask(table: np.ndarray) -> np.ndarray:
@@ -249,29 +234,6 @@ def eval_allowed_mask(model: Any, table: np.ndarray) -> np.ndarray:
     from .tasks import allowed_mask
 
     return np.asarray(allowed_mask(table, model.split, training=False), dtype=bool)
-
-
-def load_table(path: str | Path, n_cells: int | None = None, n_actions: int | None = None) -> np.ndarray:
-    """Load ``table.npy``; raise InputError naming the file when missing, inconsistent with the model or not
-    matching the ``table_sha256`` recorded in the transitions rule's ``stats.json`` next to it (when present)."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError("transition table not found", path=path, fix="run the transitions rule first")
-    from .io import sha256_array, verify_artifact
-    from .tasks import validate_table
-
-    try:
-        table = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read the transition table ({e})", path=path,
-                         fix="rebuild it with the transitions rule") from e
-    if n_cells is None:
-        check_table(table)
-        out = table
-    else:
-        out = validate_table(table, n_cells, n_actions if n_actions is not None else table.shape[1], source=path)
-    verify_artifact(path, "table", actual=sha256_array(table))
-    return out
 
 
 def bfs_file(model_path: str | Path, table_path: str | Path, out_path: str | Path,

@@ -370,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error("input", e, EXIT_INPUT, "--json" in argv)
     try:
         from .agent_io import load_agent
-        from .bfs import load_table
+        from .tasks import load_table
         from .evaluate import action_table
         from .model import load_model
 

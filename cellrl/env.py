@@ -264,6 +264,15 @@ class EpisodeBatch:
         return m
 
     # -- stepping ----------------------------------------------------------------------------------------
+    @staticmethod
+    def reward(p: EnvParams, cos_cur: np.ndarray, cos_next: np.ndarray, success: np.ndarray | bool) -> np.ndarray:
+        """The step reward (module docstring) from the cosines of the current and next cell to the target."""
+        reward = p.step_penalty + p.distance_reward_scale * (
+            p.gamma * np.asarray(cos_next).astype(np.float64) - cos_cur)
+        if p.goal_bonus:
+            reward = reward + p.goal_bonus * success
+        return reward
+
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Apply ``actions`` (N,) to every episode; return (reward, success, truncated, invalid)."""
         a = np.asarray(actions, dtype=np.int64).reshape(self.n)
@@ -275,12 +284,8 @@ class EpisodeBatch:
         ok = self.mask[rows, a]
         nxt = np.where(ok, self.table[cur, a], cur)
         tg = self.target
-        p = self.params
-        reward = p.step_penalty + p.distance_reward_scale * (
-            p.gamma * self.cos_sim[nxt, tg].astype(np.float64) - self.cos_sim[cur, tg])
         success = self.goal_mask[tg, nxt]
-        if p.goal_bonus:
-            reward = reward + p.goal_bonus * success
+        reward = self.reward(self.params, self.cos_sim[cur, tg], self.cos_sim[nxt, tg], success)
         self.cell = nxt
         self.t += 1
         self.ret += reward

@@ -32,7 +32,8 @@ import numpy as np
 import pandas as pd
 
 from .agent_io import load_agent
-from .bfs import BfsResult, eval_allowed_mask, load_table, read_bfs_table, shortest_paths
+from .bfs import BfsResult, eval_allowed_mask, read_bfs_table, shortest_paths
+from .tasks import load_table
 from .errors import InputError
 
 log = logging.getLogger(__name__)

@@ -18,10 +18,12 @@ array operations (no per-cell Python loops):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from .errors import InputError
+from .io import sha256_array, verify_artifact
 from .model import OracleModel
 
 
@@ -191,6 +193,42 @@ def validate_table(table: np.ndarray, n_cells: int, n_actions: int, source: obje
         raise InputError("transition table holds cell indices out of range", path=source,
                          fix="re-run the transitions rule for this model")
     return np.ascontiguousarray(table, dtype=np.int32)
+
+
+def check_table(table: np.ndarray, allowed: np.ndarray | None = None) -> None:
+    """Raise InputError unless ``table`` is a 2-D integer cells x actions table of cell indices (-1: none)."""
+    if table.ndim != 2 or not np.issubdtype(table.dtype, np.integer):
+        raise InputError(f"transition table must be a 2-D integer array, got {table.dtype} {table.shape}",
+                         fix="rebuild it with the transitions rule")
+    n = table.shape[0]
+    if table.shape[1] == 0:
+        raise InputError(f"transition table has {n} cells but 0 actions (the model has no active regulator)",
+                         fix="refit the oracle so that it keeps regulators (rule fit_oracle), then rebuild the table")
+    if table.size and (int(table.min()) < -1 or int(table.max()) >= n):
+        raise InputError(f"transition table holds cell indices outside [0, {n}) (-1 = no transition)",
+                         fix="the table and model.npz must come from the same run; rebuild the table")
+    if allowed is not None and allowed.shape != table.shape:
+        raise InputError(f"mask shape {allowed.shape} differs from table shape {table.shape}")
+
+
+def load_table(path: str | Path, n_cells: int | None = None, n_actions: int | None = None) -> np.ndarray:
+    """Load ``table.npy``; raise InputError naming the file when missing, inconsistent with the model or not
+    matching the ``table_sha256`` recorded in the transitions rule's ``stats.json`` next to it (when present)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError("transition table not found", path=path, fix="run the transitions rule first")
+    try:
+        table = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read the transition table ({e})", path=path,
+                         fix="rebuild it with the transitions rule") from e
+    if n_cells is None:
+        check_table(table)
+        out = table
+    else:
+        out = validate_table(table, n_cells, n_actions if n_actions is not None else table.shape[1], source=path)
+    verify_artifact(path, "table", actual=sha256_array(table))
+    return out
 
 
 def allowed_mask(table: np.ndarray, split: np.ndarray, training: bool) -> np.ndarray:

@@ -44,11 +44,11 @@ from .checkpoints import PROGRESS_FIELDS, RunState
 from .config import deep_merge
 from .env import EnvParams, VecReprogrammingEnv
 from .errors import InputError
-from .io import atomic_path, sha256_array, sha256_file, verify_artifact, write_json
+from .io import atomic_path, sha256_file, write_json
 from .model import OracleModel, load_model
 from .network import policy_kwargs
 from .progress import Progress
-from .tasks import TaskGeometry, validate_table
+from .tasks import TaskGeometry, load_table
 from .warmstart import ppo_config, warm_start
 from .xp import blas_threads
 
@@ -75,18 +75,7 @@ def load_inputs(model_path: str | Path, table_path: str | Path) -> tuple[OracleM
     differs from the sha256 its stage recorded in the ``stats.json`` next to it.
     """
     model = load_model(model_path)
-    table_path = Path(table_path)
-    if not table_path.exists():
-        raise InputError("transition table not found", path=table_path,
-                         fix="run the transitions rule first (snakemake results/<dataset>/transitions/table.npy)")
-    try:
-        table = np.load(table_path, mmap_mode=None, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read the transition table ({e})", path=table_path,
-                         fix="re-run the transitions rule") from e
-    digest = sha256_array(table)
-    table = validate_table(table, model.n_cells, model.n_actions, source=table_path)
-    verify_artifact(table_path, "table", actual=digest)  # the model is checked by load_model
+    table = load_table(table_path, model.n_cells, model.n_actions)  # the model is checked by load_model
     return model, table
 
 

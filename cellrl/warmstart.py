@@ -44,6 +44,7 @@ import numpy as np
 import torch as th
 
 from .bfs import UNREACHABLE, shortest_paths
+from .env import EpisodeBatch
 from .errors import InputError
 from .tasks import TaskGeometry, allowed_mask
 
@@ -103,10 +104,7 @@ def path_returns(table: np.ndarray, next_action: np.ndarray, dist: np.ndarray, t
     for d in range(1, int(dist.max(initial=0)) + 1):
         cells = np.flatnonzero(dist == d)
         nxt = table[cells, next_action[cells]]
-        r = p.step_penalty + p.distance_reward_scale * (p.gamma * cos[nxt] - cos[cells])
-        if p.goal_bonus:
-            r = r + p.goal_bonus * (d == 1)
-        value[cells] = r + gamma * value[nxt]
+        value[cells] = EpisodeBatch.reward(p, cos[cells], cos[nxt], d == 1) + gamma * value[nxt]
     return value
 
 
