@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
+from .io import RECORDED_SHA256, rerun_fix, sha256_file, verify_artifact, write_json
 from .tasks import check_table, load_table
 
 log = logging.getLogger(__name__)
@@ -214,11 +215,12 @@ def bfs_table(model: Any, table: np.ndarray, geometry: Any, allowed: np.ndarray,
 
 def read_bfs_table(path: str | Path) -> pd.DataFrame:
     """Read ``benchmark/bfs.parquet``; InputError naming the file and the rule to rerun when it is missing,
-    unreadable or not a BFS table."""
+    altered since the bfs rule wrote it (``bfs_stats.json``'s sha256), unreadable or not a BFS table."""
     path = Path(path)
-    rerun = f"rerun the bfs rule: snakemake {path} --forcerun bfs"
+    rerun = rerun_fix(path, "bfs")
     if not path.exists():
         raise InputError("BFS table not found", path=path, fix=f"run the bfs rule: snakemake {path}")
+    verify_artifact(path, "bfs")
     try:
         df = pd.read_parquet(path)
     except Exception as e:  # truncated / not parquet (pyarrow raises its own error types)
@@ -260,4 +262,9 @@ def bfs_file(model_path: str | Path, table_path: str | Path, out_path: str | Pat
         log.info("test pairs: %d, reachable %.1f%%, mean optimal length %.2f", len(df), 100 * df.reachable.mean(),
                  df.length[df.reachable].mean() if df.reachable.any() else float("nan"))
     write_table(out_path, df, index=False)
+    stats_name, field, _ = RECORDED_SHA256["bfs"]
+    write_json(Path(out_path).parent / stats_name,
+               {field: sha256_file(out_path), "n_pairs": int(len(df)),
+                "reachable_frac": float(df.reachable.mean()) if len(df) else None,
+                "max_steps": int(max_steps), "seconds": round(time.perf_counter() - t0, 3)})
     return df

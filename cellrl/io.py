@@ -4,6 +4,7 @@ the integrity check of artifacts against the sha256 their stage recorded next to
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -37,6 +38,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp{glob.escape(suf)}"):
+            with contextlib.suppress(OSError):  # left by an earlier writer killed mid-write (kill -9)
+                stale.unlink()
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
@@ -111,6 +115,7 @@ RECORDED_SHA256: dict[str, tuple[str, str, str]] = {
     "model": ("stats.json", "model_sha256", "fit_oracle"),
     "table": ("stats.json", "table_sha256", "transitions"),
     "agent": ("train_summary.json", "model_zip_sha256", "train"),
+    "bfs": ("bfs_stats.json", "bfs_sha256", "bfs"),
 }
 
 

@@ -38,6 +38,7 @@ import torch as th
 import yaml
 from sb3_contrib import MaskablePPO
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.logger import Logger, make_output_format
 
 from . import checkpoints as ckpts
 from .checkpoints import PROGRESS_FIELDS, RunState
@@ -121,13 +122,16 @@ def build_agent(vec_env: VecReprogrammingEnv, train_cfg: Mapping[str, Any] | Non
     hyperparameters of ``train_cfg``. ``seed`` defaults to ``train_cfg["seed"]``; ``device`` to
     ``train_cfg["device"]`` ("auto": CUDA if any)."""
     cfg = train_config(train_cfg)
-    return MaskablePPO(
+    agent = MaskablePPO(
         "MultiInputPolicy", vec_env, learning_rate=cfg["learning_rate"], n_steps=int(cfg["n_steps"]),
         batch_size=int(cfg["batch_size"]), n_epochs=int(cfg["n_epochs"]), gamma=cfg["gamma"],
         gae_lambda=cfg["gae_lambda"], ent_coef=cfg["ent_coef"], vf_coef=cfg["vf_coef"],
         clip_range=cfg["clip_range"], policy_kwargs=policy_kwargs(cfg), seed=cfg["seed"] if seed is None else seed,
         device=resolve_device(device or cfg["device"]), verbose=verbose,
     )
+    # values are still recorded (callbacks read them); without this SB3 makes an empty /tmp/SB3-<time> per learn()
+    agent.set_logger(Logger(folder=None, output_formats=[make_output_format("stdout", "")] if verbose else []))
+    return agent
 
 
 @contextlib.contextmanager

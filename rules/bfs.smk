@@ -4,7 +4,8 @@ rule bfs:
         model="results/{dataset}/oracle/model.npz",
         table="results/{dataset}/transitions/table.npy",
     output:
-        "results/{dataset}/benchmark/bfs.parquet",
+        bfs="results/{dataset}/benchmark/bfs.parquet",
+        stats="results/{dataset}/benchmark/bfs_stats.json",
     params:
         env=settings("env"),
         code=code_version("bfs"),

@@ -80,9 +80,15 @@ def demo_inputs_needed():
 
 
 def all_targets():
+    """Each dataset's report plus the artifacts users open outside the workflow (the oracle for CellOracle,
+    model.npz, the table and agents for `cellrl plan`): a plain rerun rebuilds any of them that a killed
+    `--forcerun` deleted, even when the report downstream of it is still up to date."""
     out = []
     for d in DATASETS:
         out.append(f"{RESULTS}/{d}/report.html")
+        out += [f"{RESULTS}/{d}/oracle/{f}" for f in ("oracle.celloracle.oracle", "model.npz")]
+        out += [f"{RESULTS}/{d}/transitions/table.npy", f"{RESULTS}/{d}/benchmark/bfs.parquet"]
+        out += [f"{RESULTS}/{d}/models/{r}/model.zip" for r in RUNS]
     return out
 
 

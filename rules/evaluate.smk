@@ -6,8 +6,10 @@ rule evaluate:
         actions="results/{dataset}/transitions/actions.tsv",
         transition_stats="results/{dataset}/transitions/stats.json",
         agent="results/{dataset}/models/{run}/model.zip",
+        train_summary="results/{dataset}/models/{run}/train_summary.json",
         progress="results/{dataset}/models/{run}/progress.csv",
         bfs="results/{dataset}/benchmark/bfs.parquet",
+        bfs_stats="results/{dataset}/benchmark/bfs_stats.json",
         truth=lambda w: (
             ["resources/demo/ground_truth.json"]
             if str(config["datasets"][w.dataset]["rna"]["path"]).startswith("resources/demo/")

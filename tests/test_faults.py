@@ -545,6 +545,32 @@ def test_altered_model_is_refused_by_its_consumers(tiny, tmp_path, capsys):
     assert code == EXIT_INPUT and e["path"] == str(r["model"]) and "fit_oracle rule" in e["fix"]
 
 
+def test_altered_bfs_table_is_refused_by_evaluate(tiny, tmp_path):
+    """bfs.parquet is checked against bfs_stats.json's sha256: a well-formed table with one plan changed is
+    refused with the file and the rule to rerun; the untouched table passes."""
+    from cellrl.bfs import bfs_file, read_bfs_table
+    from cellrl.evaluate import evaluate_files
+
+    r = _recorded(tiny, tmp_path)
+    bfs = r["results"] / "benchmark" / "bfs.parquet"
+    df = bfs_file(r["model"], r["table"], bfs)
+    stats = json.loads((bfs.parent / "bfs_stats.json").read_text())
+    assert stats["n_pairs"] == len(df) and len(stats["bfs_sha256"]) == 64
+    assert read_bfs_table(bfs).plan.tolist() == df.plan.tolist()
+    i = int(np.flatnonzero(df.length.to_numpy() > 0)[0])
+    df.at[i, "plan"] = "KO:X > OE:Y"  # still a BFS table, one plan changed
+    df.to_parquet(bfs, index=False)
+    with pytest.raises(InputError) as ei:
+        read_bfs_table(bfs)
+    _refused(ei.value, bfs, "bfs")
+    assert ei.value.field == "bfs_stats.json bfs_sha256"
+    out = tmp_path / "bench" / "default"
+    with pytest.raises(InputError):
+        evaluate_files(r["model"], r["table"], r["actions"], r["agent"], None, bfs, None,
+                       out / "episodes.parquet", out / "summary.json", out / "plots")
+    assert not out.exists()
+
+
 def _rewrite_zip(src, dst, **members: bytes) -> None:
     """Copy an SB3 zip with some members replaced."""
     import zipfile
@@ -734,3 +760,47 @@ def test_transitions_rule_records_what_consumers_check(tmp_path, small_model):
     table = load_table(t / "table.npy", small_model.n_cells, small_model.n_actions)
     assert verify_artifact(t / "table.npy", "table", actual=sha256_array(table))
     assert not verify_artifact(tmp_path / "oracle" / "model.npz", "model")  # no stats.json there: skipped
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kill -9 mid-stage (training: tests/test_workflow.py::test_kill_9_mid_training_then_rerun; chunks: above)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_kill_9_mid_fit_oracle_then_plain_rerun():
+    """kill -9 of `--forcerun fit_oracle` mid-fit (Snakemake deleted the oracle outputs first): nothing
+    half-written looks finished; after `--unlock` a plain rerun rebuilds the oracle (the default target lists it,
+    though the report downstream is still up to date), the same model bytes, and leaves nothing to do."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from workflow_copy import planned_jobs, snakemake, tiny_run
+
+    run = tiny_run()  # the tiny demo run tests/test_workflow.py also uses (built once per session)
+
+    oracle = run.workdir / "results/demo/oracle"
+    before = json.loads((oracle / "stats.json").read_text())["model_sha256"]
+    log = run.workdir / "results/demo/logs/fit_oracle.log"
+    t_start = time.time()
+    out = run.workdir / "killed_fit_oracle.out"
+    proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--forcerun", "fit_oracle", "--cores", "1",
+                             "results/demo/oracle/model.npz"], cwd=run.workdir, start_new_session=True,
+                            stdout=out.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (
+            log.exists() and log.stat().st_mtime > t_start and not (oracle / "model.npz").exists()
+            and "get_links" in log.read_text()):
+        time.sleep(0.05)
+    assert proc.poll() is None, f"snakemake ended before the kill:\n{out.read_text()[-3000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (oracle / "model.npz").exists(), "fit_oracle finished (or never started) before the kill"
+    assert not (oracle / "stats.json").exists()
+    snakemake(run.workdir, "--unlock")
+    assert "fit_oracle" in planned_jobs(run.workdir)
+    snakemake(run.workdir, "--cores", "2")
+    assert json.loads((oracle / "stats.json").read_text())["model_sha256"] == before
+    assert not [p.name for p in oracle.iterdir() if ".tmp" in p.name]
+    assert planned_jobs(run.workdir) == {}

@@ -287,3 +287,4 @@ def test_kill_9_mid_training_then_rerun(run, tmp_path):
     assert _same_weights(_weights(run.workdir / killed / "model.zip"), _weights(ref / "model.zip"))
     rows = _progress_rows(run.workdir / killed / "progress.csv")
     assert rows == _progress_rows(ref / "progress.csv") and int(rows[-1]["timesteps"]) >= 16384
+
