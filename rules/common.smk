@@ -79,6 +79,12 @@ def demo_inputs_needed():
     return any(str(d["rna"]["path"]).startswith("resources/demo/") for d in config["datasets"].values())
 
 
+def recipes_input(wildcards):
+    """Rule evaluate's recipe table (datasets.<name>.recipes), when the dataset sets one."""
+    path = config["datasets"][wildcards.dataset].get("recipes")
+    return [path] if path else []
+
+
 def all_targets():
     out = []
     for d in DATASETS:
