@@ -300,7 +300,7 @@ def recipe_benchmark(recipes: pd.DataFrame, episodes: pd.DataFrame, actions: pd.
                "n_not_in_action_space": int(len(not_in)),
                "not_in_action_space": sorted(set(not_in.gene)), "ks": list(ks), "permutations": int(n_perm),
                "seed": int(seed), "perturbation_score": score_status, "policies": per_policy,
-               "pairs": df.to_dict("records")}
+               "pairs": df.astype(object).where(df.notna(), None).to_dict("records")}  # NaN -> null (strict JSON)
     return summary, df
 
 

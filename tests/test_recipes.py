@@ -143,3 +143,16 @@ def test_demo_recipes_from_truth(tmp_path):
     back = read_recipes(tmp_path / "r.tsv")
     assert (back.evidence == "planted").all() and len(back) == 3
     assert recipes_from_truth({}).empty
+
+
+def test_summary_is_strict_json():
+    import json
+
+    geo, actions = _tiny()
+    recipes = pd.DataFrame({"start_type": ["A"], "target_type": ["B"], "gene": ["Xyz"], "direction": ["OE"],
+                            "evidence": ["x"]})  # nothing in the action space: every metric is missing
+    ep = pd.DataFrame({"policy": ["bfs"], "start_type": ["A"], "target_type": ["B"], "actions": [[1]],
+                       "success": [True]})
+    s, _ = recipe_benchmark(recipes, ep, actions, geo, np.array([0, 1, 2, 0, 1, 2]), n_perm=10)
+    text = json.dumps(s, allow_nan=False)  # raises on NaN
+    assert json.loads(text)["pairs"][0]["auc"] is None and s["policies"]["bfs"]["auc"] is None
