@@ -39,25 +39,30 @@ def _type_colors(type_names: Sequence[str]) -> dict[str, tuple]:
     return {str(t): cmap(i % cmap.N) for i, t in enumerate(type_names)}
 
 
-def repel_labels(points: np.ndarray, min_dist: float = 0.07, n_iter: int = 200) -> np.ndarray:
-    """Label positions (T, 2) near ``points`` but at least ``min_dist`` apart, in units of the points' range
-    (largest side = 1): pairs that are too close are pushed apart symmetrically, a few hundred small steps."""
+def repel_labels(points: np.ndarray, labels: Sequence[str], char_width: float = 0.0047, height: float = 0.04,
+                 n_iter: int = 300) -> np.ndarray:
+    """Label positions (T, 2) at ``points`` moved vertically until no two label boxes overlap.
+
+    Units are fractions of the points' x and y ranges (about the axes box): a label is ``char_width`` per character
+    wide (plus padding) and ``height`` tall; overlapping pairs are pushed apart symmetrically along y."""
     P = np.asarray(points, dtype=np.float64)
     if len(P) < 2:
         return P.copy()
     lo = P.min(0)
-    scale = max(float((P.max(0) - lo).max()), 1e-12)
-    Q = (P - lo) / scale
-    jitter = np.random.default_rng(0).normal(0, 1e-6, Q.shape)  # separates identical points
-    Q = Q + jitter
+    span = np.where(P.max(0) - lo > 0, P.max(0) - lo, 1.0)
+    Q = (P - lo) / span
+    half_w = char_width * (np.array([len(str(t)) for t in labels]) + 2) / 2
+    order = np.argsort(np.argsort(Q[:, 1], kind="stable"))  # ties: a fixed up/down order
+    off = ~np.eye(len(Q), dtype=bool)
     for _ in range(n_iter):
-        d = Q[:, None, :] - Q[None, :, :]                     # (T, T, 2)
-        r = np.linalg.norm(d, axis=2) + np.eye(len(Q))
-        push = np.clip(min_dist - r, 0, None) * (1 - np.eye(len(Q)))
-        if not push.any():
+        dx = np.abs(Q[:, None, 0] - Q[None, :, 0])
+        dy = Q[:, None, 1] - Q[None, :, 1]
+        hit = off & (dx < half_w[:, None] + half_w[None, :]) & (np.abs(dy) < height)
+        if not hit.any():
             break
-        Q += 0.5 * (d / r[..., None] * push[..., None]).sum(1)
-    return Q * scale + lo
+        sign = np.where(dy != 0, np.sign(dy), np.sign(order[:, None] - order[None, :]))
+        Q[:, 1] += 0.5 * (np.where(hit, (height - np.abs(dy)) * sign, 0.0)).sum(1) + 1e-4 * hit.any(1) * (order - order.mean())
+    return Q * span + lo
 
 
 def umap_paths(embedding: np.ndarray, cell_types: np.ndarray, type_names: Sequence[str],
@@ -77,7 +82,7 @@ def umap_paths(embedding: np.ndarray, cell_types: np.ndarray, type_names: Sequen
                    rasterized=True)
     # type labels at their medians, pushed apart where types lie close (a line points back to the median)
     med = np.array([np.median(embedding[ct == t], axis=0) for t in present]).reshape(-1, 2)
-    for t, xy, lab in zip(present, med, repel_labels(med)):
+    for t, xy, lab in zip(present, med, repel_labels(med, present)):
         moved = np.linalg.norm(lab - xy) > 1e-9
         ax.annotate(t, xy, xytext=lab, textcoords="data", fontsize=9, weight="bold", ha="center", va="center",
                     arrowprops=dict(arrowstyle="-", color="grey", lw=0.6) if moved else None,

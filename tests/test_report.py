@@ -119,9 +119,10 @@ def test_report_regulators_per_action_and_recipes(tmp_path):
 
 
 def test_repel_labels_separates_close_labels():
-    pts = np.array([[0.0, 0.0], [0.001, 0.0], [10.0, 10.0], [10.0, 10.0]])
-    out = plots.repel_labels(pts, min_dist=0.05)
-    d = np.linalg.norm(out[:, None] - out[None], axis=2) + np.eye(4) * 10
-    assert d.min() >= 0.05 * 10 * 0.99  # min_dist in units of the points' largest side (10 here)
-    assert np.abs(out - pts).max() < 1.0  # moved a little, not scattered
-    np.testing.assert_allclose(plots.repel_labels(pts[:1]), pts[:1])
+    pts = np.array([[0.0, 0.0], [0.01, 0.0], [10.0, 10.0], [3.0, 5.0]])
+    labels = ["Megakaryocytes", "GMP", "Far", "Mid"]
+    out = plots.repel_labels(pts, labels, char_width=0.005, height=0.04)
+    np.testing.assert_allclose(out[:, 0], pts[:, 0])  # moved along y only
+    assert abs(out[0, 1] - out[1, 1]) >= 0.04 * 10 * 0.99  # overlapping boxes end one label height apart
+    np.testing.assert_allclose(out[2:], pts[2:], atol=1e-6)  # far labels stay put
+    np.testing.assert_allclose(plots.repel_labels(pts[:1], labels[:1]), pts[:1])
