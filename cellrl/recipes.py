@@ -251,14 +251,14 @@ def recipe_benchmark(recipes: pd.DataFrame, episodes: pd.DataFrame, actions: pd.
     train = np.asarray(geometry.split).astype(str) == "train"
     rows: list[dict[str, Any]] = []
     not_in = recipes[~recipes.gene.str.lower().isin(genes_l)]
-    for (s, t), rec in recipes.groupby(["start_type", "target_type"], sort=True):
+    for pair_no, ((s, t), rec) in enumerate(recipes.groupby(["start_type", "target_type"], sort=True)):
         recipe = {key[(d, g.lower())] for g, d in zip(rec.gene, rec.direction) if (d, g.lower()) in key}
         wrong = {key[("OE" if d == "KO" else "KO", g.lower())] for g, d in zip(rec.gene, rec.direction)
                  if ("OE" if d == "KO" else "KO", g.lower()) in key} - recipe
         base = dict(start_type=s, target_type=t, recipe=" ".join(f"{d}:{g}" for g, d in zip(rec.gene, rec.direction)),
                     n_recipe=len(rec), n_in_action_space=len(recipe),
                     not_in_action_space=" ".join(sorted(set(rec.gene[~rec.gene.str.lower().isin(genes_l)]))))
-        rng_seed = seed + 7919 * len(rows)  # per pair, reproducible
+        rng_seed = seed + pair_no  # one permutation null per pair, shared by its policies
         ep = episodes[(episodes.start_type == s) & (episodes.target_type == t)]
         for pol in ROLLOUT_POLICIES:
             d = ep[ep.policy == pol]
