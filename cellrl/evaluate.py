@@ -254,6 +254,14 @@ def _mean(x: Any) -> float | None:
     return float(x.mean()) if len(x) else None
 
 
+def oe_fraction(ep: pd.DataFrame) -> float | None:
+    """Share of overexpressions among all actions of these episodes (pooled; the report's "OE fraction")."""
+    n = ep.actions.map(len).to_numpy(np.float64)
+    f = ep.activation_frac.to_numpy(np.float64)
+    ok = n > 0
+    return float((f[ok] * n[ok]).sum() / n[ok].sum()) if ok.any() else None
+
+
 def length_ratio(ep: pd.DataFrame, policy: str) -> tuple[float | None, float | None, int]:
     """Mean and median of length/BFS length over pairs ``policy`` solves (BFS solves them by construction)."""
     d = ep[(ep.policy == policy) & ep.success & (ep.bfs_length > 0)]
@@ -278,7 +286,7 @@ def policy_stats(ep: pd.DataFrame, max_steps: int) -> dict[str, dict[str, Any]]:
                       mean_length=float(ok.length.mean()) if len(ok) else None,
                       median_length=float(ok.length.median()) if len(ok) else None,
                       length_ratio_vs_bfs=r_mean, length_ratio_vs_bfs_median=r_med,
-                      activation_frac=_mean(d.activation_frac), stagnations_mean=float(d.stagnations.mean()),
+                      activation_frac=oe_fraction(d), stagnations_mean=float(d.stagnations.mean()),
                       mean_return=float(d["return"].mean()))
     return out
 
@@ -494,8 +502,11 @@ def _verdict(row: Mapping[str, Any], bfs_reachable: bool) -> str:
 
 # ---------------------------------------------------------------------------------------------- plots
 def make_plots(plots_dir: str | Path, ep: pd.DataFrame, per_target: pd.DataFrame, model: Any, geometry: Any,
-               acts: pd.DataFrame, progress: str | Path | None, n_examples: int = 6) -> list[str]:
-    """Write the evaluation figures (see :mod:`cellrl.plots`) into ``plots_dir``; return their file names."""
+               acts: pd.DataFrame, progress: str | Path | None, n_examples: int = 6,
+               recipes: pd.DataFrame | None = None) -> list[str]:
+    """Write the evaluation figures (see :mod:`cellrl.plots`) into ``plots_dir``; return their file names.
+
+    ``recipes``: the per-(pair, policy) recipe metrics (:func:`cellrl.recipes.recipe_benchmark`), if any."""
     from . import plots
 
     d = Path(plots_dir)
@@ -536,10 +547,12 @@ def make_plots(plots_dir: str | Path, ep: pd.DataFrame, per_target: pd.DataFrame
     for name, sel, title in (("action_usage", ep.policy == "agent", "Agent, all test episodes"),
                              ("action_usage_bfs", (ep.policy == "bfs") & ep.success, "BFS-optimal plans")):
         seqs = [remap[np.asarray(a, dtype=np.int64)] if len(a) else [] for a in ep[sel].actions]
-        n = sum(len(x) for x in seqs)
-        oe = sum(int((np.asarray(x) >= len(genes)).sum()) for x in seqs)
+        frac = oe_fraction(ep[sel])  # the same number as the policy table's "OE fraction"
         files.append(plots.action_usage(seqs, genes, d / f"{name}.png",
-                                        title=f"{title}: action usage (OE fraction {oe / n if n else 0:.2f})"))
+                                        title=f"{title}: action usage (OE fraction "
+                                              f"{'n/a' if frac is None else f'{100 * frac:.1f}%'})"))
+    if recipes is not None and not recipes.empty and "auc" in recipes and recipes.auc.notna().any():
+        files.append(plots.recipe_metrics(recipes, d / "recipe_metrics.png"))
     return [Path(f).name for f in files]
 
 
@@ -553,6 +566,7 @@ class Evaluation:
     geometry: Any
     bfs: BfsResult
     bfs_df: pd.DataFrame
+    recipes: pd.DataFrame | None = None  # per (pair, policy) recipe metrics (cellrl.recipes)
 
 
 def evaluate(model: Any, table: np.ndarray, agent: Any | None, env: Mapping[str, Any] | None = None,
@@ -560,9 +574,14 @@ def evaluate(model: Any, table: np.ndarray, agent: Any | None, env: Mapping[str,
              deterministic: bool = True, bfs_df: pd.DataFrame | None = None,
              truth: Mapping[str, Any] | None = None, progress: str | Path | None = None,
              policies: Sequence[str] = POLICIES,
-             transition_settings: Mapping[str, Any] | None = None) -> Evaluation:
+             transition_settings: Mapping[str, Any] | None = None, recipes: pd.DataFrame | None = None,
+             recipe_permutations: int = 1000, recipe_score_max_values: float = 2e8,
+             recipes_source: object = "recipes") -> Evaluation:
     """Run the test protocol in memory (``agent=None`` skips the agent). ``agent`` is a policy with ``predict``
-    or a function ``(geometry, n_actions) -> policy`` that loads one (e.g. :func:`cellrl.agent_io.load_agent`)."""
+    or a function ``(geometry, n_actions) -> policy`` that loads one (e.g. :func:`cellrl.agent_io.load_agent`).
+
+    ``recipes``: a validated recipe table (:func:`cellrl.recipes.read_recipes`) scored by
+    :func:`recipe_check` into ``summary["recipes"]``; None records that no table is set."""
     from .bfs import bfs_table
     from .env import EnvParams
     from .tasks import TaskGeometry
@@ -645,7 +664,47 @@ def evaluate(model: Any, table: np.ndarray, agent: Any | None, env: Mapping[str,
                      "n/a" if gt["agent_agreement"] is None else f"{100 * gt['agent_agreement']:.1f}%")
     else:
         summary["ground_truth"] = {"available": False, "reason": "no ground truth for this dataset"}
-    return Evaluation(episodes=ep, summary=summary, geometry=geo, bfs=res, bfs_df=bfs_df)
+    rec_df = None
+    if recipes is not None:
+        summary["recipes"], rec_df = recipe_check(recipes, ep, actions, geo, model, transition_settings,
+                                                  n_perm=recipe_permutations, seed=seed,
+                                                  max_values=recipe_score_max_values, source=recipes_source)
+    else:
+        summary["recipes"] = {"available": False, "reason": "no recipe table set (datasets.<name>.recipes)"}
+    return Evaluation(episodes=ep, summary=summary, geometry=geo, bfs=res, bfs_df=bfs_df, recipes=rec_df)
+
+
+def recipe_check(recipes: pd.DataFrame, ep: pd.DataFrame, acts: pd.DataFrame, geometry: Any, model: Any,
+                 transition_settings: Mapping[str, Any] | None, n_perm: int = 1000, seed: int = 0,
+                 max_values: float = 2e8, source: object = "recipes") -> tuple[dict[str, Any], pd.DataFrame]:
+    """The known-recipe benchmark of this evaluation (:func:`cellrl.recipes.recipe_benchmark`): the episodes'
+    plans, the linear expression baseline and, when the data are small enough, CellOracle's perturbation score
+    from the table's own simulator."""
+    from .recipes import check_recipe_types, recipe_benchmark, simulated_shifts
+
+    recipes = check_recipe_types(recipes, geometry.type_names, source)
+    gidx = {str(g): j for j, g in enumerate(np.asarray(model.gene_names).astype(str))}
+    missing = sorted(set(acts.gene) - set(gidx))
+    if missing:
+        raise InputError(f"action genes {missing[:5]} are not genes of the model", field="actions",
+                         fix="actions.tsv and model.npz must come from the same run")
+    t0 = time.perf_counter()
+    shift, status = simulated_shifts(model, transition_settings, len(acts), max_values=max_values)
+    out, df = recipe_benchmark(recipes, ep, acts, geometry, np.array([gidx[g] for g in acts.gene]), shift=shift,
+                               embedding=np.asarray(model.embedding, dtype=np.float64), n_perm=n_perm, seed=seed,
+                               score_status=status)
+    out["source"] = str(source)
+    for p, m in out["policies"].items():
+        log.info("recipes %-18s: AUC %s, precision@1 %s, recall@5 %s, %d/%d pairs p < 0.05", p,
+                 _f3(m.get("auc")), _f3(m.get("precision@1")), _f3(m.get("recall@5")), m["pairs_p_below_0.05"],
+                 m["pairs_scored"])
+    log.info("recipes: %d rows (%d not in the action space), %d pairs, perturbation score %s (%.1f s)",
+             out["n_rows"], out["n_not_in_action_space"], out["n_pairs"], status, time.perf_counter() - t0)
+    return out, df
+
+
+def _f3(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def _check_bfs(bfs_df: pd.DataFrame, res: BfsResult, model: Any) -> None:
@@ -668,8 +727,11 @@ def evaluate_files(model: str | Path, table: str | Path, actions: str | Path | N
                    progress: str | Path | None, bfs: str | Path | None, truth: str | Path | None,
                    episodes_out: str | Path, summary_out: str | Path, plots_dir: str | Path,
                    env: Mapping[str, Any] | None = None, n_episodes: int = 2000, seed: int = 0,
-                   deterministic: bool = True, transition_stats: str | Path | None = None) -> dict[str, Any]:
-    """Rule ``evaluate``: write ``episodes.parquet``, ``summary.json`` and ``plots/`` for one run.
+                   deterministic: bool = True, transition_stats: str | Path | None = None,
+                   recipes: str | Path | None = None, recipes_out: str | Path | None = None,
+                   recipe_permutations: int = 1000, recipe_score_max_values: float = 2e8) -> dict[str, Any]:
+    """Rule ``evaluate``: write ``episodes.parquet``, ``summary.json``, ``plots/`` and (``recipes_out``) the
+    per-(pair, policy) recipe metrics as TSV (header only when no recipe table is set) for one run.
 
     ``transition_stats`` (the transitions rule's stats.json) supplies the simulator settings for the
     ground-truth check's simulator level; without it that level is skipped. The agent is loaded without
@@ -689,9 +751,13 @@ def evaluate_files(model: str | Path, table: str | Path, actions: str | Path | N
     tset = None
     if transition_stats is not None and Path(transition_stats).exists():
         tset = json.loads(Path(transition_stats).read_text()).get("settings")
+    from .recipes import RECIPE_COLUMNS, read_recipes
+
+    rec = read_recipes(recipes) if recipes else None
     ev = evaluate(m, tab, ag, env=env, actions=acts, n_episodes=n_episodes, seed=seed,
                   deterministic=deterministic, bfs_df=bfs_df, truth=tr, progress=progress,
-                  transition_settings=tset)
+                  transition_settings=tset, recipes=rec, recipe_permutations=recipe_permutations,
+                  recipe_score_max_values=recipe_score_max_values, recipes_source=recipes)
     ep, summary, geo = ev.episodes, ev.summary, ev.geometry
     summary["dataset"] = m.meta.get("dataset")
     summary["run"] = Path(episodes_out).parent.name
@@ -700,8 +766,11 @@ def evaluate_files(model: str | Path, table: str | Path, actions: str | Path | N
 
     summary["git"] = git_state()  # the code that produced these numbers (the report may be rebuilt later)
     per_target = pd.DataFrame(summary["per_target"])
-    summary["plots"] = make_plots(plots_dir, ep, per_target, m, geo, acts, progress)
+    summary["plots"] = make_plots(plots_dir, ep, per_target, m, geo, acts, progress, recipes=ev.recipes)
     write_table(episodes_out, ep, index=False)
+    if recipes_out is not None:
+        write_table(recipes_out, ev.recipes if ev.recipes is not None
+                    else pd.DataFrame(columns=[*RECIPE_COLUMNS[:2], "policy"]))
     write_json(summary_out, summary)
     pol = summary["policies"]
     log.info("summary: agent %.1f%%, greedy %.1f%%, random %.1f%%, BFS-reachable %.1f%%, length ratio %s",

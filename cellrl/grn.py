@@ -355,6 +355,39 @@ def load_tf_targets(path: str | os.PathLike) -> dict[str, list[str]]:
     return {str(k): [str(t) for t in v] for k, v in d.items()}
 
 
+def read_tf_list(path: str | os.PathLike) -> list[str]:
+    """Read a list of TF symbols: one per line (``#`` comments), or a CSV/TSV whose header has a ``TF`` column
+    (e.g. BEELINE's ``mouse-tfs.csv``: TF,Sources). Symbols keep their case; compare them case-insensitively."""
+    p = Path(path)
+    fix = "one symbol per line, or a CSV/TSV with a TF column (config oracle.regulators)"
+    if not p.is_file():
+        raise InputError("TF list not found", path=p, field="oracle.regulators", fix=fix)
+    try:
+        lines = [ln.strip() for ln in p.read_text().splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read the TF list ({e})", path=p, field="oracle.regulators", fix=fix) from e
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    sep = "," if lines and "," in lines[0] else "\t" if lines and "\t" in lines[0] else None
+    if sep is not None:
+        head = [c.strip().lower() for c in lines[0].split(sep)]
+        if "tf" not in head:
+            raise InputError(f"the TF list's header {lines[0]!r} has no TF column", path=p,
+                             field="oracle.regulators", fix=fix)
+        col = head.index("tf")
+        lines = [ln.split(sep)[col].strip() for ln in lines[1:] if len(ln.split(sep)) > col]
+    tfs = list(dict.fromkeys(t for t in lines if t))
+    if not tfs:
+        raise InputError("the TF list is empty", path=p, field="oracle.regulators", fix=fix)
+    return tfs
+
+
+def restrict_regulators(tf_targets: Mapping[str, list[str]], tfs: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """Keep the base GRN's regulators that are on ``tfs`` (case-insensitive); also return the dropped ones, sorted."""
+    listed = {t.lower() for t in tfs}
+    keep = {tf: tg for tf, tg in tf_targets.items() if tf.lower() in listed}
+    return keep, sorted(set(tf_targets) - set(keep))
+
+
 def build_base_grn_file(source: Mapping[str, Any], table_out: str | os.PathLike,
                         tf_targets_out: str | os.PathLike, **settings: Any) -> pd.DataFrame:
     """Rule ``base_grn``: write ``grn/base_grn.parquet`` and ``grn/tf_targets.json`` (atomically)."""

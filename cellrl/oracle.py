@@ -43,7 +43,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .errors import InputError
-from .grn import load_tf_targets, to_celloracle_tfdict
+from .grn import load_tf_targets, read_tf_list, restrict_regulators, to_celloracle_tfdict
 from .io import atomic_path, sha256_file, write_json
 from .model import SPLITS, OracleModel
 from .progress import Progress, note
@@ -383,9 +383,12 @@ def fit_oracle(adata: Any, tf_targets: Mapping[str, Sequence[str]], split: Any, 
 def fit_oracle_files(adata_path: str | os.PathLike, tf_targets_path: str | os.PathLike,
                      split_path: str | os.PathLike, *, oracle_path: str | os.PathLike,
                      links_path: str | os.PathLike, model_path: str | os.PathLike,
-                     stats_path: str | os.PathLike, dataset: str | None = None, **settings: Any) -> dict[str, Any]:
+                     stats_path: str | os.PathLike, dataset: str | None = None,
+                     regulators: str | os.PathLike | None = None, **settings: Any) -> dict[str, Any]:
     """Rule ``fit_oracle``: read filtered.h5ad, tf_targets.json and split.tsv; write the oracle, links,
-    ``model.npz`` and ``stats.json``. ``settings`` go to :func:`fit_oracle` (``progress`` included). Each output
+    ``model.npz`` and ``stats.json``. ``regulators`` (config ``oracle.regulators``): a TF list
+    (:func:`cellrl.grn.read_tf_list`); base-GRN regulators not on it are dropped before the fit, so they can
+    regulate nothing and are never actions. ``settings`` go to :func:`fit_oracle` (``progress`` included). Each output
     is written under a temporary name and renamed, and on any error the outputs already written are removed, so
     a failure leaves none of them behind."""
     import anndata as ad
@@ -394,11 +397,24 @@ def fit_oracle_files(adata_path: str | os.PathLike, tf_targets_path: str | os.Pa
     if not adata_path.exists():
         raise InputError("filtered expression file not found", path=adata_path, fix="run the filter rule first")
     tf_targets = load_tf_targets(tf_targets_path)
+    reg_stats: dict[str, Any] = {"path": None}
+    if regulators:
+        listed = read_tf_list(regulators)
+        tf_targets, dropped = restrict_regulators(tf_targets, listed)
+        reg_stats = {"path": str(regulators), "n_listed": len(listed), "sha256": sha256_file(regulators),
+                     "n_base_grn_tfs_kept": len(tf_targets), "n_base_grn_tfs_dropped": len(dropped),
+                     "dropped": dropped}
+        log.info("TF list %s: %d symbols; %d base-GRN regulators kept, %d dropped (%s)", regulators, len(listed),
+                 len(tf_targets), len(dropped), ", ".join(dropped[:20]) + (" ..." if len(dropped) > 20 else ""))
+        if not tf_targets:
+            raise InputError(f"no base-GRN regulator of {tf_targets_path} is on the TF list", path=regulators,
+                             field="oracle.regulators", fix="check the list's symbols (case is ignored) or unset it")
     split = read_split(split_path)
     adata = ad.read_h5ad(adata_path)
     meta = {"dataset": dataset or adata_path.parent.parent.name}
     oracle, links, model, stats = fit_oracle(adata, tf_targets, split, sources=(adata_path, tf_targets_path),
                                              meta=meta, **settings)
+    stats["regulator_list"] = reg_stats
     t = time.time()
     outputs = [Path(p) for p in (oracle_path, links_path, model_path, stats_path)]
     try:

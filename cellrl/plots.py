@@ -5,6 +5,7 @@
 * :func:`length_hist` - path lengths of successful agent episodes vs the BFS optimum.
 * :func:`learning_curve` - success rate (and reward) against timesteps from the training log.
 * :func:`action_usage` - which genes the agent perturbs, knockout vs overexpression.
+* :func:`recipe_metrics` - the known-recipe benchmark: precision@k and rank-recall AUC per policy.
 """
 
 from __future__ import annotations
@@ -38,6 +39,32 @@ def _type_colors(type_names: Sequence[str]) -> dict[str, tuple]:
     return {str(t): cmap(i % cmap.N) for i, t in enumerate(type_names)}
 
 
+def repel_labels(points: np.ndarray, labels: Sequence[str], char_width: float = 0.0047, height: float = 0.04,
+                 n_iter: int = 300) -> np.ndarray:
+    """Label positions (T, 2) at ``points`` moved vertically until no two label boxes overlap.
+
+    Units are fractions of the points' x and y ranges (about the axes box): a label is ``char_width`` per character
+    wide (plus padding) and ``height`` tall; overlapping pairs are pushed apart symmetrically along y."""
+    P = np.asarray(points, dtype=np.float64)
+    if len(P) < 2:
+        return P.copy()
+    lo = P.min(0)
+    span = np.where(P.max(0) - lo > 0, P.max(0) - lo, 1.0)
+    Q = (P - lo) / span
+    half_w = char_width * (np.array([len(str(t)) for t in labels]) + 2) / 2
+    order = np.argsort(np.argsort(Q[:, 1], kind="stable"))  # ties: a fixed up/down order
+    off = ~np.eye(len(Q), dtype=bool)
+    for _ in range(n_iter):
+        dx = np.abs(Q[:, None, 0] - Q[None, :, 0])
+        dy = Q[:, None, 1] - Q[None, :, 1]
+        hit = off & (dx < half_w[:, None] + half_w[None, :]) & (np.abs(dy) < height)
+        if not hit.any():
+            break
+        sign = np.where(dy != 0, np.sign(dy), np.sign(order[:, None] - order[None, :]))
+        Q[:, 1] += 0.5 * (np.where(hit, (height - np.abs(dy)) * sign, 0.0)).sum(1) + 1e-4 * hit.any(1) * (order - order.mean())
+    return Q * span + lo
+
+
 def umap_paths(embedding: np.ndarray, cell_types: np.ndarray, type_names: Sequence[str],
                examples: Iterable[dict], out: str | Path, title: str = "") -> Path:
     """Scatter of the embedding by cell type with example paths.
@@ -47,14 +74,19 @@ def umap_paths(embedding: np.ndarray, cell_types: np.ndarray, type_names: Sequen
     """
     fig, ax = plt.subplots(figsize=(8, 7))
     colors = _type_colors(type_names)
+    ct = np.asarray(cell_types).astype(str)
+    present = [str(t) for t in type_names if (ct == str(t)).any()]
     for t in type_names:
-        m = np.asarray(cell_types).astype(str) == str(t)
+        m = ct == str(t)
         ax.scatter(embedding[m, 0], embedding[m, 1], s=4, color=colors[str(t)], alpha=0.35, label=str(t),
                    rasterized=True)
-        if m.any():
-            cx, cy = np.median(embedding[m], axis=0)
-            ax.annotate(str(t), (cx, cy), fontsize=9, weight="bold", ha="center",
-                        bbox=dict(boxstyle="round,pad=0.15", fc="white", alpha=0.6, lw=0))
+    # type labels at their medians, pushed apart where types lie close (a line points back to the median)
+    med = np.array([np.median(embedding[ct == t], axis=0) for t in present]).reshape(-1, 2)
+    for t, xy, lab in zip(present, med, repel_labels(med, present)):
+        moved = np.linalg.norm(lab - xy) > 1e-9
+        ax.annotate(t, xy, xytext=lab, textcoords="data", fontsize=9, weight="bold", ha="center", va="center",
+                    arrowprops=dict(arrowstyle="-", color="grey", lw=0.6) if moved else None,
+                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec=colors[t], alpha=0.8, lw=1.2))
     for k, ex in enumerate(examples):
         for key, style, off in (("agent", dict(color="#d62728", lw=1.6), 0.0),
                                 ("bfs", dict(color="black", lw=1.2, ls="--"), 0.0)):
@@ -225,4 +257,50 @@ def action_usage(actions: Iterable[Sequence[int]], regulators: Sequence[str], ou
     ax.legend(fontsize=8, loc="lower right")
     if not len(order):
         ax.text(0.5, 0.5, "no actions taken", ha="center", va="center", transform=ax.transAxes)
+    return _save(fig, out)
+
+
+RECIPE_POLICY_ORDER = ("agent", "bfs", "greedy", "random", "perturbation_score", "expression_diff")
+
+
+def recipe_metrics(df: pd.DataFrame, out: str | Path) -> Path:
+    """Known-recipe benchmark: mean precision@k / recall@5 per policy (left) and the normalised rank-recall AUC of
+    every (start, target) pair per policy (right; filled: permutation p < 0.05, dashed line: chance 0.5).
+
+    ``df``: one row per (pair, policy) with columns policy, precision@k, recall@5, auc, p_value."""
+    pols = [p for p in RECIPE_POLICY_ORDER if p in set(df.policy)] + sorted(set(df.policy) - set(RECIPE_POLICY_ORDER))
+    metrics = [c for c in ("precision@1", "precision@3", "precision@5", "recall@5") if c in df.columns]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.3, 1]})
+    x = np.arange(len(pols))
+    w = 0.8 / max(1, len(metrics))
+    cmap = plt.get_cmap("Blues")
+    for i, m in enumerate(metrics):
+        vals = [pd.to_numeric(df[df.policy == p][m], errors="coerce").mean() for p in pols]
+        ax.bar(x + (i - (len(metrics) - 1) / 2) * w, vals, w, label=m, color=cmap(0.35 + 0.6 * i / max(1, len(metrics))))
+    ax.set_xticks(x)
+    ax.set_xticklabels(pols, rotation=25, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("mean over (start, target) pairs")
+    ax.set_title("Recipe actions among the first k (distinct) actions")
+    ax.legend(fontsize=8, ncol=2)
+    rng = np.random.default_rng(0)  # horizontal jitter only
+    for i, p in enumerate(pols):
+        d = df[df.policy == p]
+        auc = pd.to_numeric(d.auc, errors="coerce").to_numpy(float)
+        sig = pd.to_numeric(d.p_value, errors="coerce").to_numpy(float) < 0.05
+        ok = ~np.isnan(auc)
+        if not ok.any():
+            ax2.text(i, 0.5, "n/a", ha="center", va="center", fontsize=8, color="grey")
+            continue
+        jx = i + rng.uniform(-0.18, 0.18, ok.sum())
+        c = POLICY_COLORS.get(p, "#9467bd")
+        ax2.scatter(jx[sig[ok]], auc[ok][sig[ok]], s=18, color=c, zorder=3)
+        ax2.scatter(jx[~sig[ok]], auc[ok][~sig[ok]], s=18, facecolors="none", edgecolors=c, zorder=3)
+        ax2.hlines(auc[ok].mean(), i - 0.3, i + 0.3, color="black", lw=1.5)
+    ax2.axhline(0.5, color="grey", ls="--", lw=0.8)
+    ax2.set_xticks(x)
+    ax2.set_xticklabels(pols, rotation=25, ha="right")
+    ax2.set_ylim(-0.03, 1.03)
+    ax2.set_ylabel("normalised rank-recall AUC")
+    ax2.set_title("AUC per pair (filled: p < 0.05; bar: mean)")
     return _save(fig, out)

@@ -17,6 +17,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 _SHARED = ("__init__", "smk")  # imported by every workflow script
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "demo_data": ("synthetic",),
+    "demo_recipes": ("recipes",),
     "ingest": ("ingest",),
     "filter": ("preprocess",),
     "split": ("split",),

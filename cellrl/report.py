@@ -38,6 +38,10 @@ PLOT_CAPTIONS: dict[str, str] = {
                       "steps; dotted lines mark curriculum phase changes.",
     "action_usage": "Which regulators the agent perturbs in all its test episodes, knockout vs overexpression.",
     "action_usage_bfs": "The same for the BFS-optimal plans (what the simulator rewards).",
+    "recipe_metrics": "Known-recipe benchmark. Left: mean over (start, target) pairs of the share of recipe "
+                      "perturbations among a plan's (or ranking's) first k distinct actions, and of the recipe "
+                      "recovered in the first 5. Right: normalised area under the rank-recall curve per pair "
+                      "(1: recipe actions ranked first, 0.5: chance); filled points have permutation p < 0.05.",
 }
 
 CSS = """
@@ -180,6 +184,98 @@ def _read_json(path: str | Path | None) -> dict[str, Any]:
         return {"error": f"cannot parse {path}: {e}"}
 
 
+# ---------------------------------------------------------------------------------------------- per-action stats
+def per_action_table(stats: Mapping[str, Any]) -> "Any":
+    """One row per action from the ``<metric>_per_action`` dicts of the transitions' stats.json (columns
+    ``action`` and one per metric); empty when there are none."""
+    import pandas as pd
+
+    cols = {k[: -len("_per_action")]: v for k, v in stats.items() if k.endswith("_per_action") and isinstance(v, Mapping)}
+    if not cols:
+        return pd.DataFrame(columns=["action"])
+    df = pd.DataFrame(cols)
+    df.index.name = "action"
+    return df.reset_index()
+
+
+def _per_action_summary(df: "Any", link: str | None) -> str:
+    """Min / median / max of each per-action metric with its five highest actions, instead of one row each."""
+    if df.empty:
+        return ""
+    rows = []
+    for c in df.columns[1:]:
+        v = df[c].astype(float)
+        top = df.assign(v=v).sort_values("v", ascending=False, kind="stable").head(5)
+        rows.append({"metric": c, "actions": int(v.notna().sum()), "min": float(v.min()),
+                     "median": float(v.median()), "max": float(v.max()),
+                     "highest": ", ".join(f"{a} ({x:.3g})" for a, x in zip(top.action, top.v))})
+    note = (f" Every action's values: <a href='{_e(link)}'>{_e(link)}</a> (next to this report)." if link else "")
+    return ("<h3>Per action</h3><p class='note'>Per-action statistics of the transition table, summarised." + note
+            + "</p>" + html_table(rows, ["metric", "actions", "min", "median", "max", "highest"],
+                                  left=["metric", "highest"]))
+
+
+def regulator_check(action_genes: Sequence[str], tf_list: Sequence[str] | None,
+                    list_path: object = None) -> dict[str, Any]:
+    """Which action genes are not on the TF list (case-insensitive); ``tf_list`` None: no list set."""
+    genes = sorted(set(map(str, action_genes)))
+    if tf_list is None:
+        return {"list": None, "n_action_genes": len(genes), "not_on_list": None}
+    listed = {t.lower() for t in tf_list}
+    return {"list": str(list_path) if list_path is not None else None, "n_listed": len(listed),
+            "n_action_genes": len(genes), "not_on_list": [g for g in genes if g.lower() not in listed]}
+
+
+def _regulator_section(chk: Mapping[str, Any] | None) -> str:
+    if not chk:
+        return ""
+    head = "<h2>Regulators (action genes)</h2>"
+    if chk.get("not_on_list") is None:
+        return (head + f"<p class='note'>No TF list set (<code>oracle.regulators</code>): the "
+                f"{_fmt(chk.get('n_action_genes'))} action genes are the base GRN's regulators that CellOracle kept "
+                "active; a motif-derived base GRN can make non-TFs regulators.</p>")
+    bad = chk["not_on_list"]
+    msg = (f"<span class='good'>all {_fmt(chk['n_action_genes'])} action genes are on it</span>" if not bad else
+           f"<span class='bad'>{len(bad)} of {_fmt(chk['n_action_genes'])} action genes are not on it: "
+           f"{_e(', '.join(bad))}</span>")
+    return head + (f"<p>TF list <code>{_e(chk['list'])}</code> ({_fmt(chk.get('n_listed'))} symbols): {msg}.</p>")
+
+
+def _recipe_section(r: Mapping[str, Any]) -> str:
+    """The known-recipe benchmark of one run (summary.json ``recipes``)."""
+    if not r.get("available"):
+        return f"<h3>Known recipes</h3><p class='note'>{_e(r.get('reason', 'not computed'))}.</p>" if r else ""
+    ks = r.get("ks", [1, 3, 5])
+    metric_cols = [f"{m}@{k}" for k in ks for m in ("precision", "recall")] + ["wrong_direction", "auc"]
+    pol_rows = [{"policy": p, **m} for p, m in (r.get("policies") or {}).items()]
+    parts = ["<h3>Known recipes</h3>",
+             f"<p class='note'>Table <code>{_e(r.get('source'))}</code>: {_fmt(r.get('n_rows'))} rows over "
+             f"{_fmt(r.get('n_pairs'))} (start, target) pairs; {_fmt(r.get('n_not_in_action_space'))} rows name "
+             f"a gene that is not an action (not in action space: {_e(', '.join(r.get('not_in_action_space') or []) or 'none')}). "
+             "<i>precision@k</i> / <i>recall@k</i>: recipe (gene, direction) among a plan's first k distinct "
+             "actions, over the actions shown / over the recipe (mean over the pair's plans; ranking baselines: "
+             "their top k). <i>wrong direction</i>: share of plan actions (rankings: of the top "
+             f"{max(ks)}) that perturb a recipe gene the other way. <i>AUC</i>: normalised area under the "
+             "rank-recall curve (Hammelman et al., Nat Methods 2022) of all actions ranked by how many of the "
+             "pair's plans use them (baselines: by score); 1 = recipe first, 0.5 = chance; ties share their mean "
+             f"rank. <i>p</i>: share of {_fmt(r.get('permutations'))} random rankings with AUC &ge; the observed "
+             "(seeded). Baselines: <i>perturbation_score</i>: CellOracle's single-step score (mean embedding "
+             f"shift of the start type's cells projected on the start-to-target direction; "
+             f"{_e(r.get('perturbation_score'))}); <i>expression_diff</i>: OE the regulators the target expresses "
+             "more, KO those it expresses less, by the difference of z-scored type means.</p>",
+             html_table(pol_rows, ["policy", *metric_cols, "pairs_scored", "pairs_p_below_0.05"],
+                        left=["policy"], headers={"pairs_p_below_0.05": "pairs with p < 0.05",
+                                                  "wrong_direction": "wrong direction"})]
+    pairs = [p for p in r.get("pairs") or []]
+    if pairs:
+        parts.append("<details><summary>Per pair and policy</summary>" + html_table(
+            pairs, ["start_type", "target_type", "policy", "recipe", "n_in_action_space", "n_plans", "success",
+                    *metric_cols, "p_value"],
+            pct=["success"], left=["start_type", "target_type", "policy", "recipe"],
+            headers={"n_in_action_space": "recipe actions", "n_plans": "plans"}) + "</details>")
+    return "\n".join(parts)
+
+
 # ---------------------------------------------------------------------------------------------- sections
 POLICY_COLUMNS = ["policy", "episodes", "success", "success_reachable", "mean_length", "median_length",
                   "length_ratio_vs_bfs", "activation_frac", "stagnations_mean"]
@@ -253,6 +349,7 @@ def _run_section(run: str, s: Mapping[str, Any], plot_dir: Path | None) -> str:
                                          "agent_agree": "agent agree", "agent_recall": "agent recall",
                                          "grn_toward": "GRN", "shift_toward": "shift",
                                          "planted_rank": "table rank"}))
+    parts.append(_recipe_section(s.get("recipes") or {}))
     train = s.get("training") or {}
     if train:
         parts.append("<h3>Training log</h3>" + kv_table(train))
@@ -268,8 +365,10 @@ def _run_section(run: str, s: Mapping[str, Any], plot_dir: Path | None) -> str:
 
 def render_report(dataset: str, runs: Sequence[tuple[str, Mapping[str, Any], Path | None]],
                   oracle_stats: Mapping[str, Any], transition_stats: Mapping[str, Any],
-                  software: Mapping[str, Any]) -> str:
-    """The report as one HTML string (see :func:`write_report`)."""
+                  software: Mapping[str, Any], regulators: Mapping[str, Any] | None = None,
+                  per_action_link: str | None = None) -> str:
+    """The report as one HTML string (see :func:`write_report`). ``regulators``: :func:`regulator_check`;
+    ``per_action_link``: file name of the per-action TSV written next to the report."""
     git = software.get("git") or {}
     commit = (git.get("commit") or "unknown")[:12] + (" (dirty)" if git.get("dirty") else "")
     head = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>cellrl report: {_e(dataset)}</title>",
@@ -288,34 +387,58 @@ def render_report(dataset: str, runs: Sequence[tuple[str, Mapping[str, Any], Pat
                      "agent_reachable": pol.get("agent", {}).get("success_reachable"),
                      "greedy": pol.get("greedy", {}).get("success"), "random": pol.get("random", {}).get("success"),
                      "bfs": s.get("bfs_reachable_frac"), "ratio": s.get("length_ratio_agent_bfs"),
-                     "gt_bfs": gt.get("bfs_agreement"), "gt_agent": gt.get("agent_agreement")})
+                     "gt_bfs": gt.get("bfs_agreement"), "gt_agent": gt.get("agent_agreement"),
+                     **{f"rec_{p}": ((s.get("recipes") or {}).get("policies") or {}).get(p, {}).get("auc")
+                        for p in ("bfs", "agent")}})
     head.append("<h2>Summary</h2>")
     head.append(html_table(rows, ["run", "agent", "agent_reachable", "greedy", "random", "bfs", "ratio", "gt_bfs",
-                                  "gt_agent"],
+                                  "gt_agent", "rec_bfs", "rec_agent"],
                            pct=["agent", "agent_reachable", "greedy", "random", "bfs", "gt_bfs", "gt_agent"],
                            left=["run"],
                            headers={"agent": "agent success", "agent_reachable": "agent success (reachable)",
                                     "greedy": "greedy success", "random": "random success",
                                     "bfs": "BFS-reachable", "ratio": "agent length / BFS",
-                                    "gt_bfs": "ground truth: BFS agree", "gt_agent": "ground truth: agent agree"}))
+                                    "gt_bfs": "ground truth: BFS agree", "gt_agent": "ground truth: agent agree",
+                                    "rec_bfs": "recipe AUC: BFS", "rec_agent": "recipe AUC: agent"}))
     body = [_run_section(run, s, d) for run, s, d in runs]
-    tail = ["<h2>Oracle (CellOracle fit)</h2>", kv_table(oracle_stats),
-            "<h2>Transition table</h2>", kv_table(transition_stats),
+    per_action = per_action_table(transition_stats)
+    tstats = {k: v for k, v in transition_stats.items() if not k.endswith("_per_action")}
+    tail = [_regulator_section(regulators), "<h2>Oracle (CellOracle fit)</h2>", kv_table(oracle_stats),
+            "<h2>Transition table</h2>", kv_table(tstats), _per_action_summary(per_action, per_action_link),
             "<h2>Software</h2>", kv_table(software), "</body></html>"]
     return "\n".join(head + body + tail)
 
 
 def write_report(out: str | Path, dataset: str, summaries: Sequence[str | Path], plot_dirs: Sequence[str | Path],
                  oracle_stats: str | Path | None = None, transition_stats: str | Path | None = None,
-                 software: str | Path | None = None) -> Path:
+                 software: str | Path | None = None, actions: str | Path | None = None,
+                 regulators: str | Path | None = None, per_action_out: str | Path | None = None) -> Path:
     """Rule ``report``: one self-contained HTML file (tables + base64-embedded PNGs) for ``dataset``.
 
     ``summaries`` and ``plot_dirs`` are parallel lists, one entry per run (``.../benchmark/{run}/summary.json``
-    and ``.../benchmark/{run}/plots``); the run name is the summary's parent folder name.
+    and ``.../benchmark/{run}/plots``); the run name is the summary's parent folder name. ``actions``
+    (transitions/actions.tsv) and ``regulators`` (the oracle.regulators TF list, None: not set) give the
+    regulator check; ``per_action_out``: a TSV of the transition table's per-action statistics, linked from the
+    report (which shows their summary only).
     """
+    import pandas as pd
+
+    from .grn import read_tf_list
+
     dirs = list(plot_dirs) + [None] * (len(summaries) - len(plot_dirs))
     runs = [(Path(s).parent.name, _read_json(s), Path(d) if d else None) for s, d in zip(summaries, dirs)]
-    text = render_report(dataset, runs, _read_json(oracle_stats), _read_json(transition_stats), _read_json(software))
+    tstats = _read_json(transition_stats)
+    chk = None
+    if actions is not None and Path(actions).exists():
+        genes = pd.read_csv(actions, sep="\t")["gene"].astype(str)
+        chk = regulator_check(genes, read_tf_list(regulators) if regulators else None, regulators)
+    link = None
+    if per_action_out is not None:
+        from .io import write_table
+
+        write_table(per_action_out, per_action_table(tstats))
+        link = Path(per_action_out).name if Path(per_action_out).parent == Path(out).parent else str(per_action_out)
+    text = render_report(dataset, runs, _read_json(oracle_stats), tstats, _read_json(software), chk, link)
     write_text(out, text)
     log.info("report: %s (%.1f kB, %d runs)", out, len(text) / 1024, len(runs))
     return Path(out)

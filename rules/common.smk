@@ -79,6 +79,18 @@ def demo_inputs_needed():
     return any(str(d["rna"]["path"]).startswith("resources/demo/") for d in config["datasets"].values())
 
 
+def regulator_list(wildcards):
+    """The TF list of oracle.regulators (per dataset, after overrides), when one is set."""
+    path = dataset_config(config, wildcards.dataset)["oracle"].get("regulators")
+    return [path] if path else []
+
+
+def recipes_input(wildcards):
+    """Rule evaluate's recipe table (datasets.<name>.recipes), when the dataset sets one."""
+    path = config["datasets"][wildcards.dataset].get("recipes")
+    return [path] if path else []
+
+
 def all_targets():
     """Each dataset's report plus the artifacts users open outside the workflow (the oracle for CellOracle,
     model.npz, the table and agents for `cellrl plan`): a plain rerun rebuilds any of them that a killed

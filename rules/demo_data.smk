@@ -15,3 +15,23 @@ rule demo_data:
         "../envs/cellrl.yaml"
     script:
         "../workflow_scripts/demo_data.py"
+
+
+rule demo_recipes:
+    """The demo's known-recipe table from its planted truth (evidence "planted"), for the recipe benchmark.
+
+    A rule of its own so that editing cellrl/recipes.py reruns only the evaluation, not the atlas."""
+    input:
+        truth="resources/demo/ground_truth.json",
+    output:
+        "resources/demo/recipes.tsv",
+    params:
+        code=code_version("demo_recipes"),
+    log:
+        "results/logs/demo_recipes.log",
+    benchmark:
+        "results/benchmarks/demo_recipes.tsv"
+    conda:
+        "../envs/cellrl.yaml"
+    script:
+        "../workflow_scripts/demo_recipes.py"

@@ -15,10 +15,12 @@ rule evaluate:
             if str(config["datasets"][w.dataset]["rna"]["path"]).startswith("resources/demo/")
             else []
         ),
+        recipes=recipes_input,
     output:
         episodes="results/{dataset}/benchmark/{run}/episodes.parquet",
         summary="results/{dataset}/benchmark/{run}/summary.json",
         plots=directory("results/{dataset}/benchmark/{run}/plots"),
+        recipes="results/{dataset}/benchmark/{run}/recipes.tsv",
     params:
         env=settings("env", run=True),
         settings=settings("evaluate", run=True),

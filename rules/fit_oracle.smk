@@ -4,6 +4,7 @@ rule fit_oracle:
         adata="results/{dataset}/rna/filtered.h5ad",
         tf_targets="results/{dataset}/grn/tf_targets.json",
         split="results/{dataset}/split.tsv",
+        regulators=regulator_list,
     output:
         oracle="results/{dataset}/oracle/oracle.celloracle.oracle",
         links="results/{dataset}/oracle/links.celloracle.links",

@@ -28,8 +28,11 @@ rule report:
         oracle_stats="results/{dataset}/oracle/stats.json",
         transition_stats="results/{dataset}/transitions/stats.json",
         software="results/{dataset}/software.json",
+        actions="results/{dataset}/transitions/actions.tsv",
+        regulators=regulator_list,
     output:
-        "results/{dataset}/report.html",
+        html="results/{dataset}/report.html",
+        per_action="results/{dataset}/transition_actions.tsv",
     params:
         code=code_version("report"),
     log:

@@ -235,3 +235,26 @@ def test_atac_real_tutorial_inputs_without_fasta(tmp_path):
 
     table, ids = _read_peak_gene(pg, 0.8), _read_peak_ids(peaks)
     assert len(table) == 15779 and len(ids) == 86935 and table.peak_id.isin(set(ids)).all()
+
+
+def test_tf_list_formats_and_restriction(tmp_path):
+    from cellrl.grn import read_tf_list, restrict_regulators
+
+    csv = tmp_path / "tfs.csv"
+    csv.write_text("TF,Sources\nPOU5F1,TRRUST\nNANOG,RegNetwork\nSOX2,x\n")  # BEELINE mouse-tfs.csv layout
+    assert read_tf_list(csv) == ["POU5F1", "NANOG", "SOX2"]
+    txt = tmp_path / "tfs.txt"
+    txt.write_text("# my TFs\nGata6\n\nGata4\nGata6\n")
+    assert read_tf_list(txt) == ["Gata6", "Gata4"]
+    keep, dropped = restrict_regulators({"Pou5f1": ["a"], "Eno1": ["b"], "Nanog": [], "Itgb2": ["c"]},
+                                        read_tf_list(csv))
+    assert keep == {"Pou5f1": ["a"], "Nanog": []} and dropped == ["Eno1", "Itgb2"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("gene,source\nA,b\n")
+    with pytest.raises(InputError, match="no TF column"):
+        read_tf_list(bad)
+    with pytest.raises(InputError, match="not found"):
+        read_tf_list(tmp_path / "none.txt")
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(InputError, match="empty"):
+        read_tf_list(tmp_path / "empty.txt")

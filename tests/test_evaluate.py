@@ -15,6 +15,7 @@ from cellrl.evaluate import (_plan_flags, action_table, eval_tasks, evaluate, ev
                              policy_stats)
 from cellrl.model import load_model
 from cellrl.plots import read_progress
+from cellrl.recipes import read_recipes, write_demo_recipes
 from cellrl.tasks import TaskGeometry
 
 
@@ -27,11 +28,14 @@ def tiny(tmp_path_factory):
 def evaluated(tiny):
     out = tiny["results"] / "benchmark"
     bfs_file(tiny["model"], tiny["table"], out / "bfs.parquet", env=ENV)
+    write_demo_recipes(tiny["truth"], out / "recipes_in.tsv")
     summary = evaluate_files(model=tiny["model"], table=tiny["table"], actions=tiny["actions"], agent=tiny["agent"],
                              progress=tiny["progress"], bfs=out / "bfs.parquet", truth=tiny["truth"],
                              episodes_out=out / "default" / "episodes.parquet",
                              summary_out=out / "default" / "summary.json", plots_dir=out / "default" / "plots",
-                             env=ENV, n_episodes=2000, seed=0, deterministic=True)
+                             env=ENV, n_episodes=2000, seed=0, deterministic=True,
+                             recipes=out / "recipes_in.tsv", recipes_out=out / "default" / "recipes.tsv",
+                             recipe_permutations=200)
     return out, summary
 
 
@@ -103,8 +107,59 @@ def test_plots_written(evaluated):
     out, s = evaluated
     names = {p.name for p in (out / "default" / "plots").glob("*.png")}
     assert {"umap_paths.png", "success_by_target.png", "length_hist.png", "learning_curve.png",
-            "action_usage.png", "action_usage_bfs.png"} <= names
+            "action_usage.png", "action_usage_bfs.png", "recipe_metrics.png"} <= names
     assert set(s["plots"]) == names
+
+
+def test_oe_fraction_is_pooled(evaluated, tiny):
+    """The policy table's OE fraction is the share of OE among all actions (the action_usage titles use it)."""
+    out, s = evaluated
+    ep = pd.read_parquet(out / "default" / "episodes.parquet")
+    acts = pd.read_csv(tiny["actions"], sep="\t")
+    oe = set(acts.index[acts.kind == "OE"])
+    for p in ("agent", "greedy", "random"):
+        a = [int(x) for seq in ep[ep.policy == p].actions for x in seq]
+        assert s["policies"][p]["activation_frac"] == pytest.approx(np.mean([x in oe for x in a]))
+
+
+def test_recipe_section(evaluated):
+    """summary.json's recipes section and the per-(pair, policy) TSV, scored against the planted recipes."""
+    out, s = evaluated
+    r = s["recipes"]
+    assert r["available"] and r["n_not_in_action_space"] == 0 and r["permutations"] == 200
+    df = pd.read_csv(out / "default" / "recipes.tsv", sep="\t")
+    n_pairs = len(read_recipes(out / "recipes_in.tsv").groupby(["start_type", "target_type"]))
+    assert r["n_pairs"] == n_pairs == 12
+    assert set(df.policy) == {"agent", "bfs", "greedy", "random", "perturbation_score", "expression_diff"}
+    assert (df.groupby("policy").size() == n_pairs).all()
+    # without transitions/stats.json the perturbation score is skipped and says so
+    assert r["perturbation_score"].startswith("skipped") and df[df.policy == "perturbation_score"].auc.isna().all()
+    sc = df.dropna(subset=["auc"])
+    assert sc.auc.between(0, 1).all() and sc.p_value.between(0, 1).all()
+    # the fixture's model is random, unrelated to its "planted" recipes: no policy is consistently significant
+    assert all(m["pairs_p_below_0.05"] < 6 for m in r["policies"].values())
+    assert r["policies"]["bfs"]["auc"] == pytest.approx(df[df.policy == "bfs"].auc.mean())
+    assert (df[df.policy == "bfs"].n_plans >= 0).all()
+
+
+def test_recipes_perturbation_score(tiny):
+    """With the transition settings the CellOracle-style perturbation score ranks every action per pair."""
+    m = load_model(tiny["model"])
+    table = np.load(tiny["table"])
+    write_demo_recipes(tiny["truth"], tiny["results"] / "r.tsv")
+    rec = read_recipes(tiny["results"] / "r.tsv")
+    ev = evaluate(m, table, None, env=ENV, n_episodes=60, seed=0, policies=("bfs", "random"), recipes=rec,
+                  transition_settings={"n_neighbors": 30, "backend": "numpy"}, recipe_permutations=100)
+    r = ev.summary["recipes"]
+    assert r["perturbation_score"] == "computed"
+    ps = ev.recipes[ev.recipes.policy == "perturbation_score"]
+    assert ps.auc.notna().all() and ps["precision@1"].between(0, 1).all()
+    ev2 = evaluate(m, table, None, env=ENV, n_episodes=60, seed=0, policies=("bfs",), recipes=rec,
+                   transition_settings={"n_neighbors": 30, "backend": "numpy"}, recipe_score_max_values=10)
+    assert "too large" in ev2.summary["recipes"]["perturbation_score"]
+    bad = rec.assign(start_type="Nope")
+    with pytest.raises(InputError, match="not cell types"):
+        evaluate(m, table, None, env=ENV, n_episodes=10, policies=("bfs",), recipes=bad)
 
 
 def test_plan_flags():

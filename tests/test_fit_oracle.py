@@ -262,3 +262,15 @@ def test_fit_oracle_files_errors_leave_no_output(tmp_path):
     with pytest.raises(InputError, match="filtered expression file not found"):
         fit_oracle_files(tmp_path / "missing.h5ad", tft, split, expression="counts", **outs)
     assert not outs["model_path"].parent.exists()
+
+
+def test_fit_oracle_files_regulator_list_without_overlap_is_an_error(tmp_path):
+    """oracle.regulators drops base-GRN regulators before the fit; a list that keeps none stops with the fix."""
+    adata, tft, split = _write_inputs(tmp_path)
+    tfs = tmp_path / "tfs.txt"
+    tfs.write_text("NotATf\n")
+    outs = _outputs(tmp_path)
+    with pytest.raises(InputError, match="oracle.regulators") as e:
+        fit_oracle_files(adata, tft, split, expression="counts", regulators=tfs, **outs)
+    assert str(tfs) in str(e.value)
+    assert not outs["model_path"].parent.exists()

@@ -80,3 +80,49 @@ def test_tables_escape_and_format():
     t = html_table([{"a": "<b>", "b": 0.5, "c": None, "d": float("nan"), "e": 12345}], pct=["b"])
     assert "&lt;b&gt;" in t and "50.0%" in t and t.count("&ndash;") == 2 and "12,345" in t
     assert "[2 records]" in kv_table({"x": [{"a": 1}, {"a": 2}]})
+
+
+def test_report_regulators_per_action_and_recipes(tmp_path):
+    """TF-list flags, per-action transition stats summarised (+ TSV next to the report), the recipe section."""
+    d = tmp_path / "results" / "demo" / "benchmark" / "default"
+    d.mkdir(parents=True)
+    s = summary_fixture()
+    s["recipes"] = {"available": True, "source": "config/recipes/x.tsv", "n_rows": 3, "n_pairs": 1,
+                    "n_not_in_action_space": 1, "not_in_action_space": ["Gata6"], "ks": [1, 3, 5],
+                    "permutations": 1000, "perturbation_score": "computed",
+                    "policies": {"bfs": {"precision@1": 0.5, "auc": 0.91, "pairs_scored": 1,
+                                         "pairs_p_below_0.05": 1}},
+                    "pairs": [{"start_type": "Stem", "target_type": "FateA", "policy": "bfs", "recipe": "KO:Tf01",
+                               "auc": 0.91, "p_value": 0.004}]}
+    (d / "summary.json").write_text(json.dumps(s))
+    per = {f"{k}:G{i}": 0.01 * i for i in range(94) for k in ("KO", "OE")}  # 188 actions
+    (tmp_path / "tr.json").write_text(json.dumps({"n_actions": 188, "self_transition_fraction_per_action": per,
+                                                  "mean_shift_per_action": per}))
+    acts = tmp_path / "actions.tsv"
+    pd.DataFrame({"gene": ["Pou5f1", "Eno1", "Pou5f1", "Eno1"], "kind": ["KO", "KO", "OE", "OE"]}).to_csv(
+        acts, sep="\t", index=False)
+    tfs = tmp_path / "tfs.csv"
+    tfs.write_text("TF,Sources\nPOU5F1,x\nNANOG,y\n")
+    html = write_report(tmp_path / "report.html", "demo", [d / "summary.json"], [], transition_stats=tmp_path /
+                        "tr.json", actions=acts, regulators=tfs,
+                        per_action_out=tmp_path / "transition_actions.tsv").read_text()
+    assert "1 of 2 action genes are not on it: Eno1" in html
+    assert html.count("OE:G93") == 2  # only in the two "highest" lists, not 188 rows per metric
+    assert "KO:G5 " not in html and "transition_actions.tsv" in html
+    tsv = pd.read_csv(tmp_path / "transition_actions.tsv", sep="\t")
+    assert len(tsv) == 188 and set(tsv.columns) == {"action", "self_transition_fraction", "mean_shift"}
+    assert tsv.set_index("action").loc["OE:G7", "mean_shift"] == 0.07
+    for needle in ("Known recipes", "Gata6", "0.91", "recipe AUC: BFS"):
+        assert needle in html, needle
+    html2 = write_report(tmp_path / "r2.html", "demo", [d / "summary.json"], [], actions=acts).read_text()
+    assert "No TF list set" in html2
+
+
+def test_repel_labels_separates_close_labels():
+    pts = np.array([[0.0, 0.0], [0.01, 0.0], [10.0, 10.0], [3.0, 5.0]])
+    labels = ["Megakaryocytes", "GMP", "Far", "Mid"]
+    out = plots.repel_labels(pts, labels, char_width=0.005, height=0.04)
+    np.testing.assert_allclose(out[:, 0], pts[:, 0])  # moved along y only
+    assert abs(out[0, 1] - out[1, 1]) >= 0.04 * 10 * 0.99  # overlapping boxes end one label height apart
+    np.testing.assert_allclose(out[2:], pts[2:], atol=1e-6)  # far labels stay put
+    np.testing.assert_allclose(plots.repel_labels(pts[:1], labels[:1]), pts[:1])

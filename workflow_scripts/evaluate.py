@@ -8,4 +8,6 @@ with log_to(snakemake.log[0]):
                    truth=snakemake.input.truth[0] if snakemake.input.truth else None,
                    episodes_out=snakemake.output.episodes, summary_out=snakemake.output.summary,
                    plots_dir=snakemake.output.plots, transition_stats=snakemake.input.transition_stats,
+                   recipes=snakemake.input.recipes[0] if snakemake.input.recipes else None,
+                   recipes_out=snakemake.output.recipes,
                    env=snakemake.params.env, **snakemake.params.settings)
