@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import os
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -44,7 +46,7 @@ import scipy.sparse as sp
 
 from .errors import InputError
 from .grn import load_tf_targets, read_tf_list, restrict_regulators, to_celloracle_tfdict
-from .io import atomic_path, sha256_file, write_json
+from .io import sha256_file, write_atomic, write_json, write_table
 from .model import SPLITS, OracleModel
 from .progress import Progress, note
 
@@ -270,20 +272,12 @@ def choose_n_pcs(explained_variance_ratio: np.ndarray, cap: int = 50) -> int:
     return int(max(2, min(n, cap, len(explained_variance_ratio))))
 
 
-def fit_oracle(adata: Any, tf_targets: Mapping[str, Sequence[str]], split: Any, *, expression: str = "counts",
-               n_pcs: int | None = None, knn_k_fraction: float = 0.025, alpha: float = 10,
-               bagging_number: int = 20, p_cutoff: float = 0.001, top_n_links: int = 2000,
-               embedding: str = "X_umap", oe_sd: float = 1.5, oe_iqr: float = 3.0, seed: int = 123,
-               threads: int = 1, sources: tuple[object, object] = ("expression", "base GRN"),
-               meta: Mapping[str, Any] | None = None,
-               progress: bool = True) -> tuple[Any, Any, OracleModel, dict[str, Any]]:
-    """Fit CellOracle on a filtered AnnData (contract of ``rna/filtered.h5ad``) and a TF -> targets dict.
-
-    Returns ``(oracle, links, model, stats)``: the CellOracle ``Oracle`` and ``Links`` objects, the portable
-    :class:`OracleModel` and a JSON-able dict of sizes, active regulators, links per cluster and timings.
-    ``sources`` names the expression and base-GRN files in error messages. ``progress``: phase lines and
-    one line per cluster of ``get_links`` on the console (:mod:`cellrl.progress`).
-    """
+def prepare_oracle(adata: Any, tf_targets: Mapping[str, Sequence[str]], *, expression: str = "counts",
+                   n_pcs: int | None = None, knn_k_fraction: float = 0.025, embedding: str = "X_umap",
+                   seed: int = 123, threads: int = 1, sources: tuple[object, object] = ("expression", "base GRN"),
+                   meta: Mapping[str, Any] | None = None, progress: bool = True, **_: Any) -> tuple[Any, dict]:
+    """Steps 1-3 (import, PCA, kNN imputation) of :func:`fit_oracle`: the oracle every cluster's GRN fit starts
+    from, and ``info`` (TFs/targets in the data, n_pcs, k, scale, timings). Other settings are ignored."""
     import celloracle as co
 
     t_all = time.time()
@@ -336,38 +330,91 @@ def fit_oracle(adata: Any, tf_targets: Mapping[str, Sequence[str]], split: Any, 
     oracle.knn_imputation(n_pca_dims=n_comps, k=k, balanced=True, b_sight=k * 8, b_maxl=k * 4,
                           n_jobs=max(1, int(threads)))
     timings["pca_knn_imputation"] = time.time() - t
+    timings["prepare_total"] = time.time() - t_all
     log.info("PCA: %d components; kNN imputation with k = %d", n_comps, k)
+    info = dict(tfs=tfs, n_targets=int(n_targets), n_pcs=n_comps, knn_k=k, scale=scale, tag=tag,
+                clusters=sorted(map(str, oad.obs[CLUSTER_COLUMN].unique())), timings=timings)
+    return oracle, info
 
-    n_clusters = int(oad.obs[CLUSTER_COLUMN].nunique())
+
+def cluster_links(oracle: Any, cluster: str, *, alpha: float = 10, bagging_number: int = 20,
+                  threads: int = 1) -> pd.DataFrame:
+    """One cluster's link list, as CellOracle's ``get_links`` computes it inside its loop over clusters
+    (``_fit_GRN_for_network_analysis``: imputed counts standardised over all cells, then the cluster's cells,
+    ``Net.fit_All_genes`` with bagging ridge, ``updateLinkList``), so per-cluster jobs give the same links."""
+    from celloracle.network.net_core import Net
+    from celloracle.trajectory.oracle_utility import _adata_to_df
+    from celloracle.utility import standard
+
+    gem = _adata_to_df(oracle.adata, "imputed_count")
+    gem_std = standard(gem)
+    cells = (oracle.adata.obs[CLUSTER_COLUMN].astype(str) == str(cluster)).to_numpy()
+    if not cells.any():
+        raise InputError(f"cluster {cluster!r} has no cells in the prepared oracle",
+                         fix="rerun the oracle_prepare rule (the cell types changed)")
+    with reproducible_celloracle():
+        net = Net(gene_expression_matrix=gem[cells], gem_standerdized=gem_std[cells], TFinfo_dic=oracle.TFdict,
+                  verbose=False)
+        net.fit_All_genes(bagging_number=bagging_number, model_method="bagging_ridge", alpha=alpha, verbose=False,
+                          n_jobs=max(1, int(threads)))
+        net.updateLinkList(verbose=False)
+    return net.linkList.copy()
+
+
+def links_from_lists(oracle: Any, link_lists: Mapping[str, pd.DataFrame], alpha: float) -> Any:
+    """A CellOracle ``Links`` object from per-cluster link lists, built as ``get_links`` builds it."""
+    from celloracle.network_analysis.links_object import Links
+    from celloracle.trajectory.oracle_utility import (_check_color_information_and_create_if_not_found,
+                                                      _get_clustercolor_from_anndata)
+
+    links = Links(name=CLUSTER_COLUMN, links_dict=dict(link_lists))
+    _check_color_information_and_create_if_not_found(adata=oracle.adata, cluster_column_name=CLUSTER_COLUMN,
+                                                     embedding_name=oracle.embedding_name)
+    links.palette = _get_clustercolor_from_anndata(adata=oracle.adata, cluster_name=CLUSTER_COLUMN,
+                                                   return_as="palette")
+    links.ALPHA_used = alpha
+    links.model_method = "bagging_ridge"
+    return links
+
+
+def finish_oracle(oracle: Any, links: Any, info: Mapping[str, Any], split: Any, *, expression: str = "counts",
+                  knn_k_fraction: float = 0.025, alpha: float = 10, bagging_number: int = 20,
+                  p_cutoff: float = 0.001, top_n_links: int = 2000, embedding: str = "X_umap", oe_sd: float = 1.5,
+                  oe_iqr: float = 3.0, seed: int = 123, sources: tuple[object, object] = ("expression", "base GRN"),
+                  meta: Mapping[str, Any] | None = None, progress: bool = True,
+                  **_: Any) -> tuple[Any, Any, OracleModel, dict[str, Any]]:
+    """Steps 4b-5 of :func:`fit_oracle` on a prepared oracle and its unfiltered ``links``: ``filter_links``,
+    the simulation GRN fit, the active-regulator check, conversion to :class:`OracleModel` and ``stats``."""
+    import celloracle as co
+
+    t_all = time.time()
+    timings = dict(info.get("timings", {}))
+    tag = info.get("tag", "fit_oracle")
+    n_clusters = len(info["clusters"])
     with reproducible_celloracle():
         t = time.time()
-        with Progress(n_clusters, f"{tag}: get_links", unit="cluster", log=log, enabled=progress) as bar, \
-                cluster_progress(bar) as verbose:
-            links = oracle.get_links(cluster_name_for_GRN_unit=CLUSTER_COLUMN, alpha=alpha,
-                                     bagging_number=bagging_number, verbose_level=verbose,
-                                     n_jobs=max(1, int(threads)))
         links.filter_links(p=p_cutoff, weight="coef_abs", threshold_number=top_n_links)
-        timings["get_links"] = time.time() - t
-
+        timings["filter_links"] = time.time() - t
         t = time.time()
         note(f"[{tag}] fitting the simulation GRN of {n_clusters} clusters", enabled=progress)
         oracle.get_cluster_specific_TFdict_from_Links(links_object=links)
         oracle.fit_GRN_for_simulation(alpha=alpha, use_cluster_specific_TFdict=True, verbose_level=0)
         timings["fit_grn"] = time.time() - t
 
-    check_active_regulators(oracle, links, grn_src, p_cutoff, top_n_links, (meta or {}).get("dataset"))
-    params = dict(expression=expression, n_pcs=n_comps, knn_k=k, knn_k_fraction=knn_k_fraction, alpha=alpha,
-                  bagging_number=bagging_number, p_cutoff=p_cutoff, top_n_links=top_n_links,
-                  embedding=embedding, seed=seed, raw_count_scale=scale, celloracle=co.__version__)
+    check_active_regulators(oracle, links, sources[1], p_cutoff, top_n_links, (meta or {}).get("dataset"))
+    params = dict(expression=expression, n_pcs=info["n_pcs"], knn_k=info["knn_k"], knn_k_fraction=knn_k_fraction,
+                  alpha=alpha, bagging_number=bagging_number, p_cutoff=p_cutoff, top_n_links=top_n_links,
+                  embedding=embedding, seed=seed, raw_count_scale=info["scale"], celloracle=co.__version__)
     t = time.time()
     model = model_from_oracle(oracle, split, oe_sd=oe_sd, oe_iqr=oe_iqr,
                               meta=dict(meta or {}) | {"oracle": params})
     timings["convert"] = time.time() - t
-    timings["total"] = time.time() - t_all
+    timings["total"] = timings.get("total", 0.0) + time.time() - t_all
     stats = dict(
         n_cells=int(model.n_cells), n_genes=int(model.n_genes), n_clusters=int(len(model.cluster_names)),
         cells_per_cluster={str(c): int((model.cluster_ids == i).sum()) for i, c in enumerate(model.cluster_names)},
-        n_base_grn_tfs_in_data=len(tfs), base_grn_tfs_in_data=tfs, n_base_grn_targets_in_data=int(n_targets),
+        n_base_grn_tfs_in_data=len(info["tfs"]), base_grn_tfs_in_data=info["tfs"],
+        n_base_grn_targets_in_data=int(info["n_targets"]),
         n_active_regulators=int(model.n_regulators), active_regulators=model.regulators.tolist(),
         links_per_cluster={str(c): int(len(links.filtered_links[c])) for c in links.filtered_links},
         links_raw_per_cluster={str(c): int(len(links.links_dict[c])) for c in links.links_dict},
@@ -378,6 +425,60 @@ def fit_oracle(adata: Any, tf_targets: Mapping[str, Sequence[str]], split: Any, 
     note(f"[{tag}] {model.n_regulators} active regulators, {model.n_cells:,} cells, {model.n_genes:,} genes; "
          f"{timings['total']:.0f} s", enabled=progress)
     return oracle, links, model, stats
+
+
+def fit_oracle(adata: Any, tf_targets: Mapping[str, Sequence[str]], split: Any, *, expression: str = "counts",
+               n_pcs: int | None = None, knn_k_fraction: float = 0.025, alpha: float = 10,
+               bagging_number: int = 20, p_cutoff: float = 0.001, top_n_links: int = 2000,
+               embedding: str = "X_umap", oe_sd: float = 1.5, oe_iqr: float = 3.0, seed: int = 123,
+               threads: int = 1, sources: tuple[object, object] = ("expression", "base GRN"),
+               meta: Mapping[str, Any] | None = None,
+               progress: bool = True) -> tuple[Any, Any, OracleModel, dict[str, Any]]:
+    """Fit CellOracle on a filtered AnnData (contract of ``rna/filtered.h5ad``) and a TF -> targets dict, in one
+    process: :func:`prepare_oracle`, CellOracle's own ``get_links`` over all clusters, :func:`finish_oracle`.
+    (The workflow runs the same steps as separate jobs, one per cluster for the links.)
+
+    Returns ``(oracle, links, model, stats)``: the CellOracle ``Oracle`` and ``Links`` objects, the portable
+    :class:`OracleModel` and a JSON-able dict of sizes, active regulators, links per cluster and timings.
+    ``sources`` names the expression and base-GRN files in error messages. ``progress``: phase lines and
+    one line per cluster of ``get_links`` on the console (:mod:`cellrl.progress`).
+    """
+    t_all = time.time()
+    common = dict(expression=expression, knn_k_fraction=knn_k_fraction, embedding=embedding, seed=seed,
+                  sources=sources, meta=meta, progress=progress)
+    oracle, info = prepare_oracle(adata, tf_targets, n_pcs=n_pcs, threads=threads, **common)
+    n_clusters = len(info["clusters"])
+    with reproducible_celloracle():
+        t = time.time()
+        with Progress(n_clusters, f"{info['tag']}: get_links", unit="cluster", log=log, enabled=progress) as bar, \
+                cluster_progress(bar) as verbose:
+            links = oracle.get_links(cluster_name_for_GRN_unit=CLUSTER_COLUMN, alpha=alpha,
+                                     bagging_number=bagging_number, verbose_level=verbose,
+                                     n_jobs=max(1, int(threads)))
+        info["timings"]["get_links"] = time.time() - t
+    info["timings"]["total"] = time.time() - t_all
+    return finish_oracle(oracle, links, info, split, alpha=alpha, bagging_number=bagging_number,
+                         p_cutoff=p_cutoff, top_n_links=top_n_links, oe_sd=oe_sd, oe_iqr=oe_iqr, **common)
+
+
+def load_regulated_tf_targets(tf_targets_path: str | os.PathLike,
+                               regulators: str | os.PathLike | None = None) -> tuple[dict[str, list[str]], dict]:
+    """tf_targets.json, restricted to the TF list ``regulators`` (config ``oracle.regulators``) when one is set;
+    also the record of that restriction for stats.json."""
+    tf_targets = load_tf_targets(tf_targets_path)
+    reg_stats: dict[str, Any] = {"path": None}
+    if regulators:
+        listed = read_tf_list(regulators)
+        tf_targets, dropped = restrict_regulators(tf_targets, listed)
+        reg_stats = {"path": str(regulators), "n_listed": len(listed), "sha256": sha256_file(regulators),
+                     "n_base_grn_tfs_kept": len(tf_targets), "n_base_grn_tfs_dropped": len(dropped),
+                     "dropped": dropped}
+        log.info("TF list %s: %d symbols; %d base-GRN regulators kept, %d dropped (%s)", regulators, len(listed),
+                 len(tf_targets), len(dropped), ", ".join(dropped[:20]) + (" ..." if len(dropped) > 20 else ""))
+        if not tf_targets:
+            raise InputError(f"no base-GRN regulator of {tf_targets_path} is on the TF list", path=regulators,
+                             field="oracle.regulators", fix="check the list's symbols (case is ignored) or unset it")
+    return tf_targets, reg_stats
 
 
 def fit_oracle_files(adata_path: str | os.PathLike, tf_targets_path: str | os.PathLike,
@@ -396,38 +497,117 @@ def fit_oracle_files(adata_path: str | os.PathLike, tf_targets_path: str | os.Pa
     adata_path, tf_targets_path = Path(adata_path), Path(tf_targets_path)
     if not adata_path.exists():
         raise InputError("filtered expression file not found", path=adata_path, fix="run the filter rule first")
-    tf_targets = load_tf_targets(tf_targets_path)
-    reg_stats: dict[str, Any] = {"path": None}
-    if regulators:
-        listed = read_tf_list(regulators)
-        tf_targets, dropped = restrict_regulators(tf_targets, listed)
-        reg_stats = {"path": str(regulators), "n_listed": len(listed), "sha256": sha256_file(regulators),
-                     "n_base_grn_tfs_kept": len(tf_targets), "n_base_grn_tfs_dropped": len(dropped),
-                     "dropped": dropped}
-        log.info("TF list %s: %d symbols; %d base-GRN regulators kept, %d dropped (%s)", regulators, len(listed),
-                 len(tf_targets), len(dropped), ", ".join(dropped[:20]) + (" ..." if len(dropped) > 20 else ""))
-        if not tf_targets:
-            raise InputError(f"no base-GRN regulator of {tf_targets_path} is on the TF list", path=regulators,
-                             field="oracle.regulators", fix="check the list's symbols (case is ignored) or unset it")
+    tf_targets, reg_stats = load_regulated_tf_targets(tf_targets_path, regulators)
     split = read_split(split_path)
     adata = ad.read_h5ad(adata_path)
     meta = {"dataset": dataset or adata_path.parent.parent.name}
     oracle, links, model, stats = fit_oracle(adata, tf_targets, split, sources=(adata_path, tf_targets_path),
                                              meta=meta, **settings)
     stats["regulator_list"] = reg_stats
+    _save_fit(oracle, links, model, stats, oracle_path, links_path, model_path, stats_path)
+    return stats
+
+
+def _save_fit(oracle: Any, links: Any, model: OracleModel, stats: dict[str, Any], oracle_path: str | os.PathLike,
+              links_path: str | os.PathLike, model_path: str | os.PathLike, stats_path: str | os.PathLike) -> None:
+    """Write the fit's four outputs atomically (stats.json last, with ``model_sha256``); none left on error."""
     t = time.time()
-    outputs = [Path(p) for p in (oracle_path, links_path, model_path, stats_path)]
-    try:
-        with atomic_path(oracle_path) as tmp:
-            oracle.to_hdf5(str(tmp))
-        with atomic_path(links_path) as tmp:
-            links.to_hdf5(str(tmp))
-        model.save(model_path)
+
+    def stats_writer(p: Path) -> None:
         stats["model_sha256"] = sha256_file(model_path)  # checked by every stage that loads model.npz
         stats["timings_s"]["save"] = round(time.time() - t, 3)
-        write_json(stats_path, stats)
+        write_json(p, stats)
+
+    _write_outputs([(Path(oracle_path), lambda p: write_atomic(p, lambda q: oracle.to_hdf5(str(q)))),
+                    (Path(links_path), lambda p: write_atomic(p, lambda q: links.to_hdf5(str(q)))),
+                    (Path(model_path), model.save), (Path(stats_path), stats_writer)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the workflow's three jobs: prepare (checkpoint) -> links per cluster (parallel) -> gather
+# ---------------------------------------------------------------------------------------------------------------
+def cluster_slug(index: int, name: str) -> str:
+    """File-system and wildcard-safe name of cluster ``index`` (sorted order) called ``name``."""
+    return f"{index:03d}_" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("_") or "cluster")
+
+
+def _write_outputs(writers: Sequence[tuple[Path, Any]]) -> None:
+    """Write each (path, writer) atomically; on any error remove the outputs already written."""
+    try:
+        for path, writer in writers:
+            writer(path)
     except BaseException:
-        for p in outputs:
-            p.unlink(missing_ok=True)
+        for path, _ in writers:
+            Path(path).unlink(missing_ok=True)
         raise
+
+
+def prepare_oracle_files(adata_path: str | os.PathLike, tf_targets_path: str | os.PathLike, *,
+                         oracle_out: str | os.PathLike, info_out: str | os.PathLike, dataset: str | None = None,
+                         regulators: str | os.PathLike | None = None, **settings: Any) -> dict[str, Any]:
+    """Rule ``oracle_prepare``: the imputed oracle (``prepared.celloracle.oracle``) and ``clusters.json`` (the
+    clusters whose links run as separate jobs, their file names, and what the gather step needs)."""
+    import anndata as ad
+
+    adata_path = Path(adata_path)
+    if not adata_path.exists():
+        raise InputError("filtered expression file not found", path=adata_path, fix="run the filter rule first")
+    tf_targets, reg_stats = load_regulated_tf_targets(tf_targets_path, regulators)
+    adata = ad.read_h5ad(adata_path)
+    meta = {"dataset": dataset or adata_path.parent.parent.name}
+    oracle, info = prepare_oracle(adata, tf_targets, sources=(adata_path, tf_targets_path), meta=meta, **settings)
+    counts = oracle.adata.obs[CLUSTER_COLUMN].astype(str).value_counts()
+    info |= {"meta": meta, "regulator_list": reg_stats, "sources": [str(adata_path), str(tf_targets_path)],
+             "slugs": {cluster_slug(i, c): c for i, c in enumerate(info["clusters"])},
+             "cells_per_cluster": {c: int(counts[c]) for c in info["clusters"]}}
+    _write_outputs([(Path(oracle_out), lambda p: write_atomic(p, lambda t: oracle.to_hdf5(str(t)))),
+                    (Path(info_out), lambda p: write_json(p, info))])
+    return info
+
+
+def _load_prepared(oracle_path: str | os.PathLike, info_path: str | os.PathLike) -> tuple[Any, dict]:
+    import celloracle as co
+
+    for p in (oracle_path, info_path):
+        if not Path(p).exists():
+            raise InputError("prepared oracle not found", path=p, fix="run the oracle_prepare rule")
+    info = json.loads(Path(info_path).read_text())
+    return co.load_hdf5(str(oracle_path)), info
+
+
+def cluster_links_file(oracle_path: str | os.PathLike, info_path: str | os.PathLike, slug: str,
+                       out: str | os.PathLike, *, alpha: float = 10, bagging_number: int = 20, threads: int = 1,
+                       **_: Any) -> pd.DataFrame:
+    """Rule ``oracle_links``: one cluster's unfiltered CellOracle link list -> ``links/{slug}.parquet``."""
+    oracle, info = _load_prepared(oracle_path, info_path)
+    if slug not in info["slugs"]:
+        raise InputError(f"no cluster {slug!r} in {info_path} (has {sorted(info['slugs'])})", path=info_path,
+                         fix="rerun the oracle_prepare rule")
+    t = time.time()
+    df = cluster_links(oracle, info["slugs"][slug], alpha=alpha, bagging_number=bagging_number, threads=threads)
+    log.info("cluster %s: %d links from %d cells in %.1f s", info["slugs"][slug], len(df),
+             info["cells_per_cluster"][info["slugs"][slug]], time.time() - t)
+    write_table(out, df.reset_index(drop=True))
+    return df
+
+
+def gather_oracle_files(oracle_path: str | os.PathLike, info_path: str | os.PathLike,
+                        link_paths: Sequence[str | os.PathLike], split_path: str | os.PathLike, *,
+                        final_oracle_path: str | os.PathLike, links_path: str | os.PathLike,
+                        model_path: str | os.PathLike, stats_path: str | os.PathLike, **settings: Any) -> dict:
+    """Rule ``fit_oracle``: the per-cluster link lists -> CellOracle ``Links``, filter, simulation GRN, then the
+    same outputs as :func:`fit_oracle_files` (oracle, links, ``model.npz``, ``stats.json``)."""
+    oracle, info = _load_prepared(oracle_path, info_path)
+    by_slug = {Path(p).stem: p for p in link_paths}
+    missing = sorted(set(info["slugs"]) - set(by_slug))
+    if missing:
+        raise InputError(f"link lists missing for clusters {missing}", path=info_path,
+                         fix="run the oracle_links jobs (snakemake schedules them from clusters.json)")
+    lists = {info["slugs"][s]: pd.read_parquet(by_slug[s]) for s in sorted(info["slugs"])}
+    links = links_from_lists(oracle, lists, float(settings.get("alpha", 10)))
+    split = read_split(split_path)
+    _, links, model, stats = finish_oracle(oracle, links, info, split, meta=info["meta"],
+                                           sources=tuple(info["sources"]), **settings)
+    stats["regulator_list"] = info["regulator_list"]
+    _save_fit(oracle, links, model, stats, final_oracle_path, links_path, model_path, stats_path)
     return stats

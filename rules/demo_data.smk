@@ -35,3 +35,40 @@ rule demo_recipes:
         "../envs/cellrl.yaml"
     script:
         "../workflow_scripts/demo_recipes.py"
+
+
+rule synthetic_data:
+    """A further synthetic atlas (config `synthetic.<name>`, same generator and settings as the demo), offline."""
+    output:
+        counts="resources/synthetic/{atlas}/counts.h5ad",
+        tfinfo="resources/synthetic/{atlas}/base_grn_tfinfo.parquet",
+        truth="resources/synthetic/{atlas}/ground_truth.json",
+    params:
+        settings=lambda w: config["synthetic"][w.atlas],
+        code=code_version("demo_data"),
+    log:
+        "results/logs/synthetic_data_{atlas}.log",
+    benchmark:
+        "results/benchmarks/synthetic_data_{atlas}.tsv"
+    conda:
+        "../envs/cellrl.yaml"
+    script:
+        "../workflow_scripts/demo_data.py"
+
+
+rule synthetic_recipes:
+    """A synthetic atlas's known-recipe table from its planted truth (as demo_recipes)."""
+    input:
+        truth="resources/synthetic/{atlas}/ground_truth.json",
+    output:
+        "resources/synthetic/{atlas}/recipes.tsv",
+    params:
+        code=code_version("demo_recipes"),
+    log:
+        "results/logs/synthetic_recipes_{atlas}.log",
+    benchmark:
+        "results/benchmarks/synthetic_recipes_{atlas}.tsv"
+    conda:
+        "../envs/cellrl.yaml"
+    script:
+        "../workflow_scripts/demo_recipes.py"

@@ -10,11 +10,7 @@ rule evaluate:
         progress="results/{dataset}/models/{run}/progress.csv",
         bfs="results/{dataset}/benchmark/bfs.parquet",
         bfs_stats="results/{dataset}/benchmark/bfs_stats.json",
-        truth=lambda w: (
-            ["resources/demo/ground_truth.json"]
-            if str(config["datasets"][w.dataset]["rna"]["path"]).startswith("resources/demo/")
-            else []
-        ),
+        truth=truth_input,
         recipes=recipes_input,
     output:
         episodes="results/{dataset}/benchmark/{run}/episodes.parquet",

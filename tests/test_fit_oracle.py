@@ -4,6 +4,7 @@ the portable model.npz, the rule's file wrapper and its errors."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -274,3 +275,45 @@ def test_fit_oracle_files_regulator_list_without_overlap_is_an_error(tmp_path):
         fit_oracle_files(adata, tft, split, expression="counts", regulators=tfs, **outs)
     assert str(tfs) in str(e.value)
     assert not outs["model_path"].parent.exists()
+
+
+def test_per_cluster_jobs_give_the_single_job_fit(tmp_path):
+    """The workflow's three steps (oracle_prepare -> one oracle_links job per cluster -> fit_oracle gather) give
+    CellOracle get_links' own link lists for every cluster, and the same model.npz arrays and links as the
+    one-process fit_oracle_files."""
+    from cellrl.model import load_model
+    from cellrl.oracle import cluster_links_file, fit_oracle_files, gather_oracle_files, prepare_oracle_files
+
+    a, t, s = _write_inputs(tmp_path)
+    settings = {k: v for k, v in FIT_SETTINGS.items() if k != "dataset"}
+    single = _outputs(tmp_path, "single")
+    fit_oracle_files(a, t, s, dataset="tiny", **single, **settings)
+    d = tmp_path / "jobs"
+    info = prepare_oracle_files(a, t, oracle_out=d / "prepared.celloracle.oracle", info_out=d / "clusters.json",
+                                dataset="tiny", **settings)
+    assert len(info["slugs"]) == 3 and all(re.fullmatch(r"\d{3}_[A-Za-z0-9_.-]+", k) for k in info["slugs"])
+    files = [d / "links" / f"{slug}.parquet" for slug in sorted(info["slugs"], reverse=True)]  # any order
+    for f in files:
+        cluster_links_file(d / "prepared.celloracle.oracle", d / "clusters.json", f.stem, f, **settings)
+    jobs = _outputs(tmp_path, "jobs_out")
+    gather_oracle_files(d / "prepared.celloracle.oracle", d / "clusters.json", files, s,
+                        final_oracle_path=jobs["oracle_path"], **{k: v for k, v in jobs.items() if k != "oracle_path"},
+                        **settings)
+    import celloracle as co
+
+    l1, l2 = co.load_hdf5(str(single["links_path"])), co.load_hdf5(str(jobs["links_path"]))
+    assert sorted(l1.links_dict) == sorted(l2.links_dict)
+    for c in l1.links_dict:
+        pd.testing.assert_frame_equal(l1.links_dict[c].reset_index(drop=True), l2.links_dict[c].reset_index(drop=True))
+        pd.testing.assert_frame_equal(l1.filtered_links[c], l2.filtered_links[c])
+    m1, m2 = load_model(single["model_path"]), load_model(jobs["model_path"])
+    assert np.array_equal(m1.X, m2.X) and list(m1.regulators) == list(m2.regulators)
+    assert np.array_equal(m1.oe_values, m2.oe_values)
+    assert all((c1 != c2).nnz == 0 for c1, c2 in zip(m1.coefs, m2.coefs))
+    s1, s2 = (json.loads(p["stats_path"].read_text()) for p in (single, jobs))
+    assert s1["links_per_cluster"] == s2["links_per_cluster"] and s1["active_regulators"] == s2["active_regulators"]
+    with pytest.raises(InputError, match="link lists missing"):
+        gather_oracle_files(d / "prepared.celloracle.oracle", d / "clusters.json", files[:1], s,
+                            final_oracle_path=tmp_path / "x" / "o.celloracle.oracle", links_path=tmp_path / "x" / "l",
+                            model_path=tmp_path / "x" / "m.npz", stats_path=tmp_path / "x" / "s.json", **settings)
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())

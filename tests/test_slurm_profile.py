@@ -7,6 +7,8 @@ PATH; the fakes record their arguments and run each job locally. See tests/workf
 
 from __future__ import annotations
 
+import json
+
 import re
 from pathlib import Path
 
@@ -60,7 +62,10 @@ def test_profile_declares_gpu_and_memory_where_the_pipeline_needs_them():
 def test_every_planned_job_was_submitted_once_and_completed(run: TinyRun):
     sbatch = run.slurm_calls("sbatch")
     submitted = [_rule(a) for a in sbatch]
-    assert sorted(submitted) == sorted(r for r, n in run.slurm_planned.items() for _ in range(n))
+    # the dry run before cannot know the per-cluster links jobs: oracle_prepare (a checkpoint) lists the clusters
+    assert sorted(r for r in submitted if r != "oracle_links") == sorted(
+        r for r, n in run.slurm_planned.items() for _ in range(n) if r != "oracle_links")
+    assert submitted.count("oracle_links") == len(_clusters(run)) >= 2
     assert "transitions" in submitted and "fit_oracle" in submitted
     jobs = sorted((run.slurm_state / "jobs").glob("*.rc"))
     assert len(jobs) == len(sbatch) and all(f.read_text().strip() == "0" for f in jobs)
@@ -104,3 +109,29 @@ def test_jobs_ran_through_the_plugin_jobstep(run: TinyRun):
         assert "-n1" in argv and any(a.startswith("--cpus-per-task=") for a in argv)
     logs = list(Path(run.workdir, "results", "demo", "logs").glob("*.log"))
     assert {p.stem for p in logs} >= {"ingest", "filter", "fit_oracle", "transitions"}
+
+
+def _clusters(run: TinyRun) -> dict:
+    return json.loads((run.workdir / "results/demo/oracle/clusters.json").read_text())["slugs"]
+
+
+def _job_times(run: TinyRun) -> list[tuple[str, float, float]]:
+    """(rule, start, end) of every sbatch job, in submission order (fake job ids are consecutive)."""
+    jobs = run.slurm_state / "jobs"
+    ids = sorted(int(p.name.split(".")[0]) for p in jobs.glob("*.rc"))
+    return [(_rule(argv), float((jobs / f"{i}.rc.start").read_text()), float((jobs / f"{i}.rc.end").read_text()))
+            for argv, i in zip(run.slurm_calls("sbatch"), ids)]
+
+
+@pytest.mark.slow
+def test_cluster_links_jobs_run_side_by_side(run: TinyRun):
+    """GRN fitting spreads over the cluster: every cell type's get_links is its own job, all submitted at once
+    after oracle_prepare (each starts before any of them ends), and the gather starts after the last one."""
+    times = _job_times(run)
+    links = [(s, e) for r, s, e in times if r == "oracle_links"]
+    assert len(links) == len(_clusters(run))
+    assert max(s for s, _ in links) < min(e for _, e in links), links
+    prepare_end = max(e for r, _, e in times if r == "oracle_prepare")
+    gather_start = min(s for r, s, _ in times if r == "fit_oracle")
+    assert prepare_end <= min(s for s, _ in links) and gather_start >= max(e for _, e in links)
+    assert _expected("oracle_links", "mem_mb") <= _expected("oracle_prepare", "mem_mb")

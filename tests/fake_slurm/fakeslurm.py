@@ -5,6 +5,7 @@ Each command appends its argument list to ``$FAKE_SLURM_DIR/calls.jsonl`` (one J
 ``-D`` directory, as a job would, with its output in the ``--output`` file (``%j`` -> job id);
 ``sacct`` reports each job of a ``--name`` as ``<id>|RUNNING`` until it exits, then ``COMPLETED`` or
 ``FAILED`` (the ``--parsable2 --format=JobIdRaw,State`` form snakemake-executor-plugin-slurm parses);
+each job records its start and end time (``jobs/<id>.rc.start`` / ``.rc.end``, epoch seconds);
 ``srun`` drops its options and runs the command in its place; ``scancel`` kills a job's process group.
 The accounts known to ``sshare`` come from ``$FAKE_SLURM_ACCOUNTS`` (space separated).
 """
@@ -82,7 +83,8 @@ def sbatch(state: Path, argv: list[str]) -> int:
         env["SLURM_CPUS_PER_TASK"] = cpus
     with open(out_path, "w") as log:
         proc = subprocess.Popen(
-            ["bash", "-c", 'eval "$FAKE_SLURM_WRAP"; rc=$?; echo $rc > "$FAKE_SLURM_RC.tmp"; '
+            ["bash", "-c", 'date +%s.%N > "$FAKE_SLURM_RC.start"; eval "$FAKE_SLURM_WRAP"; rc=$?; '
+                           'date +%s.%N > "$FAKE_SLURM_RC.end"; echo $rc > "$FAKE_SLURM_RC.tmp"; '
                            'mv "$FAKE_SLURM_RC.tmp" "$FAKE_SLURM_RC"'],
             cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
