@@ -358,6 +358,25 @@ def planted_responses(model: Any, settings: Mapping[str, Any] | None, action_ids
     return {"ids": ids, "delta": r["delta"], "shift": r["shift"]}
 
 
+def simulated_shifts(model: Any, settings: Mapping[str, Any] | None, n_actions: int,
+                     max_values: float = 2e8, batch_values: float = 2.5e7) -> tuple[np.ndarray | None, str]:
+    """Embedding shift (A, cells, 2) of every action from the table's engine
+    (:func:`cellrl.transitions.simulate_actions`), in batches of actions whose dense expression change stays
+    under ``batch_values`` floats; (None, reason) without transition settings or above ``max_values``."""
+    if settings is None:
+        return None, "skipped (no transition settings: transitions/stats.json missing)"
+    size = n_actions * model.n_cells * model.n_genes
+    if size > max_values:
+        return None, (f"skipped (too large: {n_actions} actions x {model.n_cells} cells x {model.n_genes} genes "
+                      f"> evaluate.recipe_score_max_values = {max_values:.3g})")
+    from .transitions import simulate_actions
+
+    per = max(1, int(batch_values // max(1, model.n_cells * model.n_genes)))
+    shifts = [simulate_actions(model, dict(settings), action_ids=np.arange(a, min(a + per, n_actions)))["shift"]
+              for a in range(0, n_actions, per)]
+    return np.concatenate(shifts, 0), "computed"
+
+
 def _toward(vectors: np.ndarray, directions: np.ndarray) -> np.ndarray:
     """Per row: does ``vectors`` point towards ``directions`` (cosine > 0)? NaN where either is zero."""
     num = np.einsum("ij,ij->i", vectors, directions)
@@ -680,7 +699,7 @@ def recipe_check(recipes: pd.DataFrame, ep: pd.DataFrame, acts: pd.DataFrame, ge
     """The known-recipe benchmark of this evaluation (:func:`cellrl.recipes.recipe_benchmark`): the episodes'
     plans, the linear expression baseline and, when the data are small enough, CellOracle's perturbation score
     from the table's own simulator."""
-    from .recipes import check_recipe_types, recipe_benchmark, simulated_shifts
+    from .recipes import check_recipe_types, recipe_benchmark
 
     recipes = check_recipe_types(recipes, geometry.type_names, source)
     gidx = {str(g): j for j, g in enumerate(np.asarray(model.gene_names).astype(str))}

@@ -211,25 +211,6 @@ def perturbation_scores(shift: np.ndarray, embedding: np.ndarray, type_ids: np.n
     return (shift[:, cells] @ (d / norm)).mean(1)
 
 
-def simulated_shifts(model: Any, settings: Mapping[str, Any] | None, n_actions: int,
-                     max_values: float = 2e8, batch_values: float = 2.5e7) -> tuple[np.ndarray | None, str]:
-    """Embedding shift (A, cells, 2) of every action from the table's engine
-    (:func:`cellrl.transitions.simulate_actions`), in batches of actions whose dense expression change stays
-    under ``batch_values`` floats; (None, reason) without transition settings or above ``max_values``."""
-    if settings is None:
-        return None, "skipped (no transition settings: transitions/stats.json missing)"
-    size = n_actions * model.n_cells * model.n_genes
-    if size > max_values:
-        return None, (f"skipped (too large: {n_actions} actions x {model.n_cells} cells x {model.n_genes} genes "
-                      f"> evaluate.recipe_score_max_values = {max_values:.3g})")
-    from .transitions import simulate_actions
-
-    per = max(1, int(batch_values // max(1, model.n_cells * model.n_genes)))
-    shifts = [simulate_actions(model, dict(settings), action_ids=np.arange(a, min(a + per, n_actions)))["shift"]
-              for a in range(0, n_actions, per)]
-    return np.concatenate(shifts, 0), "computed"
-
-
 # ---------------------------------------------------------------------------------------------- benchmark
 def recipe_benchmark(recipes: pd.DataFrame, episodes: pd.DataFrame, actions: pd.DataFrame, geometry: Any,
                      regulator_genes: np.ndarray, shift: np.ndarray | None = None, embedding: np.ndarray | None = None,
