@@ -767,9 +767,10 @@ def test_transitions_rule_records_what_consumers_check(tmp_path, small_model):
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_kill_9_mid_fit_oracle_then_plain_rerun():
-    """kill -9 of `--forcerun fit_oracle` mid-fit (Snakemake deleted the oracle outputs first): nothing
-    half-written looks finished; after `--unlock` a plain rerun rebuilds the oracle (the default target lists it,
-    though the report downstream is still up to date), the same model bytes, and leaves nothing to do."""
+    """kill -9 of `--forcerun oracle_links` (CellOracle's get_links, one job per cell type) while a cluster's job
+    runs: its output is absent (Snakemake deleted it first; outputs are renamed into place only when complete) and
+    the oracle downstream is untouched; after `--unlock` the same command again, then a plain rerun, give the same
+    model bytes, no temporary leftovers, and nothing left to do."""
     import os
     import signal
     import subprocess
@@ -779,28 +780,32 @@ def test_kill_9_mid_fit_oracle_then_plain_rerun():
     from workflow_copy import planned_jobs, snakemake, tiny_run
 
     run = tiny_run()  # the tiny demo run tests/test_workflow.py also uses (built once per session)
-
     oracle = run.workdir / "results/demo/oracle"
     before = json.loads((oracle / "stats.json").read_text())["model_sha256"]
-    log = run.workdir / "results/demo/logs/fit_oracle.log"
+    slugs = sorted(json.loads((oracle / "clusters.json").read_text())["slugs"])
+    links = [oracle / "links" / f"{s}.parquet" for s in slugs]
     t_start = time.time()
-    out = run.workdir / "killed_fit_oracle.out"
-    proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--forcerun", "fit_oracle", "--cores", "1",
+    out = run.workdir / "killed_oracle_links.out"
+    proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--forcerun", "oracle_links", "--cores", "1",
                              "results/demo/oracle/model.npz"], cwd=run.workdir, start_new_session=True,
                             stdout=out.open("w"), stderr=subprocess.STDOUT)
+
+    def mid_job() -> bool:  # one cluster done, another one's output deleted: its job is running
+        done = [f for f in links if f.exists() and f.stat().st_mtime > t_start]
+        return bool(done) and any(not f.exists() for f in links)
+
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (
-            log.exists() and log.stat().st_mtime > t_start and not (oracle / "model.npz").exists()
-            and "get_links" in log.read_text()):
-        time.sleep(0.05)
+    while time.time() < deadline and proc.poll() is None and not mid_job():
+        time.sleep(0.02)
     assert proc.poll() is None, f"snakemake ended before the kill:\n{out.read_text()[-3000:]}"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (oracle / "model.npz").exists(), "fit_oracle finished (or never started) before the kill"
-    assert not (oracle / "stats.json").exists()
+    assert any(not f.exists() for f in links), "the killed cluster's links look finished"
+    assert json.loads((oracle / "stats.json").read_text())["model_sha256"] == before  # nothing downstream lost
     snakemake(run.workdir, "--unlock")
-    assert "fit_oracle" in planned_jobs(run.workdir)
+    snakemake(run.workdir, "--forcerun", "oracle_links", "--cores", "2", "results/demo/oracle/model.npz")  # again
     snakemake(run.workdir, "--cores", "2")
+    assert all(f.exists() for f in links)
     assert json.loads((oracle / "stats.json").read_text())["model_sha256"] == before
-    assert not [p.name for p in oracle.iterdir() if ".tmp" in p.name]
+    assert not [p.name for d in (oracle, oracle / "links") for p in d.iterdir() if ".tmp" in p.name]
     assert planned_jobs(run.workdir) == {}
