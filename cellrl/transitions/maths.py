@@ -1,0 +1,238 @@
+"""CellOracle's maths, vectorised over actions: perturbation input, GRN propagation (packed per cluster), unit
+responses and the linear part of the correlation (:class:`ClusterLinear`), unit vectors of the embedding shift.
+See the package docstring for the derivation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..model import OracleModel
+from .settings import Actions
+
+
+def embedding_float32(model: OracleModel) -> bool:
+    """Whether CellOracle saw a float32 embedding (it then computes the unit vectors in float32).
+
+    Read from ``model.meta["embedding_dtype"]`` (or ``meta["oracle"]["embedding_dtype"]``); float64 when absent,
+    which is what cellrl.oracle.fit_oracle hands CellOracle. A wrong guess moves the shift by ~1e-7 only.
+    """
+    meta = model.meta or {}
+    dt = meta.get("embedding_dtype") or (meta.get("oracle") or {}).get("embedding_dtype")
+    return bool(dt) and np.dtype(dt) == np.float32
+
+
+def unit_vectors(xp: ModuleType, embedding: Any, nbr: Any, float32: bool) -> tuple[Any, Any]:
+    """``u[i, m]`` = unit vector from E_i to E_nbr[i, m] (0 where they coincide) and ``ubar[i]`` = mean_m u.
+
+    ``float32``: do the arithmetic in float32 like CellOracle does when ``obsm`` holds float32.
+    Shapes: (n, k, 2) float64 and (n, 2) float64.
+    """
+    dt = xp.float32 if float32 else xp.float64
+    E = embedding.astype(dt)
+    dE = E[nbr] - E[:, None, :]
+    norm = xp.sqrt(dE[..., 0] * dE[..., 0] + dE[..., 1] * dE[..., 1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = dE / norm[..., None]
+    u = xp.where(norm[..., None] > 0, u, xp.zeros_like(u)).astype(xp.float64)
+    ubar = u.sum(axis=1) / u.shape[1]
+    return u, ubar
+
+
+# ------------------------------------------------------------------------------------------------ propagation
+def reachable(W: sp.csr_matrix, start: int, hops: int) -> np.ndarray:
+    """Genes whose simulated delta can be non-zero: ``start`` and all targets within ``hops`` steps of ``W``."""
+    seen = np.zeros(W.shape[0], dtype=bool)
+    seen[start] = True
+    frontier = np.array([start])
+    for _ in range(hops):
+        if frontier.size == 0:
+            break
+        tg = np.unique(np.concatenate([W.indices[W.indptr[r]:W.indptr[r + 1]] for r in frontier]))
+        new = tg[~seen[tg]]
+        seen[new] = True
+        frontier = new
+    return np.flatnonzero(seen)
+
+
+@dataclass
+class ClusterPlan:
+    """Propagation data of one cluster in a *packed* layout: action ``a`` owns rows ``offsets[a]:offsets[a+1]``,
+    one per gene its delta can reach (``S_a``); ``T = sum_a |S_a|`` rows in all (vs ``|U| x A`` dense).
+
+    ``genes`` is ``U`` (union of the ``S_a``, ascending); ``gene_pos[t]`` the position in ``U`` of row ``t``;
+    ``B`` the block-diagonal ``T x T`` matrix with blocks ``W[S_a, S_a].T`` (so ``B @ d`` is ``d @ W`` for every
+    action at once, gene-major); ``seg`` the ``A x T`` 0/1 matrix that sums each action's rows.
+    """
+
+    genes: np.ndarray  # (|U|,) gene indices
+    gene_pos: Any  # (T,) position in U of each packed row (backend)
+    act_of: Any  # (T,) action of each packed row (backend)
+    pin: Any  # (A,) packed row of each action's perturbed gene (backend)
+    row_start: Any  # (A,) first packed row of each action (backend)
+    B: Any  # CSR (T, T), backend
+    seg: Any  # CSR (A, T), backend
+    n_rows: int  # T
+    nnz: int
+
+
+def reachable_sets(W: sp.csr_matrix, starts: np.ndarray, hops: int) -> sp.csc_matrix:
+    """Boolean (genes x len(starts)) sparse matrix: column j = :func:`reachable` from ``starts[j]``."""
+    G = W.shape[0]
+    A = (sp.csr_matrix(W) != 0).astype(np.int8).T.tocsr()  # target x regulator
+    F = sp.csc_matrix((np.ones(len(starts), dtype=np.int8), (starts, np.arange(len(starts)))),
+                      shape=(G, len(starts)))
+    R = F.copy()
+    for _ in range(hops):
+        F = (A @ F).astype(bool).astype(np.int8)
+        R = ((R + F) > 0).astype(np.int8)
+    R.sort_indices()
+    return R.tocsc()
+
+
+def plan_cluster(xp: ModuleType, W: sp.csr_matrix, actions: Actions, hops: int, all_genes: bool) -> ClusterPlan:
+    """Reachable sets of the actions' genes in cluster matrix ``W`` (every gene when ``all_genes``)."""
+    W = sp.csr_matrix(W)
+    G = W.shape[0]
+    A = len(actions)
+    if all_genes:
+        sets = [np.arange(G)] * A
+    else:
+        R = reachable_sets(W, np.asarray(actions.gene_idx, dtype=np.int64), hops)
+        sets = [R.indices[R.indptr[a]:R.indptr[a + 1]].astype(np.int64) for a in range(A)]
+    U = np.unique(np.concatenate(sets)) if A else np.zeros(0, dtype=np.int64)
+    sizes_a = np.array([S.size for S in sets], dtype=np.int64)
+    row_start = np.concatenate([[0], np.cumsum(sizes_a)[:-1]]).astype(np.int64)
+    T = int(sizes_a.sum())
+    pos = np.concatenate([np.searchsorted(U, S) for S in sets]) if A else np.zeros(0, dtype=np.int64)
+    pins = row_start + np.array([np.searchsorted(S, g) for S, g in zip(sets, actions.gene_idx)], dtype=np.int64)
+    # B: block a = W[S_a, S_a].T in packed rows; from the edge list (regulator r -> target t, weight w)
+    coo = W.tocoo()
+    er, et, ew = coo.row, coo.col, coo.data
+    rows, cols, vals = [], [], []
+    local = np.full(G, -1, dtype=np.int64)
+    for a, S in enumerate(sets):
+        local[S] = np.arange(S.size)
+        keep = (local[er] >= 0) & (local[et] >= 0)
+        rows.append(row_start[a] + local[et[keep]])
+        cols.append(row_start[a] + local[er[keep]])
+        vals.append(ew[keep])
+        local[S] = -1
+    B = sp.csr_matrix((np.concatenate(vals) if vals else np.zeros(0),
+                       (np.concatenate(rows) if rows else np.zeros(0, int),
+                        np.concatenate(cols) if cols else np.zeros(0, int))), shape=(T, T))
+    act_of = np.repeat(np.arange(A), sizes_a)
+    seg = sp.csr_matrix((np.ones(T), (act_of, np.arange(T))), shape=(A, T))
+    return ClusterPlan(genes=U, gene_pos=xp.asarray(pos), act_of=xp.asarray(act_of), pin=xp.asarray(pins),
+                       row_start=xp.asarray(row_start), B=_sparse_to(xp, B), seg=_sparse_to(xp, seg), n_rows=T,
+                       nnz=int(B.nnz))
+
+
+def _sparse_module(xp: ModuleType) -> ModuleType:
+    if xp is np:
+        return sp
+    import cupyx.scipy.sparse as csp  # type: ignore
+
+    return csp
+
+
+def _sparse_to(xp: ModuleType, m: sp.csr_matrix) -> Any:
+    return m if xp is np else _sparse_module(xp).csr_matrix(m)
+
+
+def packed_expression(xp: ModuleType, XU: Any, plan: ClusterPlan) -> Any:
+    """(T, n): the chunk's expression of each packed row's gene (``XU`` is (n, |U|))."""
+    return xp.take(xp.ascontiguousarray(XU.T), plan.gene_pos, axis=0)
+
+
+def perturbation_input(XT: Any, plan: ClusterPlan, values: Any) -> Any:
+    """(A, n): CellOracle's ``delta_input`` on each action's gene, ``value - X_ig`` (``XT`` packed expression)."""
+    return values[:, None] - XT[plan.pin]
+
+
+def propagate(xp: ModuleType, XU: Any, plan: ClusterPlan, values: Any, hops: int, XT: Any = None) -> Any:
+    """Simulated delta of a chunk for all actions, packed gene-major: (T, n) (see :class:`ClusterPlan`).
+
+    ``XU`` is (n, |U|) (the chunk's imputed expression on U), ``values`` (A,) the perturbation values; ``XT``
+    its :func:`packed_expression` if already at hand. Follows ``_do_simulation`` step by step (same float
+    operations except the order inside ``d @ W``).
+    """
+    if XT is None:
+        XT = packed_expression(xp, XU, plan)
+    d_in = perturbation_input(XT, plan, values)  # (A, n): simulation_input - gem on the perturbed gene
+    pinned = d_in != 0
+    d = xp.zeros_like(XT)
+    d[plan.pin] = d_in
+    for _ in range(hops):
+        d = plan.B @ d  # delta_simulated.dot(coef_matrix), every action at once
+        d[plan.pin] = xp.where(pinned, d_in, d[plan.pin])  # delta_simulated[delta_input != 0] = delta_input
+        d += XT  # gem_tmp = gem + delta
+        xp.maximum(d, 0.0, out=d)  # gem_tmp[gem_tmp < 0] = 0 (same result, -0.0 and NaN included)
+        d -= XT  # delta = gem_tmp - gem
+    d += XT  # simulated_count = gem + delta
+    d -= XT  # delta_X = simulated_count - imputed_count
+    return d
+
+
+EXACT_BELOW = 1e-6  # |D|^2 / (|X_i|^2 + |X_j|^2) under which D is formed explicitly (cancellation guard)
+TINY_INPUT = 1e-6  # |c_ia| |r_a| / |X_i| under which a (cell, action) pair is handled exactly (no linear part)
+ROUNDING_TOL = 64 * float(np.finfo(np.float64).eps)  # |d - c r| beyond this x (|X| + |d|) is a clipping effect
+SPARSE_Q_BELOW = 0.02  # packed rows / (A x |U|) under which Q = X_U R^T is a sparse product
+GRAM_BLOCK = 64  # cells per Gram block (cells x union of their neighbours)
+CORRECTION_BATCH = 1 << 16  # clipping-correction entries gathered at once (x k neighbours)
+
+
+def unit_response(xp: ModuleType, plan: ClusterPlan, hops: int) -> Any:
+    """(T,) packed propagation of a unit input on each action's gene, without clipping: ``r = e_g``; ``hops``
+    times ``r = r @ W; r[g] = 1``. Propagation is linear until ``max(X + d, 0)`` clips, so for every (cell,
+    action) that does not clip ``delta = c r`` with ``c = value - X_ig`` (CellOracle's ``delta_input``)."""
+    r = xp.zeros(plan.n_rows)
+    r[plan.pin] = 1.0
+    for _ in range(hops):
+        r = plan.B @ r
+        r[plan.pin] = 1.0
+    return r
+
+
+@dataclass
+class ClusterLinear:
+    """A cluster's unit responses ``r`` (T,), their norms per action (A,), and ``Q`` (N, A): ``Q[j, a] = sum_{t
+    in rows of a} r_t X[j, gene_t]`` for *every* cell ``j`` -- so the correlation numerator of any cell of the
+    cluster with any neighbour is ``c_ia (Q[j, a] - Q[i, a])`` plus clipping corrections."""
+
+    r: Any
+    r_norm: Any
+    Q: Any
+
+
+def cluster_linear(xp: ModuleType, X: Any, plan: ClusterPlan, n_actions: int, hops: int,
+                   block: int = 8192) -> ClusterLinear:
+    """:class:`ClusterLinear` of one cluster; ``Q`` in row blocks of ``block`` cells (dense BLAS product, or a
+    sparse one when each action reaches few of the genes in ``U``)."""
+    r = unit_response(xp, plan, hops)
+    nU = int(plan.genes.size)
+    r_norm = xp.sqrt(plan.seg @ (r * r))
+    U = xp.asarray(plan.genes)
+    N = X.shape[0]
+    Q = xp.empty((N, n_actions))
+    sparse = plan.n_rows < SPARSE_Q_BELOW * n_actions * nU
+    if sparse:
+        R = _sparse_module(xp).csr_matrix((r, (plan.act_of, plan.gene_pos)), shape=(n_actions, nU))
+    else:
+        R = xp.zeros((n_actions, nU))
+        R[plan.act_of, plan.gene_pos] = r
+    for s in range(0, N, block):
+        XU = xp.take(X[s:s + block], U, axis=1)
+        Q[s:s + block] = (R @ XU.T).T if sparse else XU @ R.T
+    return ClusterLinear(r=r, r_norm=r_norm, Q=Q)
+
+
+def unpack(xp: ModuleType, d: Any, plan: ClusterPlan, n_actions: int) -> Any:
+    """Packed (T, n) delta -> dense (n, A, |U|), zeros off each action's reachable set."""
+    out = xp.zeros((d.shape[1], n_actions, plan.genes.size), dtype=d.dtype)
+    out[:, plan.act_of, plan.gene_pos] = d.T
+    return out
