@@ -69,9 +69,10 @@ from .neighbors import knn_like_sklearn, sample_neighbors, weighted_choice_rows
 from .runner import (ChunkResult, Context, bytes_per_cell, celloracle_dense_bytes, choose_chunk_cells, chunk_plan,
                      chunk_workers, compute_table, log, model_fingerprint, nearest_cells, prepare, run_chunk,
                      select_backend, simulate_actions, spatial_order, transitions_files)
-from .settings import ACTION_KINDS, Actions, TransitionSettings, build_actions
+from . import next_cell
+from .settings import ACTION_KINDS, NEXT_CELL_MODELS, Actions, TransitionSettings, build_actions
 
-_ENGINE = (settings, maths, neighbors, runner)
+_ENGINE = (settings, maths, neighbors, next_cell, runner)
 
 
 class _Package(ModuleType):

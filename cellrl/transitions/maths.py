@@ -202,17 +202,20 @@ def unit_response(xp: ModuleType, plan: ClusterPlan, hops: int) -> Any:
 class ClusterLinear:
     """A cluster's unit responses ``r`` (T,), their norms per action (A,), and ``Q`` (N, A): ``Q[j, a] = sum_{t
     in rows of a} r_t X[j, gene_t]`` for *every* cell ``j`` -- so the correlation numerator of any cell of the
-    cluster with any neighbour is ``c_ia (Q[j, a] - Q[i, a])`` plus clipping corrections."""
+    cluster with any neighbour is ``c_ia (Q[j, a] - Q[i, a])`` plus clipping corrections. ``RL`` (A, d): the unit
+    responses projected on PCA loadings ``L`` (G, d), so a delta's PCA displacement is ``c_ia RL[a]`` plus the
+    projected clipping corrections (None unless a next-cell model needs it)."""
 
     r: Any
     r_norm: Any
     Q: Any
+    RL: Any = None
 
 
 def cluster_linear(xp: ModuleType, X: Any, plan: ClusterPlan, n_actions: int, hops: int,
-                   block: int = 8192) -> ClusterLinear:
+                   block: int = 8192, loadings: Any = None) -> ClusterLinear:
     """:class:`ClusterLinear` of one cluster; ``Q`` in row blocks of ``block`` cells (dense BLAS product, or a
-    sparse one when each action reaches few of the genes in ``U``)."""
+    sparse one when each action reaches few of the genes in ``U``); ``RL`` when ``loadings`` (G, d) are given."""
     r = unit_response(xp, plan, hops)
     nU = int(plan.genes.size)
     r_norm = xp.sqrt(plan.seg @ (r * r))
@@ -228,7 +231,8 @@ def cluster_linear(xp: ModuleType, X: Any, plan: ClusterPlan, n_actions: int, ho
     for s in range(0, N, block):
         XU = xp.take(X[s:s + block], U, axis=1)
         Q[s:s + block] = (R @ XU.T).T if sparse else XU @ R.T
-    return ClusterLinear(r=r, r_norm=r_norm, Q=Q)
+    RL = None if loadings is None else xp.asarray(R @ xp.take(loadings, U, axis=0))
+    return ClusterLinear(r=r, r_norm=r_norm, Q=Q, RL=RL)
 
 
 def unpack(xp: ModuleType, d: Any, plan: ClusterPlan, n_actions: int) -> Any:

@@ -28,6 +28,7 @@ from ..xp import blas_threads, cupy_available, get_xp, to_numpy
 from .maths import (CORRECTION_BATCH, EXACT_BELOW, GRAM_BLOCK, ROUNDING_TOL, TINY_INPUT, ClusterLinear, ClusterPlan,
                     _sparse_module, cluster_linear, embedding_float32, packed_expression, perturbation_input,
                     plan_cluster, propagate, unit_vectors, unpack)
+from . import next_cell as nc
 from .neighbors import sample_neighbors
 from .settings import Actions, TransitionSettings, build_actions
 
@@ -53,6 +54,11 @@ class Context:
     plans: list[ClusterPlan]
     tree: Any  # scipy cKDTree on E (CPU)
     n_genes: int
+    pca: nc.PcaSpace | None = None  # PCA space of X (next-cell models other than celloracle), numpy
+    scores: Any = None  # (N, d) pca.scores on the backend
+    loadings: Any = None  # (G, d)
+    candidates: Any = None  # (N, K)
+    half_gap: Any = None  # (N,)
     _lin_cache: dict = dataclasses.field(default_factory=dict)
     _lin_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     lin_cache_size: int = 1
@@ -64,7 +70,7 @@ class Context:
             hit = self._lin_cache.pop(cluster, None)
             if hit is None:
                 hit = cluster_linear(self.xp, self.X, self.plans[cluster], len(self.actions),
-                                     self.settings.n_propagation)
+                                     self.settings.n_propagation, loadings=self.loadings)
             while len(self._lin_cache) >= max(1, self.lin_cache_size):
                 self._lin_cache.pop(next(iter(self._lin_cache)))
             self._lin_cache[cluster] = hit  # most recent last
@@ -91,9 +97,15 @@ def prepare(model: OracleModel, settings: TransitionSettings, xp: ModuleType,
     nbr_x = xp.asarray(nbr)
     u, ubar = unit_vectors(xp, Ex, nbr_x, embedding_float32(model))
     Xx = xp.asarray(X)
+    pca = None
+    if settings.next_cell != "celloracle":
+        pca = nc.pca_space(X, nc.n_pcs_of(settings.n_pcs, model.meta), settings.n_neighbors)
+    on = (lambda a: None if pca is None else xp.asarray(a))
     return Context(xp=xp, settings=settings, actions=acts, X=Xx, rowsum=Xx.sum(axis=1),
                    sqsum=xp.einsum("ng,ng->n", Xx, Xx), E=Ex, nbr=nbr_x, u=u, ubar=ubar,
-                   values=xp.asarray(acts.values), plans=plans, tree=cKDTree(E), n_genes=X.shape[1])
+                   values=xp.asarray(acts.values), plans=plans, tree=cKDTree(E), n_genes=X.shape[1], pca=pca,
+                   scores=on(pca and pca.scores), loadings=on(pca and pca.loadings),
+                   candidates=on(pca and pca.candidates), half_gap=on(pca and pca.half_gap))
 
 
 @dataclass
@@ -134,8 +146,10 @@ def run_chunk(ctx: Context, cells: np.ndarray, cluster: int, keep_delta: bool = 
     keep |= tiny[plan.act_of] & (d != 0)
     kt, ki = xp.nonzero(keep)
 
-    # 3. numerator sum_S d (X_j - X_i) = c (Q_j - Q_i) + sum_{kept} e (X_j,g - X_i,g)
+    # 3. numerator sum_S d (X_j - X_i) = c (Q_j - Q_i) + sum_{kept} e (X_j,g - X_i,g); for the next-cell models
+    #    that need it, the PCA displacement s = d L = c RL + sum_{kept} e L_g the same way
     num = c.T[:, :, None] * (xp.take(lin.Q, nbr, axis=0).transpose(0, 2, 1) - lin.Q[ci][:, :, None])  # (n, A, k)
+    disp = None if lin.RL is None else c.T[:, :, None] * lin.RL[None]  # (n, A, d)
     for b0 in range(0, int(kt.shape[0]), CORRECTION_BATCH):  # batches bound the (entries, k) gather
         bt, bi = kt[b0:b0 + CORRECTION_BATCH], ki[b0:b0 + CORRECTION_BATCH]
         g = genes_x[plan.gene_pos[bt]]  # gene of each kept entry
@@ -143,6 +157,8 @@ def run_chunk(ctx: Context, cells: np.ndarray, cluster: int, keep_delta: bool = 
         S = _sparse_module(xp).csr_matrix((e[bt, bi], (bi * A + plan.act_of[bt], xp.arange(bt.shape[0]))),
                                           shape=(n * A, int(bt.shape[0])))
         num += (S @ Dg).reshape(n, A, k)
+        if disp is not None:
+            disp += (S @ ctx.loadings[g]).reshape(n, A, -1)
 
     # 4. neighbour displacement statistics over all G genes (action-independent): sum_g D = rowsum_j - rowsum_i,
     #    sum_g D^2 = |X_j|^2 + |X_i|^2 - 2 X_i.X_j with X_i.X_j from one Gram product per block of cells against
@@ -187,13 +203,19 @@ def run_chunk(ctx: Context, cells: np.ndarray, cluster: int, keep_delta: bool = 
     P = w / w.sum(axis=2, keepdims=True)
     shift = xp.matmul(P, ctx.u[ci]) - ctx.ubar[ci][:, None, :]  # (n, A, 2)
 
-    # 7. nearest cell to the shifted point (CPU KD-tree; NaN shift = no move)
-    target = to_numpy(ctx.E[ci][:, None, :] + shift).reshape(-1, 2)
-    ok = np.isfinite(target).all(axis=1)
-    nxt = np.repeat(np.asarray(cells), len(ctx.actions)).astype(np.int64)
-    if ok.any():
-        _, idx = ctx.tree.query(target[ok], k=1, workers=-1 if ok.sum() > 50_000 else 1)
-        nxt[ok] = idx
+    # 7. next cell (cellrl.transitions.next_cell)
+    model = ctx.settings.next_cell
+    if model == "pca":
+        nxt = to_numpy(nc.pca_nearest(xp, disp, ctx.scores, ci, ctx.candidates[ci]))
+    elif model == "prob_max":
+        nxt = to_numpy(nc.prob_max(xp, P, disp, ci, nbr, ctx.half_gap[ci]))
+    else:  # celloracle: nearest cell to the shifted point (CPU KD-tree; NaN shift = no move)
+        target = to_numpy(ctx.E[ci][:, None, :] + shift).reshape(-1, 2)
+        ok = np.isfinite(target).all(axis=1)
+        nxt = np.repeat(np.asarray(cells), len(ctx.actions)).astype(np.int64)
+        if ok.any():
+            _, idx = ctx.tree.query(target[ok], k=1, workers=-1 if ok.sum() > 50_000 else 1)
+            nxt[ok] = idx
     return ChunkResult(next_cell=nxt.reshape(len(cells), -1).astype(np.int32), shift=shift,
                        delta=delta if keep_delta else None,
                        n_clipped=int(xp.unique(ki * A + plan.act_of[kt]).shape[0]))
@@ -387,6 +409,8 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
     k = int(ctx.nbr.shape[1])
     max_u = max(int(p.genes.size) for p in ctx.plans)
     per_cell = max(bytes_per_cell(G, int(p.genes.size), A, k, p.n_rows) for p in ctx.plans)
+    if ctx.pca is not None:
+        per_cell += nc.bytes_per_cell(settings.next_cell, A, ctx.pca.candidates.shape[1], ctx.pca.scores.shape[1])
     backend_name = "cupy" if xp is not np else "numpy"
     key_src, key = "{}", ""
     cdir, stored = None, None
@@ -474,6 +498,8 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
     self_frac = (table == np.arange(N, dtype=np.int32)[:, None]).mean(axis=0)
     stats = {
         "n_cells": N, "n_genes": G, "n_actions": A, "n_neighbors_sampled": k,
+        "next_cell": settings.next_cell,
+        "pca_components": None if ctx.pca is None else int(ctx.pca.scores.shape[1]),
         "settings": dataclasses.asdict(settings),
         "backend": backend_name, "backend_reason": why,
         "chunk_cells": chunk, "chunk_cells_reason": chunk_why, "n_chunks": len(chunks), "chunks_reused": reused,

@@ -14,6 +14,7 @@ from ..model import OracleModel
 
 
 ACTION_KINDS = ("ko", "oe", "both")
+NEXT_CELL_MODELS = ("celloracle", "pca", "prob_max")  # see cellrl.transitions.next_cell
 
 
 # --------------------------------------------------------------------------------------------------- settings
@@ -30,6 +31,8 @@ class TransitionSettings:
     backend: str = "auto"
     chunk_cells: int | None = None
     actions: str = "both"
+    next_cell: str = "celloracle"
+    n_pcs: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "TransitionSettings":
@@ -55,13 +58,17 @@ class TransitionSettings:
             raise ConfigError(f"transitions.actions must be one of {ACTION_KINDS}, got {self.actions!r}")
         if self.backend not in ("auto", "numpy", "cupy"):
             raise ConfigError(f"transitions.backend must be auto, numpy or cupy, got {self.backend!r}")
+        if self.next_cell not in NEXT_CELL_MODELS:
+            raise ConfigError(f"transitions.next_cell must be one of {NEXT_CELL_MODELS}, got {self.next_cell!r}")
+        if self.n_pcs is not None and self.n_pcs < 1:
+            raise ConfigError("transitions.n_pcs must be >= 1 or null")
         if self.chunk_cells is not None and self.chunk_cells < 1:
             raise ConfigError("transitions.chunk_cells must be >= 1 or null")
 
     def result_keys(self) -> dict[str, Any]:
         """Settings that change the table (backend and chunking do not change the maths)."""
         return {k: getattr(self, k) for k in ("n_propagation", "n_neighbors", "sampled_fraction", "sigma_corr",
-                                               "knn_random", "seed", "actions")}
+                                               "knn_random", "seed", "actions", "next_cell", "n_pcs")}
 
 
 # ---------------------------------------------------------------------------------------------------- actions
