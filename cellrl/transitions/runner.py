@@ -59,6 +59,7 @@ class Context:
     loadings: Any = None  # (G, d)
     candidates: Any = None  # (N, K)
     half_gap: Any = None  # (N,)
+    radius: Any = None  # (N,)
     _lin_cache: dict = dataclasses.field(default_factory=dict)
     _lin_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     lin_cache_size: int = 1
@@ -105,7 +106,8 @@ def prepare(model: OracleModel, settings: TransitionSettings, xp: ModuleType,
                    sqsum=xp.einsum("ng,ng->n", Xx, Xx), E=Ex, nbr=nbr_x, u=u, ubar=ubar,
                    values=xp.asarray(acts.values), plans=plans, tree=cKDTree(E), n_genes=X.shape[1], pca=pca,
                    scores=on(pca and pca.scores), loadings=on(pca and pca.loadings),
-                   candidates=on(pca and pca.candidates), half_gap=on(pca and pca.half_gap))
+                   candidates=on(pca and pca.candidates), half_gap=on(pca and pca.half_gap),
+                   radius=on(pca and pca.radius))
 
 
 @dataclass
@@ -206,7 +208,9 @@ def run_chunk(ctx: Context, cells: np.ndarray, cluster: int, keep_delta: bool = 
     # 7. next cell (cellrl.transitions.next_cell)
     model = ctx.settings.next_cell
     if model == "pca":
-        nxt = to_numpy(nc.pca_nearest(xp, disp, ctx.scores, ci, ctx.candidates[ci]))
+        nxt = nc.pca_nearest(xp, disp, ctx.scores, ci, ctx.candidates[ci], ctx.radius[ci], ctx.pca.tree)
+    elif model == "pca_direction":
+        nxt = to_numpy(nc.pca_direction(xp, disp, ctx.scores, ci, ctx.candidates[ci], ctx.half_gap[ci]))
     elif model == "prob_max":
         nxt = to_numpy(nc.prob_max(xp, P, disp, ci, nbr, ctx.half_gap[ci]))
     else:  # celloracle: nearest cell to the shifted point (CPU KD-tree; NaN shift = no move)

@@ -14,7 +14,7 @@ from ..model import OracleModel
 
 
 ACTION_KINDS = ("ko", "oe", "both")
-NEXT_CELL_MODELS = ("celloracle", "pca", "prob_max")  # see cellrl.transitions.next_cell
+NEXT_CELL_MODELS = ("celloracle", "pca", "pca_direction", "prob_max")  # see cellrl.transitions.next_cell
 
 
 # --------------------------------------------------------------------------------------------------- settings
