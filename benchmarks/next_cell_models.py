@@ -9,6 +9,7 @@ share of test cells that reach the target type) and the self-transition fraction
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/next_cell_models.py [--dataset demo] [--models celloracle,pca]
         [--configfile config/examples/mesc.yaml] [--threads 2]
+        [--pipeline-summary results/demo/benchmark/default/summary.json]
 
 Needs results/{dataset}/oracle/model.npz (the pipeline's fit_oracle output). Writes the dataset's entry of
 benchmarks/results/next_cell_models.json (other datasets' entries are kept).
@@ -94,6 +95,9 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(NEXT_CELL_MODELS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(HERE / "results" / "next_cell_models.json"))
+    ap.add_argument("--pipeline-summary", default=None,
+                    help="the evaluate rule's summary.json of a pipeline run with the configured next_cell (trained "
+                         "agent): its agent numbers are recorded next to that model")
     a = ap.parse_args()
     os.chdir(ROOT)
     extra = None
@@ -118,6 +122,15 @@ def main() -> None:
               + (f"BFS agreement {r['bfs_agreement']:.3f} planted rank {r['mean_planted_rank']:.3f} "
                  if "bfs_agreement" in r else "")
               + f"({time.perf_counter() - t0:.1f} s)", flush=True)
+    if a.pipeline_summary:
+        ps = json.loads(Path(a.pipeline_summary).read_text())
+        gt = ps.get("ground_truth", {})
+        default = dcfg["transitions"].get("next_cell", "celloracle")
+        if default in rows:
+            rows[default]["pipeline"] = {
+                "summary": a.pipeline_summary, "agent_success": ps["policies"].get("agent", {}).get("success"),
+                "length_ratio_agent_bfs": ps.get("length_ratio_agent_bfs"),
+                **{k: gt.get(k) for k in ("agent_agreement", "agent_pairs_agree", "bfs_agreement", "mean_planted_rank")}}
     out = Path(a.out)
     record = json.loads(out.read_text()) if out.exists() else {}
     record[a.dataset] = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu_model": cpu_model(),

@@ -1,4 +1,5 @@
-"""Transition table (package ``cellrl.transitions``): for every cell and every action (knock out / overexpress one active regulator), the next cell.
+"""Transition table (``cellrl.transitions``): for every cell and every action (knock out / overexpress one active
+regulator), the next cell.
 
 This is CellOracle's ``simulate_shift`` -> ``estimate_transition_prob(knn_random=True)`` ->
 ``calculate_embedding_shift`` -> nearest cell, computed for all actions at once, chunked over cells, on numpy
@@ -38,8 +39,9 @@ Per cell ``i`` (cluster ``c``) and action ``a`` = (gene ``g``, value ``v``):
 4. ``P_ij = exp(corr_ij / sigma_corr) / sum_j exp(...)``; ``shift_i = sum_j P_ij u_ij - mean_j u_ij`` with
    ``u_ij`` the unit vector from ``E_i`` to ``E_j`` (in float32 when ``model.meta["embedding_dtype"]`` says
    CellOracle had a float32 ``obsm`` embedding, as it then computes them in float32).
-5. Next cell: the cell nearest to ``E_i + shift_i`` (scipy cKDTree; the cell itself included; a stagnation when
-   it is ``i``).
+5. Next cell (``transitions.next_cell: celloracle``): the cell nearest to ``E_i + shift_i`` (scipy cKDTree; the
+   cell itself included; a stagnation when it is ``i``). The other next-cell models (``pca``, ``pca_direction``,
+   ``prob_max``) skip the embedding and work in the PCA space of ``X`` (:mod:`.next_cell`).
 
 Memory: O(chunk x (sum_a |S_a| + A x k)) per chunk plus bounded Gram blocks and correction batches, O(cells x k)
 for the neighbour lists, one copy of ``X`` and one (cells x A) ``Q`` per worker thread; never cells x cells.
@@ -50,9 +52,10 @@ tree answering tied rows (:func:`knn_like_sklearn`), and the per-cluster plans a
 CellOracle's ``calculate_embedding_shift`` allocates several dense cells x cells float64 arrays (see
 ``celloracle_dense_bytes``).
 
-Modules: :mod:`.settings` (settings, actions), :mod:`.maths` (CellOracle's maths), :mod:`.neighbors`
-(CellOracle-compatible neighbour sampling), :mod:`.runner` (chunks, cache, stats, the rule's files). Every
-public name is re-exported here; the logger stays ``cellrl.transitions``.
+Modules: :mod:`.settings` (settings, actions), :mod:`.maths` (CellOracle's maths: propagation, correlation,
+probabilities, embedding shift), :mod:`.neighbors` (CellOracle-compatible neighbour sampling), :mod:`.next_cell`
+(next-cell models), :mod:`.runner` (one chunk, chunk plan, cache, stats, the rule's files). Every public name is
+re-exported here; the logger stays ``cellrl.transitions``.
 """
 
 from __future__ import annotations
@@ -62,9 +65,10 @@ from types import ModuleType
 from typing import Any
 
 from . import maths, neighbors, runner, settings
-from .maths import (CORRECTION_BATCH, EXACT_BELOW, GRAM_BLOCK, ROUNDING_TOL, SPARSE_Q_BELOW, TINY_INPUT, ClusterLinear,
-                    ClusterPlan, cluster_linear, embedding_float32, packed_expression, perturbation_input, plan_cluster,
-                    propagate, reachable, reachable_sets, unit_response, unit_vectors, unpack)
+from .maths import (CORRECTION_BATCH, EXACT_BELOW, GRAM_BLOCK, ROUNDING_TOL, SPARSE_Q_BELOW, TINY_INPUT,
+                    ChunkCorrelation, ClusterLinear, ClusterPlan, cluster_linear, correlation, embedding_float32,
+                    embedding_shift, packed_expression, perturbation_input, plan_cluster, propagate, reachable,
+                    reachable_sets, transition_probabilities, unit_response, unit_vectors, unpack)
 from .neighbors import knn_like_sklearn, sample_neighbors, weighted_choice_rows
 from .runner import (ChunkResult, Context, bytes_per_cell, celloracle_dense_bytes, choose_chunk_cells, chunk_plan,
                      chunk_workers, compute_table, log, model_fingerprint, nearest_cells, prepare, run_chunk,

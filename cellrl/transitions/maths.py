@@ -235,6 +235,106 @@ def cluster_linear(xp: ModuleType, X: Any, plan: ClusterPlan, n_actions: int, ho
     return ClusterLinear(r=r, r_norm=r_norm, Q=Q, RL=RL)
 
 
+@dataclass
+class ChunkCorrelation:
+    """:func:`correlation` of a chunk: ``corr`` (n, A, k) Pearson correlation over all genes of each action's delta
+    with each sampled neighbour's displacement ``X_j - X_i``; ``disp`` (n, A, d) the delta projected on the PCA
+    loadings (None without them); ``n_clipped`` (cell, action) pairs that took exact corrections."""
+
+    corr: Any
+    disp: Any
+    n_clipped: int
+
+
+def correlation(xp: ModuleType, X: Any, rowsum: Any, sqsum: Any, cells: Any, Xc: Any, nbr: Any, plan: ClusterPlan,
+                lin: ClusterLinear, d: Any, XT: Any, values: Any, knn_random: bool,
+                loadings: Any = None) -> ChunkCorrelation:
+    """velocyto's ``colDeltaCorpartial`` for a chunk of ``cells`` (n,) of one cluster, every action at once (see the
+    package docstring, step 3). ``X`` (N, G) with its row sums and squared norms, ``Xc = X[cells]``, ``nbr`` (n, k)
+    sampled neighbours, ``d`` (T, n) the packed delta of :func:`propagate` and ``XT`` its packed expression,
+    ``values`` (A,) the perturbation values; NaN -> 1 when ``knn_random`` (as CellOracle)."""
+    G = X.shape[1]
+    A = int(values.shape[0])
+    n = int(cells.shape[0])
+    k = int(nbr.shape[1])
+    genes_x = xp.asarray(plan.genes)
+    ci = cells
+
+    # 2. d = c r + e: the linear part (c = value - X_ig per cell and action) and the exact remainder e, which is
+    #    rounding noise unless clipping acted; pairs with a tiny input are kept whole in e (c := 0)
+    c = perturbation_input(XT, plan, values)  # (A, n)
+    xnorm = xp.sqrt(sqsum[cells])  # (n,)
+    tiny = xp.abs(c) * lin.r_norm[:, None] < TINY_INPUT * xnorm[None, :]
+    c = xp.where(tiny, 0.0, c)
+    e = d - lin.r[:, None] * c[plan.act_of]  # (T, n)
+    keep = xp.abs(e) > ROUNDING_TOL * (xp.abs(XT) + xp.abs(d))
+    keep |= tiny[plan.act_of] & (d != 0)
+    kt, ki = xp.nonzero(keep)
+
+    # 3. numerator sum_S d (X_j - X_i) = c (Q_j - Q_i) + sum_{kept} e (X_j,g - X_i,g); for the next-cell models
+    #    that need it, the PCA displacement s = d L = c RL + sum_{kept} e L_g the same way
+    num = c.T[:, :, None] * (xp.take(lin.Q, nbr, axis=0).transpose(0, 2, 1) - lin.Q[cells][:, :, None])  # (n, A, k)
+    disp = None if lin.RL is None else c.T[:, :, None] * lin.RL[None]  # (n, A, d)
+    for b0 in range(0, int(kt.shape[0]), CORRECTION_BATCH):  # batches bound the (entries, k) gather
+        bt, bi = kt[b0:b0 + CORRECTION_BATCH], ki[b0:b0 + CORRECTION_BATCH]
+        g = genes_x[plan.gene_pos[bt]]  # gene of each kept entry
+        Dg = X[nbr[bi], g[:, None]] - Xc[bi, g][:, None]  # (entries, k)
+        S = _sparse_module(xp).csr_matrix((e[bt, bi], (bi * A + plan.act_of[bt], xp.arange(bt.shape[0]))),
+                                          shape=(n * A, int(bt.shape[0])))
+        num += (S @ Dg).reshape(n, A, k)
+        if disp is not None:
+            disp += (S @ loadings[g]).reshape(n, A, -1)
+
+    # 4. neighbour displacement statistics over all G genes (action-independent): sum_g D = rowsum_j - rowsum_i,
+    #    sum_g D^2 = |X_j|^2 + |X_i|^2 - 2 X_i.X_j with X_i.X_j from one Gram product per block of cells against
+    #    the union of their neighbours
+    cross = xp.empty((n, k))
+    for s0 in range(0, n, GRAM_BLOCK):
+        nb = nbr[s0:s0 + GRAM_BLOCK]
+        uni, inv = xp.unique(nb.ravel(), return_inverse=True)
+        gram = Xc[s0:s0 + GRAM_BLOCK] @ X[uni].T  # (b, |union|)
+        cross[s0:s0 + GRAM_BLOCK] = xp.take_along_axis(gram, inv.reshape(nb.shape), axis=1)
+    sq_i, sq_j = sqsum[cells][:, None], sqsum[nbr]
+    ssD = sq_j + sq_i - 2.0 * cross
+    s1 = rowsum[nbr] - rowsum[cells][:, None]  # (n, k)
+    # where D is small against X (near-duplicate cells) the expanded forms lose digits: redo those exactly
+    fix = ssD < EXACT_BELOW * (sq_i + sq_j)
+    if bool(fix.any()):
+        fi, fm = xp.nonzero(fix)
+        D = X[nbr[fi, fm]] - Xc[fi]  # (f, G)
+        ssD[fi, fm] = xp.einsum("fg,fg->f", D, D)
+        s1[fi, fm] = D.sum(axis=1)
+        gt = genes_x[plan.gene_pos]  # gene of each packed row
+        num[fi, :, fm] = (plan.seg @ (d[:, fi] * D[:, gt].T)).T
+    ssA = ssD - s1 * s1 / G  # sum_g (D - mean D)^2
+    xp.maximum(ssA, 0.0, out=ssA)
+
+    # 5. Pearson correlation over all G genes with the centring done algebraically (delta is 0 off S_a):
+    #    sum_g (d - mean d)(D - mean D) = sum_S d D - sum_d mean D;  sum_g (d - mean d)^2 = sum_S d^2 - sum_d^2 / G
+    sum_d = (plan.seg @ d).T  # (n, A)
+    ssb = (plan.seg @ (d * d)).T - sum_d * sum_d / G
+    xp.maximum(ssb, 0.0, out=ssb)
+    num -= sum_d[:, :, None] * (s1 / G)[:, None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv_a = 1.0 / xp.sqrt(ssA)
+        inv_b = 1.0 / xp.sqrt(ssb)
+        corr = num * inv_a[:, None, :] * inv_b[:, :, None]
+    if knn_random:  # CellOracle fixes NaNs only in knn_random mode
+        corr = xp.where(xp.isnan(corr), 1.0, corr)
+    return ChunkCorrelation(corr=corr, disp=disp, n_clipped=int(xp.unique(ki * A + plan.act_of[kt]).shape[0]))
+
+
+def transition_probabilities(xp: ModuleType, corr: Any, sigma_corr: float) -> Any:
+    """``P_ij = exp(corr_ij / sigma_corr) / sum_j exp(corr_ij / sigma_corr)`` over the last axis (neighbours)."""
+    w = xp.exp(corr / sigma_corr)
+    return w / w.sum(axis=2, keepdims=True)
+
+
+def embedding_shift(xp: ModuleType, P: Any, u: Any, ubar: Any) -> Any:
+    """``shift_i = sum_j P_ij u_ij - mean_j u_ij``: (n, A, 2) from ``P`` (n, A, k), ``u`` (n, k, 2), ``ubar`` (n, 2)."""
+    return xp.matmul(P, u) - ubar[:, None, :]
+
+
 def unpack(xp: ModuleType, d: Any, plan: ClusterPlan, n_actions: int) -> Any:
     """Packed (T, n) delta -> dense (n, A, |U|), zeros off each action's reachable set."""
     out = xp.zeros((d.shape[1], n_actions, plan.genes.size), dtype=d.dtype)

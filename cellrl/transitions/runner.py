@@ -25,9 +25,8 @@ from ..io import atomic_path, sha256_file, save_npy, write_json, write_table
 from ..model import OracleModel, load_model
 from ..progress import Progress, note
 from ..xp import blas_threads, cupy_available, get_xp, to_numpy
-from .maths import (CORRECTION_BATCH, EXACT_BELOW, GRAM_BLOCK, ROUNDING_TOL, TINY_INPUT, ClusterLinear, ClusterPlan,
-                    _sparse_module, cluster_linear, embedding_float32, packed_expression, perturbation_input,
-                    plan_cluster, propagate, unit_vectors, unpack)
+from .maths import (ClusterLinear, ClusterPlan, cluster_linear, correlation, embedding_float32, embedding_shift,
+                    packed_expression, plan_cluster, propagate, transition_probabilities, unit_vectors, unpack)
 from . import next_cell as nc
 from .neighbors import sample_neighbors
 from .settings import Actions, TransitionSettings, build_actions
@@ -123,96 +122,33 @@ def run_chunk(ctx: Context, cells: np.ndarray, cluster: int, keep_delta: bool = 
     xp = ctx.xp
     plan = ctx.plans[cluster]
     lin = ctx.linear(cluster)
-    G = ctx.n_genes
     A = len(ctx.actions)
     ci = xp.asarray(cells)
-    n = int(ci.shape[0])
-    genes_x = xp.asarray(plan.genes)
     Xc = ctx.X[ci]  # (n, G)
-    XcU = xp.take(Xc, genes_x, axis=1)  # (n, |U|)
+    XcU = xp.take(Xc, xp.asarray(plan.genes), axis=1)  # (n, |U|)
     nbr = ctx.nbr[ci]  # (n, k)
-    k = int(nbr.shape[1])
 
     # 1. exact propagation on each action's reachable genes, all actions at once (packed rows)
     XT = packed_expression(xp, XcU, plan)  # (T, n)
     d = propagate(xp, XcU, plan, ctx.values, ctx.settings.n_propagation, XT=XT)  # (T, n)
 
-    # 2. d = c r + e: the linear part (c = value - X_ig per cell and action) and the exact remainder e, which is
-    #    rounding noise unless clipping acted; pairs with a tiny input are kept whole in e (c := 0)
-    c = perturbation_input(XT, plan, ctx.values)  # (A, n)
-    xnorm = xp.sqrt(ctx.sqsum[ci])  # (n,)
-    tiny = xp.abs(c) * lin.r_norm[:, None] < TINY_INPUT * xnorm[None, :]
-    c = xp.where(tiny, 0.0, c)
-    e = d - lin.r[:, None] * c[plan.act_of]  # (T, n)
-    keep = xp.abs(e) > ROUNDING_TOL * (xp.abs(XT) + xp.abs(d))
-    keep |= tiny[plan.act_of] & (d != 0)
-    kt, ki = xp.nonzero(keep)
-
-    # 3. numerator sum_S d (X_j - X_i) = c (Q_j - Q_i) + sum_{kept} e (X_j,g - X_i,g); for the next-cell models
-    #    that need it, the PCA displacement s = d L = c RL + sum_{kept} e L_g the same way
-    num = c.T[:, :, None] * (xp.take(lin.Q, nbr, axis=0).transpose(0, 2, 1) - lin.Q[ci][:, :, None])  # (n, A, k)
-    disp = None if lin.RL is None else c.T[:, :, None] * lin.RL[None]  # (n, A, d)
-    for b0 in range(0, int(kt.shape[0]), CORRECTION_BATCH):  # batches bound the (entries, k) gather
-        bt, bi = kt[b0:b0 + CORRECTION_BATCH], ki[b0:b0 + CORRECTION_BATCH]
-        g = genes_x[plan.gene_pos[bt]]  # gene of each kept entry
-        Dg = ctx.X[nbr[bi], g[:, None]] - Xc[bi, g][:, None]  # (entries, k)
-        S = _sparse_module(xp).csr_matrix((e[bt, bi], (bi * A + plan.act_of[bt], xp.arange(bt.shape[0]))),
-                                          shape=(n * A, int(bt.shape[0])))
-        num += (S @ Dg).reshape(n, A, k)
-        if disp is not None:
-            disp += (S @ ctx.loadings[g]).reshape(n, A, -1)
-
-    # 4. neighbour displacement statistics over all G genes (action-independent): sum_g D = rowsum_j - rowsum_i,
-    #    sum_g D^2 = |X_j|^2 + |X_i|^2 - 2 X_i.X_j with X_i.X_j from one Gram product per block of cells against
-    #    the union of their neighbours
-    cross = xp.empty((n, k))
-    for s0 in range(0, n, GRAM_BLOCK):
-        nb = nbr[s0:s0 + GRAM_BLOCK]
-        uni, inv = xp.unique(nb.ravel(), return_inverse=True)
-        gram = Xc[s0:s0 + GRAM_BLOCK] @ ctx.X[uni].T  # (b, |union|)
-        cross[s0:s0 + GRAM_BLOCK] = xp.take_along_axis(gram, inv.reshape(nb.shape), axis=1)
-    sq_i, sq_j = ctx.sqsum[ci][:, None], ctx.sqsum[nbr]
-    ssD = sq_j + sq_i - 2.0 * cross
-    s1 = ctx.rowsum[nbr] - ctx.rowsum[ci][:, None]  # (n, k)
-    # where D is small against X (near-duplicate cells) the expanded forms lose digits: redo those exactly
-    fix = ssD < EXACT_BELOW * (sq_i + sq_j)
-    if bool(fix.any()):
-        fi, fm = xp.nonzero(fix)
-        D = ctx.X[nbr[fi, fm]] - Xc[fi]  # (f, G)
-        ssD[fi, fm] = xp.einsum("fg,fg->f", D, D)
-        s1[fi, fm] = D.sum(axis=1)
-        gt = genes_x[plan.gene_pos]  # gene of each packed row
-        num[fi, :, fm] = (plan.seg @ (d[:, fi] * D[:, gt].T)).T
-    ssA = ssD - s1 * s1 / G  # sum_g (D - mean D)^2
-    xp.maximum(ssA, 0.0, out=ssA)
-
-    # 5. Pearson correlation over all G genes with the centring done algebraically (delta is 0 off S_a):
-    #    sum_g (d - mean d)(D - mean D) = sum_S d D - sum_d mean D;  sum_g (d - mean d)^2 = sum_S d^2 - sum_d^2 / G
-    sum_d = (plan.seg @ d).T  # (n, A)
-    ssb = (plan.seg @ (d * d)).T - sum_d * sum_d / G
-    xp.maximum(ssb, 0.0, out=ssb)
+    # 2-5. correlation of delta with every sampled neighbour's displacement (and the PCA displacement)
+    cc = correlation(xp, ctx.X, ctx.rowsum, ctx.sqsum, ci, Xc, nbr, plan, lin, d, XT, ctx.values,
+                     ctx.settings.knn_random, ctx.loadings)
     delta = unpack(xp, d, plan, A) if keep_delta else None
-    num -= sum_d[:, :, None] * (s1 / G)[:, None, :]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv_a = 1.0 / xp.sqrt(ssA)
-        inv_b = 1.0 / xp.sqrt(ssb)
-        corr = num * inv_a[:, None, :] * inv_b[:, :, None]
-    if ctx.settings.knn_random:  # CellOracle fixes NaNs only in knn_random mode
-        corr = xp.where(xp.isnan(corr), 1.0, corr)
 
     # 6. transition probabilities and embedding shift
-    w = xp.exp(corr / ctx.settings.sigma_corr)
-    P = w / w.sum(axis=2, keepdims=True)
-    shift = xp.matmul(P, ctx.u[ci]) - ctx.ubar[ci][:, None, :]  # (n, A, 2)
+    P = transition_probabilities(xp, cc.corr, ctx.settings.sigma_corr)
+    shift = embedding_shift(xp, P, ctx.u[ci], ctx.ubar[ci])  # (n, A, 2)
 
     # 7. next cell (cellrl.transitions.next_cell)
     model = ctx.settings.next_cell
     if model == "pca":
-        nxt = nc.pca_nearest(xp, disp, ctx.scores, ci, ctx.candidates[ci], ctx.radius[ci], ctx.pca.tree)
+        nxt = nc.pca_nearest(xp, cc.disp, ctx.scores, ci, ctx.candidates[ci], ctx.radius[ci], ctx.pca.tree)
     elif model == "pca_direction":
-        nxt = to_numpy(nc.pca_direction(xp, disp, ctx.scores, ci, ctx.candidates[ci], ctx.half_gap[ci]))
+        nxt = to_numpy(nc.pca_direction(xp, cc.disp, ctx.scores, ci, ctx.candidates[ci], ctx.half_gap[ci]))
     elif model == "prob_max":
-        nxt = to_numpy(nc.prob_max(xp, P, disp, ci, nbr, ctx.half_gap[ci]))
+        nxt = to_numpy(nc.prob_max(xp, P, cc.disp, ci, nbr, ctx.half_gap[ci]))
     else:  # celloracle: nearest cell to the shifted point (CPU KD-tree; NaN shift = no move)
         target = to_numpy(ctx.E[ci][:, None, :] + shift).reshape(-1, 2)
         ok = np.isfinite(target).all(axis=1)
@@ -221,8 +157,7 @@ def run_chunk(ctx: Context, cells: np.ndarray, cluster: int, keep_delta: bool = 
             _, idx = ctx.tree.query(target[ok], k=1, workers=-1 if ok.sum() > 50_000 else 1)
             nxt[ok] = idx
     return ChunkResult(next_cell=nxt.reshape(len(cells), -1).astype(np.int32), shift=shift,
-                       delta=delta if keep_delta else None,
-                       n_clipped=int(xp.unique(ki * A + plan.act_of[kt]).shape[0]))
+                       delta=delta, n_clipped=cc.n_clipped)
 
 
 # --------------------------------------------------------------------------------------------- whole table
