@@ -87,6 +87,13 @@ def n_pcs_of(setting: int | None, meta: dict[str, Any] | None) -> int:
     return int(n) if n else DEFAULT_N_PCS
 
 
+def candidate_offsets(xp: ModuleType, scores: Any, cells: Any, candidates: Any) -> Any:
+    """(n, K, d) ``p_j - p_i`` for the candidates ``j`` of each of ``cells`` (one gather, subtracted in place)."""
+    D = xp.take(scores, candidates, axis=0)
+    D -= scores[cells][:, None, :]
+    return D
+
+
 def pca_nearest(xp: ModuleType, s: Any, scores: Any, cells: Any, candidates: Any, radius: Any,
                 tree: Any) -> np.ndarray:
     """``pca`` model: (n, A) next cells (numpy). ``s`` (n, A, d) simulated displacements of ``cells`` (n,),
@@ -94,8 +101,8 @@ def pca_nearest(xp: ModuleType, s: Any, scores: Any, cells: Any, candidates: Any
     ``|p_i + s - p_j|^2 - |s|^2 = |D_j|^2 - 2 s.D_j`` with ``D_j = p_j - p_i``: the cell moves to the smallest of
     these when it is negative (strictly nearer than itself), else stays; answers the candidates cannot certify
     come from ``tree`` (all cells)."""
-    D = scores[candidates] - scores[cells][:, None, :]  # (n, K, d)
-    score = (D * D).sum(axis=2)[:, None, :] - 2.0 * xp.matmul(s, D.transpose(0, 2, 1))  # (n, A, K)
+    D = candidate_offsets(xp, scores, cells, candidates)  # (n, K, d)
+    score = xp.einsum("nkd,nkd->nk", D, D)[:, None, :] - 2.0 * xp.matmul(s, D.transpose(0, 2, 1))  # (n, A, K)
     best = xp.argmin(score, axis=2)  # (n, A), first on ties
     best_score = xp.take_along_axis(score, best[:, :, None], axis=2)[:, :, 0]
     move = best_score < 0
@@ -112,8 +119,8 @@ def pca_nearest(xp: ModuleType, s: Any, scores: Any, cells: Any, candidates: Any
 def pca_direction(xp: ModuleType, s: Any, scores: Any, cells: Any, candidates: Any, half_gap: Any) -> Any:
     """``pca_direction`` model: (n, A) next cells. The candidate with the largest ``s.D_j / |D_j|`` (first on
     ties; duplicates of the cell, ``D_j = 0``, excluded) when ``|s| > r_i / 2``, else the cell."""
-    D = scores[candidates] - scores[cells][:, None, :]  # (n, K, d)
-    Dn = xp.sqrt((D * D).sum(axis=2))  # (n, K)
+    D = candidate_offsets(xp, scores, cells, candidates)  # (n, K, d)
+    Dn = xp.sqrt(xp.einsum("nkd,nkd->nk", D, D))  # (n, K)
     with np.errstate(divide="ignore", invalid="ignore"):
         along = xp.matmul(s, D.transpose(0, 2, 1)) / Dn[:, None, :]  # (n, A, K)
     along = xp.where(Dn[:, None, :] > 0, along, -xp.inf)
