@@ -134,3 +134,17 @@ def test_next_cell_setting_is_checked():
         T.TransitionSettings.from_dict({"next_cell": "umap"})
     with pytest.raises(ConfigError, match="n_pcs"):
         T.TransitionSettings.from_dict({"n_pcs": 0})
+
+
+@pytest.mark.parametrize("shape", [(40, 10), (12, 30)])
+def test_pca_space_matches_svd(shape):
+    """Both eigendecompositions (genes <= cells: covariance; more genes: Gram matrix) give the SVD's components,
+    signed so that each component's largest-magnitude loading is positive."""
+    X = np.random.default_rng(5).gamma(2.0, 1.0, shape)
+    sp_ = nc.pca_space(X, 4, 3)
+    Xc = X - X.mean(axis=0)
+    _, S, Vt = np.linalg.svd(Xc, full_matrices=False)
+    L = Vt[:4].T
+    L = L * np.where(L[np.abs(L).argmax(axis=0), np.arange(4)] < 0, -1.0, 1.0)
+    np.testing.assert_allclose(sp_.loadings, L, atol=1e-9)
+    np.testing.assert_allclose(sp_.scores, Xc @ L, atol=1e-9)
