@@ -41,7 +41,8 @@ OUT = ROOT / "benchmarks" / "out"
 CACHE = OUT / "cache"
 SUMMARY = ROOT / "benchmarks" / "results" / "transitions.json"
 SHARED = Path(os.environ.get("CELLRL_SHARED_DATA", ROOT.parent / "shared" / "data"))
-SETTINGS = dict(n_propagation=3, n_neighbors=200, sampled_fraction=0.3, sigma_corr=0.05, knn_random=True, seed=0)
+SETTINGS = dict(n_propagation=3, n_neighbors=200, sampled_fraction=0.3, sigma_corr=0.05, knn_random=True, seed=0,
+                next_cell="celloracle")
 DEMO = dict(n_master_tfs=8, n_other_tfs=100, n_cell_types=8, frac_transit=0.3, decoy_edges_per_tf=20, seed=7)
 
 sys.path.insert(0, str(ROOT))
@@ -217,7 +218,7 @@ def _pick_actions(n_total: int, n: int) -> np.ndarray:
 
 def _subprocess(args: list[str], mem_gib: float | None = None) -> dict:
     out = OUT / f".worker_{os.getpid()}_{time.time_ns()}.json"
-    cmd = [sys.executable, __file__, "--worker", *args, "--worker-out", str(out)]
+    cmd = [sys.executable, __file__, "--worker", *args, "--worker-out", str(out), "--next-cell", SETTINGS["next_cell"]]
     pre = None
     if mem_gib:
         lim = int(mem_gib * 2**30)
@@ -353,9 +354,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3,
                     help="full-table repeats of the engine (median reported; 1 above 2M cell-actions)")
     ap.add_argument("--summary", action="store_true", help=f"also write {SUMMARY.relative_to(ROOT)}")
+    ap.add_argument("--next-cell", default="celloracle", help="transitions.next_cell of the engine's table "
+                    "(CellOracle's loop is always its own)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    SETTINGS["next_cell"] = a.next_cell
     if a.worker:
         kind, *rest = a.worker
         out = Path(a.worker_out)

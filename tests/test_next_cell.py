@@ -1,0 +1,150 @@
+"""Next-cell models (cellrl.transitions.next_cell): hand-made cases with known answers, stagnation when the
+simulated change is zero or small, agreement with a dense brute-force reference, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cellrl import transitions as T
+from cellrl.model import random_model
+from cellrl.transitions import next_cell as nc
+
+MODELS = ("pca", "pca_direction", "prob_max")
+SETTINGS = dict(n_propagation=3, n_neighbors=20, sampled_fraction=0.3, sigma_corr=0.05, knn_random=True, seed=0,
+                backend="numpy")
+
+# five cells on a line in a 2-D PCA space: 0 at the origin, 1 at x=1, 2 at x=2, 3 at x=10, 4 at y=3
+SCORES = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [10.0, 0.0], [0.0, 3.0]])
+
+
+def _space(k: int):
+    """PcaSpace of SCORES (identity loadings) with k candidates per cell."""
+    X = SCORES - SCORES.mean(axis=0)
+    return nc.pca_space(X, 2, k)
+
+
+def _step(model: str, s: np.ndarray, k: int = 2, P: np.ndarray | None = None, nbr: np.ndarray | None = None):
+    """Next cell of cell 0 for displacement(s) ``s`` (A, 2) under ``model``."""
+    sp_ = _space(k)
+    cells = np.array([0])
+    s = np.asarray(s, dtype=np.float64)[None]  # (1, A, 2)
+    if model == "pca":
+        return nc.pca_nearest(np, s, sp_.scores, cells, sp_.candidates[cells], sp_.radius[cells], sp_.tree)[0]
+    if model == "pca_direction":
+        return nc.pca_direction(np, s, sp_.scores, cells, sp_.candidates[cells], sp_.half_gap[cells])[0]
+    return nc.prob_max(np, P[None], s, cells, nbr[None], sp_.half_gap[cells])[0]
+
+
+def test_pca_space_is_the_data_and_its_neighbours():
+    sp_ = _space(3)
+    # PCA keeps all distances of 2-D data (rotation + sign only)
+    d0 = np.linalg.norm(SCORES[:, None] - SCORES[None], axis=2)
+    d1 = np.linalg.norm(sp_.scores[:, None] - sp_.scores[None], axis=2)
+    np.testing.assert_allclose(d1, d0, atol=1e-12)
+    np.testing.assert_allclose(sp_.loadings.T @ sp_.loadings, np.eye(2), atol=1e-12)
+    assert sp_.candidates[0].tolist() == [1, 2, 4] and sp_.candidates[3].tolist() == [2, 1, 0]
+    np.testing.assert_allclose(sp_.half_gap, [0.5, 0.5, 0.5, 4.0, 1.5])
+    np.testing.assert_allclose(sp_.radius[0], 3.0)
+    assert (sp_.candidates != np.arange(5)[:, None]).all()
+
+
+def test_pca_nearest_known_answers():
+    s = [[0.0, 0.0], [0.4, 0.0], [0.6, 0.0], [1.9, 0.1], [0.0, 2.0], [-5.0, 0.0], [9.0, 0.0]]
+    # zero and small (< half the gap to cell 1) changes stay; 0.6 reaches past the midpoint to cell 1; (1.9, 0.1)
+    # is nearest to cell 2; (0, 2) to cell 4; (-5, 0) points away from every cell: still nearest to itself;
+    # (9, 0) is nearest to cell 3, outside the 2 candidates: the KD-tree answers it
+    assert _step("pca", s, k=2).tolist() == [0, 0, 1, 2, 4, 0, 3]
+
+
+def test_pca_direction_known_answers():
+    s = [[0.0, 0.0], [0.4, 0.0], [0.6, 0.01], [0.1, 0.6], [-5.0, 0.0]]
+    # zero and small stay; along x -> the nearest candidate in that direction (cell 1 before 2: first on ties of
+    # the cosine); mostly y -> cell 4; pointing away from all candidates: the least misaligned (cell 4 at 90
+    # degrees against cells 1, 2 at 180) -- a move, since the change is large
+    assert _step("pca_direction", s, k=3).tolist() == [0, 0, 1, 4, 4]
+
+
+def test_prob_max_known_answers():
+    nbr = np.array([1, 3, 4])
+    P = np.array([[0.2, 0.7, 0.1], [0.2, 0.7, 0.1], [1 / 3, 1 / 3, 1 / 3]])
+    s = [[0.0, 0.0], [0.6, 0.0], [0.6, 0.0]]
+    # no change: stay even with a clear winner; resolvable change: the most probable neighbour (cell 3);
+    # uniform probabilities: the first neighbour (ties), as CellOracle's kernel gives no preference
+    assert _step("prob_max", s, P=P, nbr=nbr).tolist() == [0, 3, 1]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(n_cells=300, n_genes=30, n_types=3, n_regulators=4, seed=3)
+
+
+@pytest.mark.parametrize("which", MODELS)
+def test_zero_delta_is_a_stagnation(which):
+    """A knockout of a gene already 0 everywhere changes nothing: every model keeps the cell."""
+    m = random_model(n_cells=300, n_genes=30, n_types=3, n_regulators=3, seed=1)
+    m.X[:, int(m.regulator_idx[0])] = 0.0
+    m.ko_values[:] = 0.0
+    table, acts, stats = T.compute_table(m, dict(SETTINGS, actions="ko", next_cell=which), progress=False)
+    assert (table[:, 0] == np.arange(m.n_cells)).all()
+    assert stats["next_cell"] == which and stats["pca_components"] is not None
+    assert (table[:, 1:] != np.arange(m.n_cells)[:, None]).any()  # the other knockouts do move cells
+
+
+@pytest.mark.parametrize("which", MODELS)
+def test_table_equals_dense_reference(model, which):
+    """The chunked table equals the model's definition applied to the dense simulated delta (brute force)."""
+    s = dict(SETTINGS, next_cell=which, chunk_cells=37)
+    table, _, _ = T.compute_table(model, s, progress=False, threads=2)
+    sim = T.simulate_actions(model, s)
+    ps = nc.pca_space(model.X, nc.n_pcs_of(None, model.meta), s["n_neighbors"])
+    disp = sim["delta"] @ ps.loadings  # (A, N, d)
+    N = model.n_cells
+    P = ps.scores
+    if which == "pca":  # nearest of all cells to p_i + s (the cell itself included)
+        d2 = ((P[None, :, None, :] + disp[:, :, None, :] - P[None, None, :, :]) ** 2).sum(axis=3)
+        ref = d2.argmin(axis=2)
+    else:
+        gate = np.linalg.norm(disp, axis=2) > ps.half_gap[None]
+        if which == "pca_direction":
+            D = P[ps.candidates] - P[:, None, :]
+            cos = np.einsum("and,nkd->ank", disp, D) / np.linalg.norm(D, axis=2)[None]
+            best = ps.candidates[np.arange(N)[None], cos.argmax(axis=2)]
+        else:  # prob_max: P_ij is not exposed by the engine (its argmax is the hand-made case above); the gate
+            best = table.T  # is checked here: every cell whose change is under r_i / 2 stays
+        ref = np.where(gate, best, np.arange(N)[None])
+    np.testing.assert_array_equal(table, ref.T)
+    assert 0.0 < (table == np.arange(N)[:, None]).mean() < 1.0  # both stagnations and moves occur
+
+
+@pytest.mark.parametrize("which", MODELS)
+def test_same_config_same_table(model, which, tmp_path):
+    s = dict(SETTINGS, next_cell=which)
+    t1, _, st1 = T.compute_table(model, dict(s, chunk_cells=50), progress=False, threads=1)
+    t2, _, st2 = T.compute_table(model, dict(s, chunk_cells=17), progress=False, threads=2)
+    assert st1["table_sha256"] == st2["table_sha256"]
+    ref, _, _ = T.compute_table(model, dict(SETTINGS, next_cell="celloracle"), progress=False)
+    assert not np.array_equal(t1, ref)  # the setting reaches the engine
+
+
+def test_next_cell_setting_is_checked():
+    from cellrl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="next_cell"):
+        T.TransitionSettings.from_dict({"next_cell": "umap"})
+    with pytest.raises(ConfigError, match="n_pcs"):
+        T.TransitionSettings.from_dict({"n_pcs": 0})
+
+
+@pytest.mark.parametrize("shape", [(40, 10), (12, 30)])
+def test_pca_space_matches_svd(shape):
+    """Both eigendecompositions (genes <= cells: covariance; more genes: Gram matrix) give the SVD's components,
+    signed so that each component's largest-magnitude loading is positive."""
+    X = np.random.default_rng(5).gamma(2.0, 1.0, shape)
+    sp_ = nc.pca_space(X, 4, 3)
+    Xc = X - X.mean(axis=0)
+    _, S, Vt = np.linalg.svd(Xc, full_matrices=False)
+    L = Vt[:4].T
+    L = L * np.where(L[np.abs(L).argmax(axis=0), np.arange(4)] < 0, -1.0, 1.0)
+    np.testing.assert_allclose(sp_.loadings, L, atol=1e-9)
+    np.testing.assert_allclose(sp_.scores, Xc @ L, atol=1e-9)
