@@ -5,4 +5,5 @@ from cellrl.smk import log_to
 with log_to(snakemake.log[0]):
     write_report(snakemake.output[0], dataset=snakemake.wildcards.dataset, summaries=list(snakemake.input.summaries),
                  plot_dirs=list(snakemake.input.plots), oracle_stats=snakemake.input.oracle_stats,
-                 transition_stats=snakemake.input.transition_stats, software=snakemake.input.software)
+                 transition_stats=snakemake.input.transition_stats, software=snakemake.input.software,
+                 train_summaries=list(snakemake.input.train_summaries))
