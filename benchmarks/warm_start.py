@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--quick", action="store_true",
                     help="one seed, budgets 0 and 10000, no --scales; no committed summary")
     ap.add_argument("--html-only", default=None, metavar="RECORD.json", help="rewrite the HTML of a saved record")
+    ap.add_argument("--merge", default=None, metavar="RECORD.json",
+                    help="keep this earlier record's runs of the variants not run now (same table required)")
     args = ap.parse_args(argv)
     if args.html_only:
         record = json.loads(Path(args.html_only).read_text())
@@ -203,6 +205,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                    "env_steps": summary.get("env_steps", summary["timesteps"]),
                                    "final_val_success": summary["final_val_success"],
                                    "wall_s_with_evals": round(time.perf_counter() - t0, 1)})
+    if args.merge:
+        old = json.loads(Path(args.merge).read_text())
+        if old["table_sha256"] != record["table_sha256"] or old["budgets"] != budgets:
+            raise SystemExit(f"--merge {args.merge}: another table or other budgets; rerun those variants instead")
+        ran = {r["variant"] for r in record["runs"]}
+        kept = [r for r in old["runs"] if r["variant"] not in ran]
+        record["runs"] = kept + record["runs"]
+        record["merged"] = {"from": str(args.merge), "variants": sorted({r["variant"] for r in kept}),
+                            "machine": old.get("machine"), "wall_s": old.get("wall_s")}
     record["wall_s"] = round(time.perf_counter() - t_all, 1)
     record["summary"] = summarise(record["runs"])
     print(json.dumps(record["summary"], indent=1))
