@@ -267,21 +267,22 @@ def write_html(record: dict[str, Any], path: Path) -> Path:
     from cellrl.report import CSS, _img, html_table
 
     summ = record["summary"]
+    labels = {v: LABELS.get(v, v.replace("bc_ppo_lr", "BC + PPO at lr x ")) for v in summ}
     with tempfile.TemporaryDirectory() as tmp:
-        fig = _img(warm_start_curves(summ, Path(tmp) / "warm_start_curves.png", LABELS),
+        fig = _img(warm_start_curves(summ, Path(tmp) / "warm_start_curves.png", labels),
                    "mean over seeds (bars: min-max); x: environment steps, the warm start's rollouts included "
                    "(BC takes none, DAgger's rollouts are paid from the same budget)")
     rows = []
     for v, d in summ.items():
         first, last = d["points"][0], d["points"][-1]
-        rows.append({"variant": LABELS.get(v, v), "seeds": last["seeds"], "env_steps": last["env_steps"],
+        rows.append({"variant": labels[v], "seeds": last["seeds"], "env_steps": last["env_steps"],
                      "start": first["success_reachable"], "start_ratio": first["length_ratio"],
                      "success_reachable": last["success_reachable"], "length_ratio": last["length_ratio"],
                      "length_ratio_median": last["length_ratio_median"],
                      "val_success_reachable": last.get("val_success_reachable"),
                      "val_length_ratio": last.get("val_length_ratio"),
                      "ws_steps": d.get("warm_start_env_steps_mean", 0), "ws_s": d.get("warm_start_seconds_mean"),
-                     "train_s": d["train_wall_s_mean"]})
+                     "train_s": int(round(d["train_wall_s_mean"]))})
     m = record.get("machine", {})
     text = "\n".join([
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>cellrl warm start benchmark</title>",
