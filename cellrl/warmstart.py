@@ -36,7 +36,9 @@ function that labels BC: at an episode's start they are exactly the optimal next
 cell) and labels use only the training graph, so DAgger is leakage-safe too. Each round rolls out at most
 ``train.warm_start_dagger_episodes`` episodes (a seeded subset of the starts). The rollouts are environment
 steps, unlike BC: ``env_steps`` in the record, and :func:`cellrl.train.train_agent` takes them out of
-``train.total_timesteps`` (PPO trains the rest), so runs compare at equal environment steps.
+``train.total_timesteps`` (PPO trains the rest), so runs compare at equal environment steps. With
+``env.mask_revisits: false`` a training cell's observation is always the one BC already holds, so DAgger finds
+no new state and only spends its rollout steps.
 
 Measured on the demo atlas (``benchmarks/warm_start.py``, ``benchmarks/results/warm_start.json``): one label
 per state (the greedy or a seeded random tie-break among the optimal hops) clones far worse than the set (test
