@@ -6,6 +6,7 @@
 * :func:`learning_curve` - success rate (and reward) against timesteps from the training log.
 * :func:`action_usage` - which genes the agent perturbs, knockout vs overexpression.
 * :func:`recipe_metrics` - the known-recipe benchmark: precision@k and rank-recall AUC per policy.
+* :func:`warm_start_curves` - success and length ratio against environment steps per warm-start variant.
 """
 
 from __future__ import annotations
@@ -303,4 +304,28 @@ def recipe_metrics(df: pd.DataFrame, out: str | Path) -> Path:
     ax2.set_ylim(-0.03, 1.03)
     ax2.set_ylabel("normalised rank-recall AUC")
     ax2.set_title("AUC per pair (filled: p < 0.05; bar: mean)")
+
+
+def warm_start_curves(summary: dict, out: str | Path, labels: dict | None = None) -> Path:
+    """Two panels against environment steps, one line per variant (``benchmarks/warm_start.py`` summary: per
+    variant ``points`` with ``env_steps``, ``success_reachable`` and ``length_ratio``, each with a ``_range``):
+    test success on BFS-reachable pairs and the mean length ratio agent / BFS; bars: min-max over seeds."""
+    labels = labels or {}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (variant, d) in enumerate(summary.items()):
+        pts = d["points"]
+        x = np.array([p.get("env_steps", p["timesteps"]) for p in pts], float)
+        for ax, key in zip(axes, ("success_reachable", "length_ratio")):
+            y = np.array([np.nan if p[key] is None else p[key] for p in pts], float)
+            rng = np.array([p.get(key + "_range") or [np.nan, np.nan] for p in pts], float).reshape(-1, 2)
+            ax.errorbar(x, y, yerr=np.abs(np.stack([y - rng[:, 0], rng[:, 1] - y])), marker="o", ms=4, capsize=3,
+                        color=plt.get_cmap("tab10")(i), label=labels.get(variant, variant))
+    axes[0].set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("test success (BFS-reachable pairs)")
+    axes[1].axhline(1.0, color="grey", lw=0.6, ls=":")
+    axes[1].set_ylabel("length / BFS (solved pairs)")
+    for ax in axes:
+        ax.set_xlabel("environment steps")
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle("Warm start: learning curves at equal environment steps")
     return _save(fig, out)

@@ -285,6 +285,27 @@ POLICY_HEADERS = {"success": "success (all test pairs)", "success_reachable": "s
                   "stagnations_mean": "stagnations / episode"}
 
 
+def _warm_start_section(train: Mapping[str, Any] | None) -> str:
+    """Warm start (``train_summary.json`` ``warm_start``): what it did, and validation quality before/after PPO."""
+    ws = (train or {}).get("warm_start") or {}
+    if not ws:
+        return ""
+    rows = [{"stage": stage, **ws[key]} for stage, key in (("warm start only (before PPO)", "val_before_ppo"),
+                                                           ("after PPO", "val_after_ppo")) if ws.get(key)]
+    what = {"none": "none (PPO from random weights)", "bfs": "behaviour cloning of BFS next hops (training graph)",
+            "dagger": "behaviour cloning + DAgger rounds on the agent's own training-graph states"}
+    note = (f"<p class='note'>Warm start: {_e(what.get(ws.get('method'), ws.get('method')))}"
+            + (f"; {_fmt(ws.get('samples'))} samples, {_fmt(ws.get('epochs'))} epochs, accuracy "
+               f"{_fmt(ws.get('accuracy'), True)}, {_fmt(ws.get('env_steps'))} environment steps, "
+               f"{_fmt(ws.get('seconds'))} s" if ws.get("method") != "none" else "")
+            + ". Validation pairs, deterministic agent; length ratio: mean agent / BFS length over solved pairs.</p>")
+    return "<h3>Warm start</h3>" + note + html_table(
+        rows, ["stage", "episodes", "success", "success_reachable", "length_ratio"],
+        pct=["success", "success_reachable"], left=["stage"],
+        headers={"success": "success (validation pairs)", "success_reachable": "success (BFS-reachable)",
+                 "length_ratio": "length / BFS"})
+
+
 def _run_section(run: str, s: Mapping[str, Any], plot_dir: Path | None) -> str:
     parts = [f"<h2>Run <code>{_e(run)}</code>: evaluation</h2>"]
     git = s.get("git") or {}
@@ -353,6 +374,7 @@ def _run_section(run: str, s: Mapping[str, Any], plot_dir: Path | None) -> str:
     train = s.get("training") or {}
     if train:
         parts.append("<h3>Training log</h3>" + kv_table(train))
+    parts.append(_warm_start_section(s.get("train_summary")))
     if plot_dir is not None and plot_dir.is_dir():
         pngs = {p.stem: p for p in sorted(plot_dir.glob("*.png"))}
         order = [k for k in PLOT_CAPTIONS if k in pngs] + [k for k in pngs if k not in PLOT_CAPTIONS]
@@ -412,21 +434,25 @@ def render_report(dataset: str, runs: Sequence[tuple[str, Mapping[str, Any], Pat
 def write_report(out: str | Path, dataset: str, summaries: Sequence[str | Path], plot_dirs: Sequence[str | Path],
                  oracle_stats: str | Path | None = None, transition_stats: str | Path | None = None,
                  software: str | Path | None = None, actions: str | Path | None = None,
-                 regulators: str | Path | None = None, per_action_out: str | Path | None = None) -> Path:
+                 regulators: str | Path | None = None, per_action_out: str | Path | None = None,
+                 train_summaries: Sequence[str | Path] = ()) -> Path:
     """Rule ``report``: one self-contained HTML file (tables + base64-embedded PNGs) for ``dataset``.
 
     ``summaries`` and ``plot_dirs`` are parallel lists, one entry per run (``.../benchmark/{run}/summary.json``
     and ``.../benchmark/{run}/plots``); the run name is the summary's parent folder name. ``actions``
     (transitions/actions.tsv) and ``regulators`` (the oracle.regulators TF list, None: not set) give the
     regulator check; ``per_action_out``: a TSV of the transition table's per-action statistics, linked from the
-    report (which shows their summary only).
+    report (which shows their summary only). ``train_summaries`` (optional, parallel to ``summaries``): each
+    run's ``train_summary.json`` (its warm start section).
     """
     import pandas as pd
 
     from .grn import read_tf_list
 
     dirs = list(plot_dirs) + [None] * (len(summaries) - len(plot_dirs))
-    runs = [(Path(s).parent.name, _read_json(s), Path(d) if d else None) for s, d in zip(summaries, dirs)]
+    trains = list(train_summaries) + [None] * (len(summaries) - len(train_summaries))
+    runs = [(Path(s).parent.name, {**_read_json(s), "train_summary": _read_json(t)}, Path(d) if d else None)
+            for s, d, t in zip(summaries, dirs, trains)]
     tstats = _read_json(transition_stats)
     chk = None
     if actions is not None and Path(actions).exists():

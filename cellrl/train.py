@@ -63,7 +63,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "clip_range": 0.2, "embed_dims": [512, 128], "actor_dims": [256, 64], "critic_dims": [128, 64],
     "checkpoint_every": 100_000, "keep_checkpoints": 2, "eval_every": 20_000, "eval_episodes": 200,
     "device": "auto", "seed": 77, "use_hpo": False, "warm_start": "bfs", "warm_start_epochs": 60,
-    "warm_start_ppo_lr_scale": 0.03, "wandb": {"mode": "offline", "project": "cellrl"},
+    "warm_start_ppo_lr_scale": 0.03, "warm_start_dagger_rounds": 2,
+    "warm_start_dagger_episodes": 2000, "wandb": {"mode": "offline", "project": "cellrl"},
 }
 
 
@@ -219,6 +220,27 @@ def evaluate_success(agent: MaskablePPO | None, model: OracleModel | TaskGeometr
     if return_episodes:
         res["episodes"] = {"start": starts, "target": targets, **out}
     return res
+
+
+def path_quality(agent: MaskablePPO | None, geo: TaskGeometry, table: np.ndarray, params: EnvParams,
+                 split: str = "val", n_episodes: int = 200, seed: int = 0) -> dict[str, Any]:
+    """Deterministic episodes on every (``split`` cell, other type) pair (a seeded sample of ``n_episodes`` when
+    there are more), scored against BFS over the graph evaluation episodes see: ``success``,
+    ``success_reachable`` (pairs with a path within the step limit), ``length_ratio`` (mean agent / BFS length
+    over solved pairs), ``episodes``. Used for the warm start's before/after-PPO record."""
+    from .bfs import eval_allowed_mask, shortest_paths
+    from .evaluate import eval_tasks
+
+    starts, targets, _ = eval_tasks(geo, n_episodes, seed, split=split)
+    ev = evaluate_success(agent, geo, table, params, split=split, seed=seed, tasks=(starts, targets),
+                          return_episodes=True)
+    e = ev["episodes"]
+    d = shortest_paths(table, geo.goal_mask, eval_allowed_mask(geo, table)).dist[starts, targets]
+    reach = (d >= 0) & (d <= ev["max_steps"])
+    ok = e["success"] & (d > 0)
+    return {"split": split, "episodes": int(len(starts)), "success": float(e["success"].mean()),
+            "success_reachable": float(e["success"][reach].mean()) if reach.any() else None,
+            "length_ratio": float((e["length"][ok] / d[ok]).mean()) if ok.any() else None}
 
 
 # ---------------------------------------------------------------------------------------------- tracking
@@ -398,9 +420,12 @@ def train_agent(model: OracleModel | TaskGeometry, table: np.ndarray, env_cfg: M
             stale.unlink(missing_ok=True)
     if ckpt is None:            # a fresh run (a resumed one has the warm-started weights in its checkpoint)
         run.state.warm_start = warm_start(agent, geo, table, params, cfg)
+        run.state.warm_start["val_before_ppo"] = path_quality(agent, geo, table, params, run.val_split,
+                                                              int(cfg["eval_episodes"]), int(cfg["seed"]))
     run.open()
     try:
-        remaining = total - int(agent.num_timesteps)
+        ws_steps = int(run.state.warm_start.get("env_steps", 0))     # DAgger's rollouts count against the budget
+        remaining = total - ws_steps - int(agent.num_timesteps)
         with quiet_numerics():
             if remaining > 0:
                 agent.learn(remaining, callback=CallbackList([TrackingCallback(run), *callbacks]),
@@ -410,7 +435,9 @@ def train_agent(model: OracleModel | TaskGeometry, table: np.ndarray, env_cfg: M
     finally:
         run.close()
     summary = _summary(agent, run, ckpt, device, threads, warnings)
-    summary["warm_start"] = run.state.warm_start
+    summary["warm_start"] = {**run.state.warm_start, "val_after_ppo": path_quality(
+        agent, geo, table, run.params, run.val_split, int(cfg["eval_episodes"]), int(cfg["seed"]))}
+    summary["env_steps"] = summary["timesteps"] + ws_steps
     if out is not None:
         with atomic_path(out / "model.zip") as tmp:
             agent.save(tmp)

@@ -25,6 +25,7 @@ rule report:
     input:
         summaries=expand("results/{{dataset}}/benchmark/{run}/summary.json", run=RUNS),
         plots=expand("results/{{dataset}}/benchmark/{run}/plots", run=RUNS),
+        train_summaries=expand("results/{{dataset}}/models/{run}/train_summary.json", run=RUNS),
         oracle_stats="results/{dataset}/oracle/stats.json",
         transition_stats="results/{dataset}/transitions/stats.json",
         software="results/{dataset}/software.json",

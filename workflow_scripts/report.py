@@ -8,4 +8,5 @@ with log_to(snakemake.log[0]):
                  transition_stats=snakemake.input.transition_stats, software=snakemake.input.software,
                  actions=snakemake.input.actions,
                  regulators=snakemake.input.regulators[0] if snakemake.input.regulators else None,
-                 per_action_out=snakemake.output.per_action)
+                 per_action_out=snakemake.output.per_action,
+                 train_summaries=list(snakemake.input.train_summaries))
