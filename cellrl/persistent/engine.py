@@ -52,7 +52,8 @@ from cellrl.xp import to_numpy
 NONE, KO, OE = 0, 1, 2
 EXACT_BELOW = 1e-6  # |D|^2 / (|X_i|^2 + |X_j|^2) under which a pair's numerator is formed from D explicitly
 GRAM_BLOCK = 64  # cells per Gram block when precomputing neighbour statistics
-MAX_BATCH = 2048  # envs simulated at once (bounds the (batch, k, R) gather)
+MAX_BATCH = 2048  # envs simulated at once
+ZD_MAX_BYTES = 2 << 30  # precomputed neighbour differences (cells x 2R x k float64) up to this size
 
 
 def _sparse(xp: ModuleType) -> ModuleType:
@@ -64,16 +65,20 @@ def _sparse(xp: ModuleType) -> ModuleType:
 
 
 @dataclass
-class _Cluster:
-    """Per-cluster operators on the backend: ``W_RR`` (R, R) dense regulator block; ``WT_cols`` CSR (|cols|, R)
-    = ``W_c[R, cols].T``; ``cols`` (|cols|,) genes of the last hop; ``reg_pos`` (R,) regulators' positions in
-    ``cols``."""
+class _Entries:
+    """Genes of a batch whose final delta differs from the last hop's linear part, flat: env ``row``, ``gene``
+    (for pins: the regulator index), final delta ``value``, linear part ``y`` (= d_R @ W_c[R, gene]),
+    expression ``x`` = X[cell, gene]."""
 
-    W_RR: Any
-    WT_cols: Any
-    cols: Any
-    cols_np: np.ndarray
-    reg_pos: Any
+    row: Any
+    gene: Any
+    value: Any
+    y: Any
+    x: Any
+
+
+def xp_idx(xp: ModuleType, a: np.ndarray) -> Any:
+    return a if xp is np else xp.asarray(a)
 
 
 def neighbor_stats(xp: ModuleType, X: Any, nbr: Any, G: int) -> tuple[Any, Any, Any]:
@@ -153,27 +158,46 @@ class PersistentEngine:
 
         self.tree = cKDTree(self.E)
 
-        # per cluster: regulator block, last-hop operator, and Z_c = W_c[R, :] X_j for the cells that need it
-        self.clusters: list[_Cluster] = []
-        z_parts, z_off = [], 0
+        # per cluster: the regulator block W_c[R, R] for hops 1..H-1, and Z_c = W_c[R, :] X_j for the cells of the
+        # cluster and their neighbours; the last hop uses W_c[R, :] stacked over clusters (one sparse product)
+        C = len(model.coefs)
+        self.W_RR = xp.asarray(np.zeros((C, R, R)))
+        wr_parts, z_parts, z_off = [], [], 0
         self.nbr_z = np.empty_like(nbr)  # (N, k) row in Z of each neighbour, within the cell's cluster block
         self.self_z = np.empty(self.n_cells, dtype=np.int64)
         for c, W in enumerate(model.coefs):
-            W = sp.csr_matrix(W, dtype=np.float64)
-            WR = W[self.regulator_idx]  # (R, G)
-            cols = np.arange(G) if all_genes else np.union1d(np.unique(WR.indices), self.regulator_idx)
-            self.clusters.append(_Cluster(
-                W_RR=xp.asarray(WR[:, self.regulator_idx].toarray()),
-                WT_cols=_sparse(xp).csr_matrix(sp.csr_matrix(WR[:, cols].T)) if xp is not np
-                else sp.csr_matrix(WR[:, cols].T),
-                cols=xp.asarray(cols), cols_np=cols, reg_pos=xp.asarray(np.searchsorted(cols, self.regulator_idx))))
+            WR = sp.csr_matrix(W, dtype=np.float64)[self.regulator_idx]  # (R, G)
+            self.W_RR[c] = xp.asarray(WR[:, self.regulator_idx].toarray())
+            wr_parts.append(WR)
             cells = np.flatnonzero(self.cluster_ids == c)
             need = np.unique(np.concatenate([cells, nbr[cells].ravel()]))
             z_parts.append(np.asarray((WR @ X[need].T).T))  # (|need|, R)
             self.nbr_z[cells] = z_off + np.searchsorted(need, nbr[cells])
             self.self_z[cells] = z_off + np.searchsorted(need, cells)
             z_off += need.size
+        W_all = sp.vstack(wr_parts).tocsr() if wr_parts else sp.csr_matrix((0, G))
+        W_all.sort_indices()
+        self.W_all = _sparse(xp).csr_matrix(W_all) if xp is not np else W_all  # (C R, G)
         self.Z = xp.asarray(np.concatenate(z_parts) if z_parts else np.zeros((0, R)))
+        self.nbr_z_x, self.self_z_x = xp.asarray(self.nbr_z), xp.asarray(self.self_z)
+        self.cluster_x = xp.asarray(self.cluster_ids)
+        self.X_flat, self.Z_flat = self.X.ravel(), self.Z.ravel()
+        # (N 2R, k) neighbour differences per (cell, column) of [Z_c | X_R] (see _z_diff), contiguous per row,
+        # when they fit ZD_MAX_BYTES (else gathered at each step)
+        k = nbr.shape[1]
+        self.ZD = None
+        if 16 * self.n_cells * R * k <= ZD_MAX_BYTES:
+            self.ZD = xp.empty((self.n_cells * 2 * R, k))
+            for s0 in range(0, self.n_cells, 512):
+                cs = xp.arange(s0, min(s0 + 512, self.n_cells))
+                zx = xp.concatenate([self.Z[self.nbr_z_x[cs]] - self.Z[self.self_z_x[cs]][:, None, :],
+                                     self.XR[self.nbr[cs]] - self.XR[cs][:, None, :]], axis=2)  # (b, k, 2R)
+                self.ZD[2 * R * s0:2 * R * (s0 + int(cs.shape[0]))] = zx.transpose(0, 2, 1).reshape(-1, k)
+        reg_of_gene = np.full(G, -1, dtype=np.int64)
+        reg_of_gene[self.regulator_idx] = np.arange(R)
+        self.reg_of_gene = xp.asarray(reg_of_gene)
+        # genes with negative expression clip even when untouched: (cells x G) CSR of them (usually empty)
+        self.any_negative = all_genes
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
@@ -212,12 +236,11 @@ class PersistentEngine:
     def delta(self, cells: np.ndarray, applied: np.ndarray) -> np.ndarray:
         """(N, G) numpy: CellOracle's simulated expression change of each whole set from each cell."""
         cells = np.asarray(cells, dtype=np.int64).reshape(-1)
+        applied = np.asarray(applied, dtype=np.int8).reshape(cells.size, self.n_regulators)
         out = np.zeros((cells.size, self.n_genes))
         for s0 in range(0, cells.size, MAX_BATCH):
-            sl = slice(s0, s0 + MAX_BATCH)
-            r = self._simulate(cells[sl], np.asarray(applied)[sl], keep_delta=True)
-            for c, idx, d in r["delta"]:
-                out[s0 + idx[:, None], self.clusters[c].cols_np[None, :]] = d
+            out[s0:s0 + MAX_BATCH] = self._simulate(cells[s0:s0 + MAX_BATCH], applied[s0:s0 + MAX_BATCH],
+                                                    keep_delta=True)["delta"]
         return out
 
     def step(self, cells: np.ndarray, applied: np.ndarray) -> np.ndarray:
@@ -236,78 +259,140 @@ class PersistentEngine:
             shift[s0:s0 + MAX_BATCH] = r["shift"]
         return {"next_cell": nxt, "shift": shift}
 
-    def _simulate(self, cells: np.ndarray, applied: np.ndarray, keep_delta: bool = False) -> dict[str, Any]:
+    def _propagate(self, cells: Any, code: Any) -> tuple[Any, Any, Any]:
+        """Hops 1..H-1 on the regulator coordinates, then the last hop's linear part on them.
+
+        Returns ``d`` (n, R) the state after hop H-1, ``d_in`` (n, R) CellOracle's ``delta_input`` (0 off the
+        set) and ``y_R`` (n, R) = ``d @ W_c[R, R]`` (the last hop's linear part on the regulators)."""
         xp = self.xp
-        n, G, H = cells.size, self.n_genes, int(self.settings.n_propagation)
-        k = int(self.nbr.shape[1])
-        ci = xp.asarray(cells)
-        code = xp.asarray(applied.astype(np.int64))
-        XR = self.XR[ci]  # (n, R)
+        XR = self.XR[cells]
         vals = self.values[code, xp.arange(self.n_regulators)[None, :]]  # (n, R) value of each set member
-        d_in = xp.where(code > 0, vals - XR, 0.0)  # CellOracle's delta_input on the set's genes
+        d_in = xp.where(code > 0, vals - XR, 0.0)
         pinned = d_in != 0
-        num = xp.empty((n, k))
-        sum_d = xp.empty(n)
-        ss_d = xp.empty(n)
-        deltas = []
-        clusters = self.cluster_ids[cells]
-        for c in np.unique(clusters):
-            idx_np = np.flatnonzero(clusters == c)
-            idx = xp.asarray(idx_np)
-            cl = self.clusters[int(c)]
-            din, pin, xr = d_in[idx], pinned[idx], XR[idx]
-            d = din
-            for _ in range(H - 1):  # hops on the regulator coordinates (the only rows with edges)
-                d = d @ cl.W_RR
-                d = xp.where(pin, din, d)
-                d = xp.maximum(xr + d, 0.0) - xr
-            yT = cl.WT_cols @ d.T  # (|cols|, m): last hop, d_R @ W_c[R, cols]
-            if xp is np:
-                yT = np.ascontiguousarray(yT)
-            zT = yT.copy()
-            pr, pe = xp.nonzero(pin.T)  # pins: (regulator, env)
-            zT[cl.reg_pos[pr], pe] = din[pe, pr]
-            cg = ci[idx]
-            XT = self.X[cg[None, :], cl.cols[:, None]]  # (|cols|, m)
-            gem = XT + zT
-            dT = xp.maximum(gem, 0.0) - XT  # final delta on cols (exactly CellOracle's last hop)
-            if keep_delta:
-                deltas.append((int(c), idx_np, to_numpy(((XT + dT) - XT).T)))
-            sum_d[idx] = dT.sum(axis=0)
-            ss_d[idx] = (dT * dT).sum(axis=0)
-            # numerator: linear part through Z, then e = delta - y on pins and clipped genes
-            zi = self.Z[xp.asarray(self.self_z[cells[idx_np]])]  # (m, R)
-            zj = self.Z[xp.asarray(self.nbr_z[cells[idx_np]])]  # (m, k, R)
-            nm = xp.einsum("mkr,mr->mk", zj, d) - (zi * d).sum(axis=1)[:, None]
-            emask = gem < 0
-            emask[cl.reg_pos[pr], pe] = True
-            kt, ke = xp.nonzero(emask.T)  # (env, col) pairs, env-major
-            if int(kt.shape[0]):
-                ev = dT[ke, kt] - yT[ke, kt]
-                g = cl.cols[ke]
-                nb = self.nbr[cg[kt]]  # (entries, k)
-                Dg = self.X[nb, g[:, None]] - self.X[cg[kt], g][:, None]
-                S = _sparse(xp).csr_matrix((ev, (kt, xp.arange(kt.shape[0]))), shape=(idx_np.size, int(kt.shape[0])))
-                nm += S @ Dg
-            if self.any_near:  # near-duplicate neighbours: the numerator from D itself
-                fe, fm = xp.nonzero(self.near[cg])
-                if int(fe.shape[0]):
-                    D = self.X[self.nbr[cg[fe], fm][:, None], cl.cols[None, :]] - XT.T[fe]
-                    nm[fe, fm] = xp.einsum("fg,fg->f", D, dT.T[fe])
-            num[idx] = nm
-        num -= sum_d[:, None] * self.mean_D[ci]
+        d = d_in
+        cl = to_numpy(self.cluster_x[cells])
+        groups = [(int(c), xp.asarray(np.flatnonzero(cl == c))) for c in np.unique(cl)]
+
+        def hop(v: Any) -> Any:
+            out = xp.empty_like(v)
+            for c, idx in groups:
+                out[idx] = v[idx] @ self.W_RR[c]
+            return out
+
+        for _ in range(int(self.settings.n_propagation) - 1):
+            d = xp.where(pinned, d_in, hop(d))  # delta_simulated[delta_input != 0] = delta_input
+            d = xp.maximum(XR + d, 0.0) - XR  # gem_tmp[gem_tmp < 0] = 0; delta = gem_tmp - gem
+        return d, d_in, hop(d)
+
+    def _last_hop(self, cells: Any, d: Any, d_in: Any, y_R: Any) -> tuple[Any, _Entries, _Entries]:
+        """The last hop over all genes: ``y = d @ W_c[R, :]``, re-pinned, ``max(X + y, 0) - X``.
+
+        Returns ``Y`` (n, G) sparse, the linear part where non-zero (0 on the pins), then the genes where the final
+        delta differs from it: the clipped ones (``y < -X``) and the pins (delta = ``delta_input``)."""
+        xp = self.xp
+        n, R, G = int(cells.shape[0]), self.n_regulators, self.n_genes
+        er, rr = xp.nonzero(d)
+        Dsp = _sparse(xp).csr_matrix((d[er, rr], (er, self.cluster_x[cells][er] * R + rr)),
+                                     shape=(n, self.W_all.shape[0]))
+        Y = Dsp @ self.W_all  # (n, G) sparse: the linear last hop where non-zero
+        if self.any_negative:  # X < 0 somewhere: untouched genes clip too, so every gene is an entry
+            Y = _sparse(xp).csr_matrix((Y.toarray().ravel(), xp.tile(xp.arange(G), n),
+                                        xp.arange(0, n * G + 1, G)), shape=(n, G))
+        genes, y, ends = Y.indices, Y.data, Y.indptr[1:]
+        pinned = d_in != 0
+        reg = xp.flatnonzero(self.reg_of_gene[genes] >= 0)  # entries on regulator genes (few)
+        reg_rows = xp.searchsorted(ends, reg, side="right")
+        y[reg[pinned[reg_rows, self.reg_of_gene[genes[reg]]]]] = 0.0  # pins come as separate entries
+        # clipping needs y < -X <= 0: only negative entries are looked at (every entry when X < 0 somewhere)
+        cand = xp.arange(y.shape[0]) if self.any_negative else xp.flatnonzero(y < 0)
+        rows = xp.searchsorted(ends, cand, side="right")
+        x = xp.take(self.X_flat, cells[rows] * G + genes[cand])
+        gem = x + y[cand]
+        hit = xp.flatnonzero(gem < 0)
+        x, ci, rows = x[hit], cand[hit], rows[hit]
+        clipped = _Entries(row=rows, gene=genes[ci].astype(xp.int64), value=xp.maximum(gem[hit], 0.0) - x,
+                           y=y[ci], x=x)
+        pe, pr = xp.nonzero(pinned)
+        px = self.XR[cells[pe], pr]
+        pins = _Entries(row=pe, gene=pr, value=(px + d_in[pe, pr]) - px, y=y_R[pe, pr], x=px)  # gene: regulator
+        return Y, clipped, pins
+
+    def _z_diff(self, cells: Any, cols: Any) -> Any:
+        """(len, k) neighbour differences per pair (cell i, column): for ``col < R`` ``Z_c[nbr[i, m], col] -
+        Z_c[i, col]``, for ``col = R + r`` ``X[nbr[i, m], g_r] - X[i, g_r]`` (regulator ``r``'s gene)."""
+        xp = self.xp
+        R, G = self.n_regulators, self.n_genes
+        if self.ZD is not None:
+            return self.ZD[cells * (2 * R) + cols]
+        out = xp.empty((int(cells.shape[0]), int(self.nbr.shape[1])))
+        z, g = cols < R, cols >= R
+        cz, rz = cells[z], cols[z]
+        out[z] = (xp.take(self.Z_flat, self.nbr_z_x[cz] * R + rz[:, None])
+                  - xp.take(self.Z_flat, self.self_z_x[cz] * R + rz)[:, None])
+        cg, gg = cells[g], xp.asarray(self.regulator_idx)[cols[g] - R]
+        out[g] = xp.take(self.X_flat, self.nbr[cg] * G + gg[:, None]) - xp.take(self.X_flat, cg * G + gg)[:, None]
+        return out
+
+    def _dense_delta(self, Y: Any, clip: _Entries, pins: _Entries) -> Any:
+        """(n, G) final delta from the last hop's parts."""
+        full = Y.toarray()
+        full[clip.row, clip.gene] = clip.value
+        full[pins.row, xp_idx(self.xp, self.regulator_idx)[pins.gene]] = pins.value
+        return full
+
+    def _row_sums(self, rows: Any, vals: Any, n: int) -> Any:
+        """Per-row sums of ``vals`` (deterministic order on both backends)."""
+        xp = self.xp
+        if xp is np:
+            return np.bincount(rows, weights=vals, minlength=n)
+        S = _sparse(xp).csr_matrix((vals, (rows, xp.arange(rows.shape[0]))), shape=(n, int(rows.shape[0])))
+        return S @ xp.ones(int(rows.shape[0]))
+
+    def _simulate(self, cells_np: np.ndarray, applied: np.ndarray, keep_delta: bool = False) -> dict[str, Any]:
+        xp = self.xp
+        n, G, R = cells_np.size, self.n_genes, self.n_regulators
+        cells = xp.asarray(cells_np)
+        d, d_in, y_R = self._propagate(cells, xp.asarray(applied.astype(np.int64)))
+        Y, clip, pins = self._last_hop(cells, d, d_in, y_R)
+        ones = xp.ones(G)
+        sq = _sparse(xp).csr_matrix((Y.data * Y.data, Y.indices, Y.indptr), shape=(n, G))
+        sum_d = (Y @ ones + self._row_sums(clip.row, clip.value - clip.y, n)
+                 + self._row_sums(pins.row, pins.value, n))
+        ss_d = (sq @ ones + self._row_sums(clip.row, clip.value * clip.value - clip.y * clip.y, n)
+                + self._row_sums(pins.row, pins.value * pins.value, n))
+        # numerator sum_g delta_g (X_jg - X_ig) = d_R . (Z[j] - Z[i]) + sum over the pins and clipped genes of
+        # (delta - y)_g (X_jg - X_ig): one sparse (n x terms) @ (terms x k) product
+        zr, zc = xp.nonzero(d)
+        t_zd = self._z_diff(cells[xp.concatenate([zr, pins.row])], xp.concatenate([zc, R + pins.gene]))
+        t_cl = xp.take(self.X_flat, self.nbr[cells[clip.row]] * G + clip.gene[:, None]) - clip.x[:, None]
+        w = xp.concatenate([d[zr, zc], pins.value - pins.y, clip.value - clip.y])
+        tr = xp.concatenate([zr, pins.row, clip.row])
+        S = _sparse(xp).csr_matrix((w, (tr, xp.arange(tr.shape[0]))), shape=(n, int(tr.shape[0])))
+        num = xp.asarray(S @ xp.concatenate([t_zd, t_cl]))
+        if self.any_near:  # near-duplicate neighbours: the numerator from D itself (rare)
+            fe, fm = xp.nonzero(self.near[cells])
+            if int(fe.shape[0]):
+                full = self._dense_delta(Y, clip, pins)
+                D = self.X[self.nbr[cells[fe], fm]] - self.X[cells[fe]]
+                num[fe, fm] = xp.einsum("fg,fg->f", full[fe], D)
+        num -= sum_d[:, None] * self.mean_D[cells]
         ssb = xp.maximum(ss_d - sum_d * sum_d / G, 0.0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            corr = num * self.inv_a[ci] * (1.0 / xp.sqrt(ssb))[:, None]
+            corr = num * self.inv_a[cells] * (1.0 / xp.sqrt(ssb))[:, None]
         if self.settings.knn_random:  # CellOracle fixes NaNs only in knn_random mode
             corr = xp.where(xp.isnan(corr), 1.0, corr)
-        w = xp.exp(corr / self.settings.sigma_corr)
-        P = w / w.sum(axis=1, keepdims=True)
-        shift = xp.einsum("nk,nkd->nd", P, self.u[ci]) - self.ubar[ci]
+        wgt = xp.exp(corr / self.settings.sigma_corr)
+        P = wgt / wgt.sum(axis=1, keepdims=True)
+        shift = xp.einsum("nk,nkd->nd", P, self.u[cells]) - self.ubar[cells]
         shift_np = to_numpy(shift)
-        target = self.E[cells] + shift_np
+        target = self.E[cells_np] + shift_np
         ok = np.isfinite(target).all(axis=1)
-        nxt = cells.copy()
+        nxt = cells_np.copy()
         if ok.any():
             nxt[ok] = self.tree.query(target[ok], k=1)[1]
-        return {"next_cell": nxt, "shift": shift_np, "delta": deltas}
+        out: dict[str, Any] = {"next_cell": nxt, "shift": shift_np}
+        if keep_delta:  # dense (n, G): CellOracle's simulated_count - imputed_count
+            full = self._dense_delta(Y, clip, pins)
+            Xc = self.X[cells]
+            out["delta"] = to_numpy((Xc + full) - Xc)
+        return out
