@@ -84,6 +84,7 @@ class EnvParams:
     centroid_percentile: float = 95.0
     mask_revisits: bool = True
     perturbation_model: str = "table"
+    max_set_size: int = 3
     curriculum: CurriculumParams = field(default_factory=CurriculumParams)
 
     def __post_init__(self) -> None:

@@ -28,102 +28,129 @@ def problem():
 
 
 def replay(eng, start, plan):
-    """Cells after each step of ``plan`` from ``start`` (the whole set simulated from the current cell)."""
+    """Cells after each step of ``plan`` from ``start`` (the whole set simulated from the current cell; HOLD =
+    action 2R keeps the set)."""
     applied = np.zeros((1, eng.n_regulators), np.int8)
     cell, cells = start, []
     for a in plan:
-        assert eng.action_mask(applied)[0, a]
-        applied = eng.apply(applied, [a])
+        if a != eng.n_actions:
+            assert eng.action_mask(applied)[0, a]
+            applied = eng.apply(applied, [a])
+        else:
+            assert applied.any()
         cell = int(eng.step([cell], applied)[0])
         cells.append(cell)
     return cells
 
 
-def brute_force(eng, geo, start, target, max_genes):
-    """Shortest ordered sequence of distinct genes reaching the goal (None if none within max_genes)."""
-    R = eng.n_regulators
-    for k in range(1, max_genes + 1):
-        for genes in itertools.permutations(range(R), k):
-            for dirs in itertools.product((0, 1), repeat=k):
-                plan = [g + d * R for g, d in zip(genes, dirs)]
-                if geo.goal_mask[target, replay(eng, start, plan)[-1]]:
-                    return k
-    return None
+def brute_force(eng, geo, start, target, max_genes, max_steps):
+    """Length of the shortest action sequence (distinct genes, <= max_genes of them, HOLD any time the set is
+    non-empty) that reaches the goal within max_steps; None if none. Depth-first over every sequence."""
+    best = [None]
+
+    def dfs(cell, applied, depth):
+        if best[0] is not None and depth >= best[0]:
+            return
+        if depth == max_steps:
+            return
+        moves = [a for a in range(eng.n_actions) if eng.action_mask(applied)[0, a]
+                 and np.count_nonzero(applied) < max_genes]
+        moves += [eng.n_actions] if applied.any() else []
+        for a in moves:
+            ap = applied if a == eng.n_actions else eng.apply(applied, [a])
+            nxt = int(eng.step([cell], ap)[0])
+            if geo.goal_mask[target, nxt]:
+                best[0] = depth + 1
+                return
+            dfs(nxt, ap, depth + 1)
+
+    dfs(start, np.zeros((1, eng.n_regulators), np.int8), 0)
+    return best[0]
 
 
 def no_repeats(plans, R):
-    return all(len({a % R for a in p}) == len(p) for p in plans)
+    genes = [[a % R for a in p if a < 2 * R] for p in plans]
+    return all(len(set(g)) == len(g) for g in genes)
 
 
 def test_exact_equals_brute_force_and_plans_replay(problem):
     m, eng, geo, starts, targets = problem
-    res = exact(eng, geo, starts, targets, max_genes=3)
-    sub = np.arange(0, len(starts), 3)
-    for i in sub:
-        want = brute_force(eng, geo, int(starts[i]), int(targets[i]), 3)
+    res = exact(eng, geo, starts, targets, max_genes=2, max_steps=4)
+    for i in range(0, len(starts), 3):
+        want = brute_force(eng, geo, int(starts[i]), int(targets[i]), 2, 4)
         assert res.success[i] == (want is not None)
         if want is not None:
             assert len(res.plans[i]) == want
     for i in np.flatnonzero(res.success):
         assert replay(eng, int(starts[i]), res.plans[i]) == res.cells[i]
         assert geo.goal_mask[targets[i], res.final_cell[i]]
+        assert sum(a < eng.n_actions for a in res.plans[i]) <= 2
     assert no_repeats(res.plans, eng.n_regulators)
     assert 0 < res.success.mean() < 1                  # the fixture has solvable and unsolvable tasks
+    assert any(eng.n_actions in p for p in res.plans)  # some shortest plans hold their set
     assert res.info["states_per_depth"][0] == len(np.unique(starts))
 
 
 def test_wide_beam_equals_exact_and_narrow_beam_is_no_better(problem):
     m, eng, geo, starts, targets = problem
-    ex = exact(eng, geo, starts, targets, max_genes=3)
-    wide = beam(eng, geo, starts, targets, width=10_000, max_steps=3)
+    ex = exact(eng, geo, starts, targets, max_genes=2, max_steps=4)
+    wide = beam(eng, geo, starts, targets, width=10_000, max_steps=4, max_set_size=2)
     np.testing.assert_array_equal(wide.success, ex.success)
     np.testing.assert_array_equal(wide.lengths[ex.success], ex.lengths[ex.success])
-    narrow = beam(eng, geo, starts, targets, width=1, max_steps=3)
+    narrow = beam(eng, geo, starts, targets, width=1, max_steps=4, max_set_size=2)
     assert narrow.success.sum() <= ex.success.sum()
     for r in (wide, narrow):
         assert no_repeats(r.plans, eng.n_regulators)
         for i in np.flatnonzero(r.success):
             assert replay(eng, int(starts[i]), r.plans[i]) == r.cells[i]
     with pytest.raises(InputError, match="beam width"):
-        beam(eng, geo, starts, targets, width=0, max_steps=3)
+        beam(eng, geo, starts, targets, width=0, max_steps=4)
 
 
 def test_greedy_takes_the_best_one_step_action(problem):
     m, eng, geo, starts, targets = problem
-    res = greedy(eng, geo, starts, targets, max_steps=6)
+    res = greedy(eng, geo, starts, targets, max_steps=6, max_set_size=2)
     assert no_repeats(res.plans, eng.n_regulators)
+    assert all(sum(a < eng.n_actions for a in p) <= 2 for p in res.plans)
     i = 0
     s, t = int(starts[i]), int(targets[i])
     applied = np.zeros((1, eng.n_regulators), np.int8)
-    cell = s
-    for a in res.plans[i]:                            # every chosen action beats every other allowed one
-        allowed = np.flatnonzero(eng.action_mask(applied)[0])
-        nxt = [int(eng.step([cell], eng.apply(applied, [b]))[0]) for b in allowed]
-        sims = geo.cos_sim[nxt, t]
-        assert a == allowed[int(np.argmax(sims))]
-        applied = eng.apply(applied, [a])
-        cell = nxt[list(allowed).index(a)]
+    cell, seen = s, {(s, applied.tobytes())}
+    for a in res.plans[i]:                            # every chosen action beats every other unvisited move
+        moves = [b for b in range(eng.n_actions) if eng.action_mask(applied)[0, b] and np.count_nonzero(applied) < 2]
+        moves += [eng.n_actions] if applied.any() else []
+        sets = [applied if b == eng.n_actions else eng.apply(applied, [b]) for b in moves]
+        nxt = [int(eng.step([cell], ap)[0]) for ap in sets]
+        ok = [(c, ap.tobytes()) not in seen for c, ap in zip(nxt, sets)]
+        sims = np.where(ok, geo.cos_sim[nxt, t], -np.inf)
+        j = int(np.argmax(sims))
+        assert a == moves[j]
+        cell, applied = nxt[j], sets[j]
+        seen.add((cell, applied.tobytes()))
     assert res.final_cell[i] == cell
     assert res.success[i] == bool(geo.goal_mask[t, cell])
-    short = greedy(eng, geo, starts, targets, max_steps=3)
-    assert short.success.sum() <= exact(eng, geo, starts, targets, 3).success.sum()
+    short = greedy(eng, geo, starts, targets, max_steps=4, max_set_size=2)
+    assert short.success.sum() <= exact(eng, geo, starts, targets, 2, 4).success.sum()
 
 
 def test_rollout_of_a_policy_matches_greedy(problem):
-    """The env rollout of a greedy chooser gives greedy search's plans (same state space, same goal)."""
+    """The env rollout of a greedy chooser gives greedy search's plans (same moves, masks and goal)."""
     m, eng, geo, starts, targets = problem
-    g = greedy(eng, geo, starts, targets, max_steps=4)
+    g = greedy(eng, geo, starts, targets, max_steps=5, max_set_size=2)
 
     def choose(obs, masks, batch):
         out = np.zeros(batch.n, np.int64)
         for i in range(batch.n):
             allowed = np.flatnonzero(masks[i])
-            nxt = eng.step(np.full(len(allowed), batch.cell[i]), eng.apply(np.repeat(batch.applied[i:i + 1],
-                                                                               len(allowed), 0), allowed))
+            genes = allowed[allowed < eng.n_actions]
+            nxt = list(eng.step(np.full(len(genes), batch.cell[i]),
+                                eng.apply(np.repeat(batch.applied[i:i + 1], len(genes), 0), genes)))
+            if len(allowed) > len(genes):
+                nxt.append(batch.hold_next[i])
             out[i] = allowed[int(np.argmax(geo.cos_sim[nxt, batch.target[i]]))]
         return out
 
-    r = rollout(geo, eng, {}, starts, targets, choose, max_steps=4, method="greedy_env")
+    r = rollout(geo, eng, {"max_set_size": 2}, starts, targets, choose, max_steps=5, method="greedy_env")
     np.testing.assert_array_equal(r.success, g.success)
     assert r.plans == g.plans
     assert r.summary()["n_tasks"] == len(starts)

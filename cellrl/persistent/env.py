@@ -2,20 +2,30 @@
 
 ``env.perturbation_model: persistent``. Same tasks, goal, reward, curriculum and front-ends as
 :mod:`cellrl.env` (the array core is :class:`cellrl.env.EpisodeBatch`, whose task, curriculum and reward code
-is reused), but the next cell is not a table lookup: each step adds the action's gene to the episode's
-applied set (KO clamps it to 0, OE to CellOracle's value) and the engine (:mod:`cellrl.persistent.engine`)
-simulates the WHOLE set from the current cell, for all N episodes in one batched call.
+is reused), but the next cell is not a table lookup: the engine (:mod:`cellrl.persistent.engine`) simulates the
+WHOLE applied set from the current cell, for all N episodes in one batched call. Actions:
+
+* ``0..R-1`` knock out regulator r, ``R..2R-1`` overexpress it: the gene joins the set (KO clamps it to 0, OE to
+  CellOracle's value), then the whole set is simulated from the current cell;
+* ``2R`` (HOLD, :func:`hold_action`): add nothing, simulate the current set again from the current cell (the set stays
+  applied while the cell moves on). Without it every step would have to add a gene, and since one simulated
+  step moves a cell about one neighbourhood in the embedding, reaching another type would need as many genes
+  as steps (on the demo ~7): a recipe is a small set held for several steps.
 
 Masks (decided here, and why):
 
-* an action on a gene already in the set (KO or OE) is masked (``engine.action_mask``): no plan repeats a gene,
-  so the set grows every step, the state never repeats and no revisit mask is needed;
-* stagnations (next cell == current cell) are allowed: the set changed, so it is a new state. Masking them
-  would take A engine calls per step (a look-ahead over every action) instead of one;
-* leakage (training only): a move whose next cell is a validation/test cell is *refused*: the cell and the
-  set stay as they were, the step costs the step penalty, and that action is masked until the state changes.
-  The table env masks such moves in advance; here that would again take A engine calls per step, while a
-  refusal needs none and still guarantees that no training episode enters a held-out cell.
+* an action on a gene already in the set (KO or OE) is masked (``engine.action_mask``), and so is every gene
+  once the set holds ``env.max_set_size`` genes: no plan repeats a gene;
+* HOLD is masked with an empty set and when its next cell was already visited since the set last changed
+  (that includes a stagnation, next cell == current cell): holding is deterministic, so that would be a loop.
+  Its next cell is computed for every env after each step (one extra batched engine call of N rows);
+* stagnations of gene actions are allowed: the set changed, so it is a new state. Masking them would take A
+  engine calls per step (a look-ahead over every action) instead of one;
+* leakage (training only): HOLD into a validation/test cell is masked (its next cell is known); a gene action
+  whose next cell is a held-out cell is *refused*: cell and set stay as they were, the step costs the step
+  penalty, and that action is masked until the state changes. The table env masks such moves in advance; here
+  that would again take A engine calls per step, while a refusal needs none and still guarantees that no
+  training episode enters a held-out cell.
 
 Observation: the table env's (``current_expression``, ``target_expression``, ``action_mask``) plus
 ``applied`` (R,) float32: -1 knocked out, +1 overexpressed, 0 not in the set (regulator order of the engine).
@@ -67,30 +77,75 @@ def check_engine(engine: Engine, geometry: TaskGeometry) -> None:
     if int(engine.n_cells) != geometry.n_cells:
         raise InputError(f"the persistent engine has {engine.n_cells} cells, the model {geometry.n_cells}",
                          field="env.perturbation_model", fix="build the engine from the same model.npz")
-    if int(engine.n_actions) != 2 * int(engine.n_regulators):
-        raise InputError(f"engine actions {engine.n_actions} != 2 x {engine.n_regulators} regulators",
-                         field="env.perturbation_model")
+
+
+def hold_action(engine: Engine) -> int:
+    """Index of the HOLD action (after the engine's 2R perturbations)."""
+    return int(engine.n_actions)
+
+
+def set_sizes(applied: np.ndarray) -> np.ndarray:
+    """(N,) number of genes in each applied set."""
+    return np.count_nonzero(np.asarray(applied), axis=1)
+
+
+def simulate(engine: Engine, cells: np.ndarray, applied: np.ndarray, chunk: int = 32_768) -> np.ndarray:
+    """(N,) next cells of (cell, set) rows through ``engine.step`` in chunks of ``chunk`` rows."""
+    cells = np.asarray(cells, np.int64)
+    out = np.empty(len(cells), np.int64)
+    for s in range(0, len(cells), chunk):
+        out[s:s + chunk] = np.asarray(engine.step(cells[s:s + chunk], applied[s:s + chunk]), np.int64)
+    return out
+
+
+def successors(engine: Engine, cells: np.ndarray, applied: np.ndarray, max_set_size: int,
+               chunk: int = 32_768) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every move of every state (the env's rules, module docstring): (parent index, action, new set, next
+    cell). Gene actions for sets below ``max_set_size`` (stagnations included); HOLD for non-empty sets unless
+    it stagnates. The searches of :mod:`cellrl.persistent.search` expand states with it."""
+    applied = np.asarray(applied, np.int8)
+    cells = np.asarray(cells, np.int64)
+    size = set_sizes(applied)
+    m = np.asarray(engine.action_mask(applied), bool) & (size < int(max_set_size))[:, None]
+    p, a = np.nonzero(m)
+    new = np.asarray(engine.apply(applied[p], a), np.int8) if len(p) else np.zeros((0, applied.shape[1]), np.int8)
+    nxt = simulate(engine, cells[p], new, chunk)
+    hp = np.flatnonzero(size > 0)
+    hn = simulate(engine, cells[hp], applied[hp], chunk)
+    moves = hn != cells[hp]
+    hp, hn = hp[moves], hn[moves]
+    parent = np.concatenate([p, hp]).astype(np.int64)
+    action = np.concatenate([a, np.full(len(hp), hold_action(engine))]).astype(np.int64)
+    return parent, action, np.concatenate([new, applied[hp]]), np.concatenate([nxt, hn])
 
 
 # ---------------------------------------------------------------------------------------------- array core
 class PersistentBatch(EpisodeBatch):
     """N persistent-mode episodes stepped with array operations (see the module docstring).
 
-    Extra state (length N): ``applied`` (N, R) int8 the applied sets, ``refused`` (N, A) bool actions refused
-    in the current state (training leakage), ``plan`` (N, max limit) the actions in the order they were
-    applied (-1 for refused moves and beyond ``t``). ``path`` and ``mask`` as in :class:`EpisodeBatch`.
+    Extra state (length N): ``applied`` (N, R) int8 the applied sets, ``set_since`` the step at which the set
+    last changed, ``refused`` (N, A) bool gene actions refused in the current state (training leakage),
+    ``plan`` (N, max limit) the actions in order (HOLD included; -1 for refused moves and beyond ``t``).
+    Derived (rebuilt with ``mask``): ``hold_next`` (N,) the next cell of HOLD. ``path`` as in
+    :class:`EpisodeBatch`.
     """
 
     def __init__(self, geometry: TaskGeometry, engine: Engine, n: int, params: EnvParams,
                  split: str = "train", training: bool = True, curriculum: bool | None = None,
                  max_steps: int | None = None, seed: int | None = None):
         check_engine(engine, geometry)
+        if int(params.max_set_size) < 1:
+            raise InputError(f"env.max_set_size must be >= 1, got {params.max_set_size}", field="env.max_set_size")
         self.engine = engine
-        self.mask_revisits = False                 # the set grows every step: states never repeat
+        self.hold = hold_action(engine)
+        self.max_set_size = int(params.max_set_size)
+        self.mask_revisits = False                 # HOLD has its own loop rule; gene actions change the state
         self.is_train = np.asarray(geometry.split).astype(str) == "train"
         self.applied = np.zeros((n, engine.n_regulators), np.int8)
-        self.refused = np.zeros((n, engine.n_actions), bool)
-        self._init_episodes(geometry, int(engine.n_actions), np.ones(geometry.n_cells, bool), n, params, split,
+        self.set_since = np.zeros(n, np.int64)
+        self.refused = np.zeros((n, self.hold + 1), bool)
+        self.hold_next = np.zeros(n, np.int64)
+        self._init_episodes(geometry, self.hold + 1, np.ones(geometry.n_cells, bool), n, params, split,
                             training, curriculum, max_steps, seed)
         self.plan = np.full((n, self.max_steps), -1, np.int64)
 
@@ -99,6 +154,7 @@ class PersistentBatch(EpisodeBatch):
         if len(idx) == 0:
             return
         self.applied[idx] = 0
+        self.set_since[idx] = 0
         self.refused[idx] = False
         if self.plan.shape[1] < self.max_steps:
             self.plan = np.concatenate([self.plan, np.full((self.n, self.max_steps - self.plan.shape[1]), -1,
@@ -107,14 +163,28 @@ class PersistentBatch(EpisodeBatch):
         super().reset_envs(idx)
 
     def masks_of(self, idx: np.ndarray | None = None) -> np.ndarray:
-        """(k, A) bool: actions on genes outside the set, less this state's refused moves."""
-        sel = slice(None) if idx is None else idx
-        return np.asarray(self.engine.action_mask(self.applied[sel]), bool) & ~self.refused[sel]
+        """(k, A + 1) bool allowed actions of envs ``idx`` (all when None); recomputes their ``hold_next``."""
+        sel = np.arange(self.n) if idx is None else np.asarray(idx, np.int64)
+        ap, cells = self.applied[sel], self.cell[sel]
+        size = set_sizes(ap)
+        genes = np.asarray(self.engine.action_mask(ap), bool) & (size < self.max_set_size)[:, None]
+        hn = cells.copy()
+        h = np.flatnonzero(size > 0)
+        if len(h):
+            hn[h] = simulate(self.engine, cells[h], ap[h])
+        self.hold_next[sel] = hn
+        # HOLD's next cell must not be one visited since the set last changed (current cell included)
+        cols = np.arange(self.path.shape[1])
+        run = (cols >= self.set_since[sel][:, None]) & (cols <= self.t[sel][:, None])
+        hold = (size > 0) & ~((self.path[sel] == hn[:, None]) & run).any(1)
+        if self.training:
+            hold &= self.is_train[hn]
+        return np.concatenate([genes, hold[:, None]], 1) & ~self.refused[sel]
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Apply ``actions`` (N,): add each gene to its set, simulate the set from the current cell (one
-        batched engine call); return (reward, success, truncated, invalid). Invalid (masked) actions and
-        refused moves leave cell and set unchanged."""
+        """Apply ``actions`` (N,): gene actions join the set and the set is simulated from the current cell (one
+        batched engine call); HOLD moves to ``hold_next``. Returns (reward, success, truncated, invalid).
+        Invalid (masked) actions and refused moves leave cell and set unchanged."""
         a = np.asarray(actions, dtype=np.int64).reshape(self.n)
         if a.min() < 0 or a.max() >= self.n_actions:
             raise InputError(f"actions must lie in [0, {self.n_actions}); got {a.min()}..{a.max()}",
@@ -122,19 +192,21 @@ class PersistentBatch(EpisodeBatch):
         rows = np.arange(self.n)
         cur = self.cell
         ok = self.mask[rows, a]
-        nxt = cur.copy()
+        is_gene = ok & (a != self.hold)
+        nxt = np.where(ok & (a == self.hold), self.hold_next, cur)
         new = self.applied.copy()
-        k = np.flatnonzero(ok)
+        k = np.flatnonzero(is_gene)
         if len(k):
             new[k] = self.engine.apply(self.applied[k], a[k])
-            nxt[k] = np.asarray(self.engine.step(cur[k], new[k]), np.int64)
+            nxt[k] = simulate(self.engine, cur[k], new[k])
         moved = ok.copy()
-        if self.training:                          # refuse moves into held-out cells (module docstring)
-            leak = ok & ~self.is_train[nxt]
+        if self.training:                          # refuse gene moves into held-out cells (module docstring)
+            leak = is_gene & ~self.is_train[nxt]
             self.refused[rows[leak], a[leak]] = True
             moved &= ~leak
         nxt = np.where(moved, nxt, cur)
         self.applied = np.where(moved[:, None], new, self.applied)
+        self.set_since = np.where(moved & is_gene, self.t + 1, self.set_since)
         self.refused[moved] = False
         tg = self.target
         success = self.goal_mask[tg, nxt]
@@ -155,13 +227,14 @@ class PersistentBatch(EpisodeBatch):
 
     def get_state(self) -> dict[str, Any]:
         """:meth:`EpisodeBatch.get_state` plus the applied sets, refused moves and plans."""
-        return {**super().get_state(), "applied": self.applied.copy(), "refused": self.refused.copy(),
-                "plan": self.plan.copy()}
+        return {**super().get_state(), "applied": self.applied.copy(), "set_since": self.set_since.copy(),
+                "refused": self.refused.copy(), "plan": self.plan.copy()}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`get_state` output."""
         n = len(state["cell"])
         self.applied = np.array(state["applied"], np.int8).reshape(n, -1)
+        self.set_since = np.array(state["set_since"], np.int64).reshape(n)
         self.refused = np.array(state["refused"], bool).reshape(n, -1)
         self.plan = np.array(state["plan"], np.int64).reshape(n, -1)
         super().set_state(state)

@@ -1,18 +1,20 @@
 """Search baselines over persistent perturbation sets: greedy, beam and exact (ground truth), plus rollouts.
 
 All of them walk the same state space as :mod:`cellrl.persistent.env` (state = (cell, applied set); an action
-adds one gene, KO or OE, never one already in the set; the engine simulates the whole set from the current
-cell) and use its goal test (:meth:`cellrl.tasks.TaskGeometry.is_goal`). Every expansion sends all candidate
-(state, action) pairs of a depth through the engine in one batched call (chunked to bound memory).
+adds one gene, KO or OE, never one already in the set and at most ``max_set_size`` in all, or HOLDs the set; the
+engine simulates the whole set from the current cell; moves from :func:`cellrl.persistent.env.successors`) and
+use its goal test (:meth:`cellrl.tasks.TaskGeometry.is_goal`). Every expansion sends all candidate (state,
+action) pairs of a depth through the engine in batched calls. No search visits a state twice.
 
 * :func:`greedy`: each step the allowed action whose next cell is most cosine-similar to the target centroid
   (the one-step gain, as :func:`cellrl.evaluate.greedy_chooser` on the table), until the goal or ``max_steps``;
 * :func:`beam`: beam search of width ``width`` per task, states scored by cosine similarity to the target,
   duplicates (same cell and set) merged;
-* :func:`exact`: breadth-first search over ordered sequences of up to ``max_genes`` genes from every start
-  cell, for all of its targets at once. (cell, set) is the whole state, so merging equal states keeps it exact:
-  a task is solved iff some set of <= ``max_genes`` genes, applied in some order, reaches the goal, and the
-  plan found is a shortest one (the most target-similar final cell among the shortest);
+* :func:`exact`: breadth-first search over (cell, set) states with sets of up to ``max_genes`` genes from every
+  start cell, for all of its targets at once, up to ``max_steps`` steps. (cell, set) is the whole state, so
+  merging equal states keeps it exact: a task is solved iff some plan (genes added in some order, HOLDs in
+  between) with a set of <= ``max_genes`` genes reaches the goal within ``max_steps``, and the plan found is a
+  shortest one (the most target-similar final cell among the shortest);
 * :func:`rollout`: a policy (e.g. a MaskablePPO agent) through the evaluation env.
 
 Each returns a :class:`SearchResult`: per task the plan (ordered actions), the cells after each step and
@@ -30,10 +32,7 @@ import numpy as np
 from ..env import EnvParams
 from ..errors import InputError
 from ..tasks import TaskGeometry
-from .env import Engine, VecPersistentEnv
-
-#: Candidate (state, action) rows per engine call.
-CHUNK_ROWS = 32_768
+from .env import Engine, VecPersistentEnv, successors
 
 
 @dataclass
@@ -54,7 +53,7 @@ class SearchResult:
 
     @property
     def lengths(self) -> np.ndarray:
-        """(N,) plan lengths (set sizes)."""
+        """(N,) plan lengths (steps, HOLD included)."""
         return np.array([len(p) for p in self.plans], np.int64)
 
     def summary(self) -> dict[str, Any]:
@@ -76,18 +75,6 @@ def _tasks(geo: TaskGeometry, starts: np.ndarray, targets: np.ndarray) -> tuple[
     return starts, targets
 
 
-def expand(engine: Engine, cells: np.ndarray, applied: np.ndarray,
-           chunk: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Every allowed action of every state: (parent state index, action, new applied set, next cell)."""
-    p, a = np.nonzero(np.asarray(engine.action_mask(applied), bool))
-    new = np.asarray(engine.apply(applied[p], a), np.int8) if len(p) else np.zeros((0, applied.shape[1]), np.int8)
-    nxt = np.empty(len(p), np.int64)
-    for s in range(0, len(p), chunk):
-        e = min(s + chunk, len(p))
-        nxt[s:e] = np.asarray(engine.step(cells[p[s:e]], new[s:e]), np.int64)
-    return p.astype(np.int64), a.astype(np.int64), new, nxt
-
-
 def _first_per_group(group: np.ndarray, *keys: np.ndarray) -> np.ndarray:
     """Index of the first row of each group after sorting by ``keys`` (first key most significant)."""
     order = np.lexsort(tuple(reversed(keys)) + (group,))
@@ -95,16 +82,22 @@ def _first_per_group(group: np.ndarray, *keys: np.ndarray) -> np.ndarray:
     return order[np.r_[True, g[1:] != g[:-1]]] if len(g) else order
 
 
-def _unique_states(*cols: np.ndarray) -> np.ndarray:
-    """Index of one row per distinct state (rows = the columns side by side)."""
-    key = np.column_stack([np.asarray(c, np.int64).reshape(len(cols[0]), -1) for c in cols])
-    return np.sort(np.unique(key, axis=0, return_index=True)[1])
+def _keys(*cols: np.ndarray) -> np.ndarray:
+    """One opaque key per row of the columns side by side (for set membership of states)."""
+    key = np.ascontiguousarray(np.column_stack([np.asarray(c, np.int64) for c in cols]))
+    return key.view(np.dtype((np.void, key.dtype.itemsize * key.shape[1]))).ravel()
+
+
+def _new_states(keys: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """Index of one row per distinct key of ``keys`` that is not in ``seen`` (sorted)."""
+    first = np.sort(np.unique(keys, return_index=True)[1])
+    return first[~np.isin(keys[first], seen)] if len(seen) else first
 
 
 # ---------------------------------------------------------------------------------------------- greedy
-def greedy(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.ndarray,
-           max_steps: int) -> SearchResult:
-    """Greedy one-step look-ahead (module docstring); ties go to the lower action index."""
+def greedy(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.ndarray, max_steps: int,
+           max_set_size: int = 3) -> SearchResult:
+    """Greedy one-step look-ahead (module docstring) over unvisited states; ties go to the lower action."""
     t0 = time.perf_counter()
     starts, targets = _tasks(geo, starts, targets)
     n = len(starts)
@@ -114,16 +107,20 @@ def greedy(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.nd
     cells: list[list[int]] = [[] for _ in range(n)]
     success = np.zeros(n, bool)
     active = np.ones(n, bool)
+    seen = _keys(np.arange(n), cell, applied)
     rows = 0
     for _ in range(int(max_steps)):
         idx = np.flatnonzero(active)
         if not len(idx):
             break
-        p, a, new, nxt = expand(engine, cell[idx], applied[idx])
+        p, a, new, nxt = successors(engine, cell[idx], applied[idx], max_set_size)
         rows += len(p)
+        k = _keys(idx[p], nxt, new)
+        fresh = ~np.isin(k, seen)
+        p, a, new, nxt, k = p[fresh], a[fresh], new[fresh], nxt[fresh], k[fresh]
         has = np.zeros(len(idx), bool)
         has[p] = True
-        active[idx[~has]] = False                  # every gene already in the set
+        active[idx[~has]] = False                  # no move left (a dead end)
         if not len(p):
             break
         score = geo.cos_sim[nxt, targets[idx[p]]]
@@ -131,20 +128,23 @@ def greedy(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.nd
         r = idx[p[best]]
         cell[r] = nxt[best]
         applied[r] = new[best]
+        seen = np.concatenate([seen, k[best]])
         for i, ai, ci in zip(r.tolist(), a[best].tolist(), nxt[best].tolist()):
             plans[i].append(ai)
             cells[i].append(ci)
         reached = geo.is_goal(cell[r], targets[r])
         success[r[reached]] = True
         active[r[reached]] = False
-    return SearchResult("greedy", starts, targets, success, plans, cells, cell, rows, time.perf_counter() - t0)
+    return SearchResult("greedy", starts, targets, success, plans, cells, cell, rows, time.perf_counter() - t0,
+                        {"max_set_size": int(max_set_size)})
 
 
 # ---------------------------------------------------------------------------------------------- beam
 def beam(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.ndarray, width: int,
-         max_steps: int) -> SearchResult:
-    """Beam search: per task keep the ``width`` distinct states most cosine-similar to the target; stop at the
-    first depth where a state reaches the goal (its most target-similar goal state)."""
+         max_steps: int, max_set_size: int = 3) -> SearchResult:
+    """Beam search: per task keep the ``width`` unvisited states most cosine-similar to the target; stop at the
+    first depth where a state reaches the goal (its most target-similar goal state). An unsolved task's plan
+    leads to the most target-similar state seen."""
     if int(width) < 1:
         raise InputError(f"beam width must be >= 1, got {width}", field="beam_width")
     t0 = time.perf_counter()
@@ -155,6 +155,7 @@ def beam(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.ndar
     applied = np.zeros((n, engine.n_regulators), np.int8)
     plan = np.zeros((n, 0), np.int64)
     path = np.zeros((n, 0), np.int64)
+    seen = _keys(task, cell, applied)
     success = np.zeros(n, bool)
     plans: list[list[int]] = [[] for _ in range(n)]
     cells: list[list[int]] = [[] for _ in range(n)]
@@ -164,45 +165,45 @@ def beam(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.ndar
     for _ in range(int(max_steps)):
         if not len(task):
             break
-        p, a, new, nxt = expand(engine, cell, applied)
+        p, a, new, nxt = successors(engine, cell, applied, max_set_size)
         rows += len(p)
+        t = task[p]
+        k = _keys(t, nxt, new)
+        keep = _new_states(k, seen)
+        p, a, new, nxt, t, k = p[keep], a[keep], new[keep], nxt[keep], t[keep], k[keep]
         if not len(p):
             break
-        t = task[p]
         score = geo.cos_sim[nxt, targets[t]].astype(np.float64)
         plan_c = np.column_stack([plan[p], a])
         path_c = np.column_stack([path[p], nxt])
-        goal = geo.is_goal(nxt, targets[t])
-        top = _first_per_group(t, -score)
-        hit = np.flatnonzero(goal)
+        hit = np.flatnonzero(geo.is_goal(nxt, targets[t]))
         if len(hit):
-            win = hit[_first_per_group(t[hit], -score[hit])]
-            for j in win.tolist():
+            for j in hit[_first_per_group(t[hit], -score[hit])].tolist():
                 i = int(t[j])
                 success[i] = True
                 plans[i], cells[i], final[i] = plan_c[j].tolist(), path_c[j].tolist(), int(nxt[j])
-        for j in top.tolist():                     # fallback plan: the best state seen (unsolved tasks)
+        for j in _first_per_group(t, -score).tolist():    # fallback plan: the best state seen (unsolved tasks)
             i = int(t[j])
             if not success[i] and score[j] > best_score[i]:
                 best_score[i] = score[j]
                 plans[i], cells[i], final[i] = plan_c[j].tolist(), path_c[j].tolist(), int(nxt[j])
-        keep = np.flatnonzero(~success[t])
-        keep = keep[_unique_states(t[keep], nxt[keep], new[keep])]
-        order = keep[np.lexsort((a[keep], -score[keep], t[keep]))]
+        live = np.flatnonzero(~success[t])
+        order = live[np.lexsort((a[live], -score[live], t[live]))]
         tg = t[order]
-        start_of = np.r_[0, np.flatnonzero(tg[1:] != tg[:-1]) + 1] if len(tg) else np.zeros(0, np.int64)
-        rank = np.arange(len(tg)) - np.repeat(start_of, np.diff(np.r_[start_of, len(tg)]))
+        first = np.r_[0, np.flatnonzero(tg[1:] != tg[:-1]) + 1] if len(tg) else np.zeros(0, np.int64)
+        rank = np.arange(len(tg)) - np.repeat(first, np.diff(np.r_[first, len(tg)]))
         sel = order[rank < int(width)]
+        seen = np.concatenate([seen, k[sel]])
         task, cell, applied, plan, path = t[sel], nxt[sel], new[sel], plan_c[sel], path_c[sel]
     return SearchResult(f"beam{int(width)}", starts, targets, success, plans, cells, final, rows,
-                        time.perf_counter() - t0, {"width": int(width)})
+                        time.perf_counter() - t0, {"width": int(width), "max_set_size": int(max_set_size)})
 
 
 # ---------------------------------------------------------------------------------------------- exact
-def exact(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.ndarray,
-          max_genes: int = 3) -> SearchResult:
-    """Exact breadth-first search over sets of up to ``max_genes`` genes (module docstring). Unsolved tasks get
-    an empty plan. ``info``: states expanded per depth."""
+def exact(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.ndarray, max_genes: int = 3,
+          max_steps: int = 20) -> SearchResult:
+    """Exact breadth-first search over (cell, set) states, sets of up to ``max_genes`` genes, up to
+    ``max_steps`` steps (module docstring). Unsolved tasks get an empty plan. ``info``: new states per depth."""
     t0 = time.perf_counter()
     starts, targets = _tasks(geo, starts, targets)
     n = len(starts)
@@ -215,33 +216,33 @@ def exact(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.nda
     applied = np.zeros((len(ustart), engine.n_regulators), np.int8)
     plan = np.zeros((len(ustart), 0), np.int64)
     path = np.zeros((len(ustart), 0), np.int64)
+    seen = _keys(sid, cell, applied)
     found: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
     rows = 0
     states = []
-    for _ in range(int(max_genes)):
+    for _ in range(int(max_steps)):
         states.append(int(len(sid)))
         if not len(sid):
             break
-        p, a, new, nxt = expand(engine, cell, applied)
+        p, a, new, nxt = successors(engine, cell, applied, max_genes)
         rows += len(p)
-        if not len(p):
-            break
         s = sid[p]
+        k = _keys(s, nxt, new)
+        keep = _new_states(k, seen)
+        p, a, new, nxt, s, k = p[keep], a[keep], new[keep], nxt[keep], s[keep], k[keep]
         hit = geo.goal_mask[:, nxt].T & need[s]               # (M, T)
         if hit.any():
             m, tt = np.nonzero(hit)
-            score = geo.cos_sim[nxt[m], tt]
-            win = _first_per_group(s[m] * T + tt, -score, m)
-            for j in win.tolist():
-                k = int(m[j])
-                found[(int(s[k]), int(tt[j]))] = (np.r_[plan[p[k]], a[k]].astype(int).tolist(),
-                                                 np.r_[path[p[k]], nxt[k]].astype(int).tolist())
-                need[s[k], tt[j]] = False
-        keep = np.flatnonzero(need[s].any(1))               # drop states of fully solved starts
-        keep = keep[_unique_states(s[keep], nxt[keep], new[keep])]
-        plan = np.column_stack([plan[p[keep]], a[keep]])
-        path = np.column_stack([path[p[keep]], nxt[keep]])
-        sid, cell, applied = s[keep], nxt[keep], new[keep]
+            for j in _first_per_group(s[m] * T + tt, -geo.cos_sim[nxt[m], tt], m).tolist():
+                q = int(m[j])
+                found[(int(s[q]), int(tt[j]))] = (np.r_[plan[p[q]], a[q]].astype(int).tolist(),
+                                                 np.r_[path[p[q]], nxt[q]].astype(int).tolist())
+                need[s[q], tt[j]] = False
+        live = np.flatnonzero(need[s].any(1))               # drop states of fully solved starts
+        seen = np.concatenate([seen, k])
+        plan = np.column_stack([plan[p[live]], a[live]])
+        path = np.column_stack([path[p[live]], nxt[live]])
+        sid, cell, applied = s[live], nxt[live], new[live]
     success = np.zeros(n, bool)
     plans: list[list[int]] = [[] for _ in range(n)]
     cells: list[list[int]] = [[] for _ in range(n)]
@@ -253,7 +254,7 @@ def exact(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.nda
             plans[i], cells[i] = list(hitp[0]), list(hitp[1])
             final[i] = hitp[1][-1]
     return SearchResult("exact", starts, targets, success, plans, cells, final, rows, time.perf_counter() - t0,
-                        {"max_genes": int(max_genes), "states_per_depth": states})
+                        {"max_genes": int(max_genes), "max_steps": int(max_steps), "states_per_depth": states})
 
 
 # ---------------------------------------------------------------------------------------------- policies
