@@ -302,9 +302,16 @@ class PersistentEngine:
         pinned = d_in != 0
         reg = xp.flatnonzero(self.reg_of_gene[genes] >= 0)  # entries on regulator genes (few)
         reg_rows = xp.searchsorted(ends, reg, side="right")
-        y[reg[pinned[reg_rows, self.reg_of_gene[genes[reg]]]]] = 0.0  # pins come as separate entries
-        # clipping needs y < -X <= 0: only negative entries are looked at (every entry when X < 0 somewhere)
-        cand = xp.arange(y.shape[0]) if self.any_negative else xp.flatnonzero(y < 0)
+        at_pin = reg[pinned[reg_rows, self.reg_of_gene[genes[reg]]]]
+        y[at_pin] = 0.0  # pins come as separate entries
+        # clipping needs y < -X <= 0: only negative entries are looked at (every entry but the pins when X < 0
+        # somewhere)
+        if self.any_negative:
+            free = xp.ones(y.shape[0], dtype=bool)
+            free[at_pin] = False
+            cand = xp.flatnonzero(free)
+        else:
+            cand = xp.flatnonzero(y < 0)
         rows = xp.searchsorted(ends, cand, side="right")
         x = xp.take(self.X_flat, cells[rows] * G + genes[cand])
         gem = x + y[cand]
