@@ -154,3 +154,26 @@ def test_rollout_of_a_policy_matches_greedy(problem):
     np.testing.assert_array_equal(r.success, g.success)
     assert r.plans == g.plans
     assert r.summary()["n_tasks"] == len(starts)
+
+
+def test_cellrl_plan_prints_the_set_and_its_order():
+    """`cellrl plan` in persistent mode (real engine on a random model): the set is the plan's genes, listed in
+    the order they were added, and the plan replays through the engine."""
+    from cellrl.cli import format_plan, plan
+    from cellrl.persistent.engine import PersistentEngine
+
+    m = random_model(n_cells=300, n_genes=20, n_types=4, n_regulators=6, seed=0)
+    settings = {"n_neighbors": 30}
+    env = {"perturbation_model": "persistent", "max_set_size": 2}
+    p = plan(m, np.zeros((300, 12), np.int32), None, "T0", "T3", env=env, transitions=settings)
+    s = p["search"]
+    genes = [st["action"] for st in s["steps"][1:] if st["kind"] != "HOLD"]
+    assert [o["added"] for o in s["order"]] == [f"{st['kind']}:{st['gene']}" for st in s["steps"][1:]
+                                                if st["kind"] != "HOLD"]
+    assert sorted(s["set"]) == sorted(o["added"] for o in s["order"]) and len(s["set"]) <= 2
+    eng = PersistentEngine.from_model(m, settings)
+    cells = replay(eng, p["start"]["cell_index"], [st["action"] for st in s["steps"][1:]])
+    assert cells == [st["cell_index"] for st in s["steps"][1:]]
+    assert s["success"] == s["steps"][-1]["at_goal"] and len(genes) == len(set(genes))
+    text = format_plan(p)
+    assert "built in this order" in text and "agent" not in p
