@@ -205,3 +205,23 @@ def test_maskable_ppo_learns_on_the_persistent_env(problem):
     obs = env.reset()
     a, _ = agent.predict(obs, action_masks=env.action_masks(), deterministic=True)
     assert env.action_masks()[np.arange(4), a].all()
+
+
+def test_train_agent_builds_the_persistent_env(problem, tmp_path):
+    """cellrl.train.train_agent with an engine trains and validates in persistent mode (no BFS warm start) and
+    writes its outputs; a resume from its final checkpoint restores the persistent env state."""
+    from cellrl.train import train_agent
+
+    m, eng, geo = problem
+    train = {"total_timesteps": 64, "n_envs": 4, "n_steps": 16, "batch_size": 32, "n_epochs": 1,
+             "embed_dims": [16, 8], "actor_dims": [8], "critic_dims": [8], "device": "cpu", "eval_every": 32,
+             "eval_episodes": 8, "checkpoint_every": 32, "warm_start": "bfs", "wandb": {"mode": "disabled"}}
+    env = {"max_steps": 4, "perturbation_model": "persistent"}
+    dummy = np.zeros((geo.n_cells, eng.n_actions), np.int32)
+    agent, summary = train_agent(geo, dummy, env, train, out_dir=tmp_path, progress=False, engine=eng)
+    assert agent.action_space.n == eng.n_actions + 1 and "applied" in agent.observation_space.spaces
+    assert summary["timesteps"] == 64 and 0.0 <= summary["final_val_success"] <= 1.0
+    assert not summary["warm_start"] and (tmp_path / "model.zip").exists()
+    agent2, summary2 = train_agent(geo, dummy, env, train, out_dir=tmp_path, progress=False, engine=eng,
+                                   resume=True)
+    assert summary2["timesteps"] == 64
