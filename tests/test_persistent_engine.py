@@ -169,6 +169,8 @@ def test_deterministic_and_batch_independent():
     assert np.array_equal(a[perm], eng.step(cells[perm], ap[perm]))
     parts = np.concatenate([eng.step(cells[i:i + 7], ap[i:i + 7]) for i in range(0, 70, 7)])
     assert np.array_equal(parts, a[:70])
+    eng2 = PersistentEngine.from_model(m, SETTINGS, threads=2)  # a batch split over two threads
+    assert np.array_equal(a, eng2.step(cells, ap))
     assert 0.0 < float((a == cells).mean()) < 1.0  # some stagnations, mostly moves
 
 

@@ -36,6 +36,7 @@ A single-gene set is the table's action (``table[i, a]``); equality with CellOra
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -53,6 +54,7 @@ NONE, KO, OE = 0, 1, 2
 EXACT_BELOW = 1e-6  # |D|^2 / (|X_i|^2 + |X_j|^2) under which a pair's numerator is formed from D explicitly
 GRAM_BLOCK = 64  # cells per Gram block when precomputing neighbour statistics
 MAX_BATCH = 2048  # envs simulated at once
+MIN_THREAD_BATCH = 128  # smallest share of a batch given to one thread
 ZD_MAX_BYTES = 2 << 30  # precomputed neighbour differences (cells x 2R x k float64) up to this size
 
 
@@ -119,6 +121,8 @@ class PersistentEngine:
                  nbr: np.ndarray | None = None):
         self.xp = xp
         self.settings = settings
+        self.threads = 1
+        self._pool: ThreadPoolExecutor | None = None
         self.actions = build_actions(model, settings.actions)
         R = model.n_regulators
         self.n_cells, self.n_genes, self.n_regulators = model.n_cells, model.n_genes, R
@@ -202,13 +206,16 @@ class PersistentEngine:
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
     def from_model(cls, model: OracleModel, settings: dict | TransitionSettings | None = None,
-                   xp: ModuleType | None = None) -> "PersistentEngine":
+                   xp: ModuleType | None = None, threads: int = 1) -> "PersistentEngine":
         """Engine of ``model`` with the ``transitions`` config section ``settings`` (n_propagation, n_neighbors,
-        sampled_fraction, sigma_corr, knn_random, seed, actions, backend); ``xp`` overrides the backend."""
+        sampled_fraction, sigma_corr, knn_random, seed, actions, backend); ``xp`` overrides the backend.
+        ``threads``: CPU threads splitting a batch (results do not depend on it)."""
         s = settings if isinstance(settings, TransitionSettings) else TransitionSettings.from_dict(settings)
         if xp is None:
             xp = select_backend(s.backend)[0]
-        return cls(model, s, xp)
+        eng = cls(model, s, xp)
+        eng.threads = max(1, int(threads))
+        return eng
 
     # ------------------------------------------------------------------------------------------------- sets
     def apply(self, applied: np.ndarray, actions: np.ndarray) -> np.ndarray:
@@ -253,10 +260,20 @@ class PersistentEngine:
         applied = np.asarray(applied, dtype=np.int8).reshape(cells.size, self.n_regulators)
         nxt = np.empty(cells.size, dtype=np.int64)
         shift = np.empty((cells.size, 2))
-        for s0 in range(0, cells.size, MAX_BATCH):
-            r = self._simulate(cells[s0:s0 + MAX_BATCH], applied[s0:s0 + MAX_BATCH])
-            nxt[s0:s0 + MAX_BATCH] = r["next_cell"]
-            shift[s0:s0 + MAX_BATCH] = r["shift"]
+        size = MAX_BATCH
+        if self.threads > 1 and self.xp is np:  # numpy, scipy's sparse products and the KD-tree release the GIL
+            size = min(MAX_BATCH, max(MIN_THREAD_BATCH, -(-cells.size // self.threads)))
+        starts = range(0, cells.size, size)
+        run = lambda s0: self._simulate(cells[s0:s0 + size], applied[s0:s0 + size])  # noqa: E731
+        if len(starts) > 1 and self.threads > 1 and self.xp is np:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cellrl-persistent")
+            results = self._pool.map(run, starts)
+        else:
+            results = map(run, starts)
+        for s0, r in zip(starts, results):
+            nxt[s0:s0 + size] = r["next_cell"]
+            shift[s0:s0 + size] = r["shift"]
         return {"next_cell": nxt, "shift": shift}
 
     def _propagate(self, cells: Any, code: Any) -> tuple[Any, Any, Any]:
