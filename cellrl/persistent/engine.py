@@ -15,17 +15,21 @@ at 0 is not pinned and propagates freely).
 1. Propagation (``_do_simulation`` with several pinned genes): ``d = d_in``; ``H`` times: ``d = d @ W_c``;
    ``d[P] = d_in[P]``; ``d = max(X_i + d, 0) - X_i``.
    *Structure used*: only regulators have outgoing edges, so hops 1..H-1 matter only on the ``R`` regulator
-   coordinates (a dense ``R x R`` product per hop, pins and clipping exact there); the last hop
-   ``y = d_R @ W_c[R, :]`` is the only one over genes, on ``cols_c`` (genes with an incoming edge in ``W_c``
-   plus the regulators; every gene if ``X`` has negative values, as clipping then moves untouched genes).
-   The final delta is ``delta = max(X_i + y', 0) - X_i`` with ``y'`` = ``y`` re-pinned: ``delta = y + e``,
-   ``e`` non-zero only on the pins and on genes clipped at the last hop.
+   coordinates (a sparse ``R x R`` product per hop, pins and clipping exact there); the last hop
+   ``y = d_R @ W_c[R, :]`` is the only one over genes: one sparse product for the whole batch (``W_c[R, :]``
+   stacked over clusters), kept sparse (only genes it reaches). The final delta is ``max(X_i + y', 0) - X_i``
+   with ``y'`` = ``y`` re-pinned, i.e. ``delta = y + e`` with ``e`` non-zero only on the pins and on genes
+   clipped at the last hop (which need ``y < -X <= 0``: only negative entries are tested; every gene when ``X``
+   has negative values, as those clip untouched).
 2. Correlation with each sampled neighbour ``j`` (Pearson over all ``G`` genes, centred algebraically as in
-   :mod:`cellrl.transitions`): ``sum_g delta_g (X_jg - X_ig) = d_R . (Z_c[j] - Z_c[i]) + sum_{g in e} e_g
-   (X_jg - X_ig)`` with ``Z_c[j] = W_c[R, :] X_j`` precomputed per cluster for its cells and their neighbours
-   (O(cells x R) memory); ``sum_g (D - mean D)^2`` and ``sum_g D`` per (cell, neighbour) are precomputed once
-   (O(cells x k)). Pairs of near-duplicate cells (where ``Z_c[j] - Z_c[i]`` would cancel) are formed exactly.
-   NaN -> 1 as CellOracle does with ``knn_random``.
+   :mod:`cellrl.transitions`): ``sum_g delta_g (X_jg - X_ig) = d_R . (Z_c[j] - Z_c[i]) + sum_g e_g (X_jg - X_ig)``
+   with ``Z_c[j] = W_c[R, :] X_j`` computed once per cluster for its cells and their neighbours; the
+   differences over the k neighbours of ``Z_c`` and of ``X`` on the regulators are stored per (cell, column)
+   (``ZD``: cells x 2R x k float64, 155 MB at 3,000 cells, 108 regulators, k = 60; gathered at each step instead
+   above ``ZD_MAX_BYTES``), so the linear part and the pins cost one contiguous k-row per non-zero ``d_R``
+   entry. ``sum_g (D - mean D)^2`` and ``sum_g D`` per (cell, neighbour) are precomputed (O(cells x k)); pairs
+   of near-duplicate cells (where the expanded forms would cancel) are formed from ``D`` exactly. NaN -> 1 as
+   CellOracle does with ``knn_random``.
 3. ``P_ij = softmax_j(corr_ij / sigma_corr)``, ``shift_i = sum_j P_ij u_ij - mean_j u_ij``, next cell = nearest to
    ``E_i + shift_i`` (a stagnation when it is ``i``).
 
@@ -165,13 +169,14 @@ class PersistentEngine:
         # per cluster: the regulator block W_c[R, R] for hops 1..H-1, and Z_c = W_c[R, :] X_j for the cells of the
         # cluster and their neighbours; the last hop uses W_c[R, :] stacked over clusters (one sparse product)
         C = len(model.coefs)
-        self.W_RR = xp.asarray(np.zeros((C, R, R)))
+        self.WT_RR: list[Any] = []  # per cluster W_c[R, R].T, CSR (sparse: no BLAS threads on tiny products)
         wr_parts, z_parts, z_off = [], [], 0
         self.nbr_z = np.empty_like(nbr)  # (N, k) row in Z of each neighbour, within the cell's cluster block
         self.self_z = np.empty(self.n_cells, dtype=np.int64)
         for c, W in enumerate(model.coefs):
             WR = sp.csr_matrix(W, dtype=np.float64)[self.regulator_idx]  # (R, G)
-            self.W_RR[c] = xp.asarray(WR[:, self.regulator_idx].toarray())
+            WT = sp.csr_matrix(WR[:, self.regulator_idx].T)
+            self.WT_RR.append(_sparse(xp).csr_matrix(WT) if xp is not np else WT)
             wr_parts.append(WR)
             cells = np.flatnonzero(self.cluster_ids == c)
             need = np.unique(np.concatenate([cells, nbr[cells].ravel()]))
@@ -293,7 +298,7 @@ class PersistentEngine:
         def hop(v: Any) -> Any:
             out = xp.empty_like(v)
             for c, idx in groups:
-                out[idx] = v[idx] @ self.W_RR[c]
+                out[idx] = (self.WT_RR[c] @ v[idx].T).T  # v @ W_c[R, R]
             return out
 
         for _ in range(int(self.settings.n_propagation) - 1):
@@ -357,11 +362,17 @@ class PersistentEngine:
         out[g] = xp.take(self.X_flat, self.nbr[cg] * G + gg[:, None]) - xp.take(self.X_flat, cg * G + gg)[:, None]
         return out
 
-    def _dense_delta(self, Y: Any, clip: _Entries, pins: _Entries) -> Any:
-        """(n, G) final delta from the last hop's parts."""
-        full = Y.toarray()
-        full[clip.row, clip.gene] = clip.value
-        full[pins.row, xp_idx(self.xp, self.regulator_idx)[pins.gene]] = pins.value
+    def _dense_delta(self, Y: Any, clip: _Entries, pins: _Entries, rows: Any = None) -> Any:
+        """Dense final delta of the batch's envs ``rows`` (all when None) from the last hop's parts."""
+        xp = self.xp
+        if rows is None:
+            rows = xp.arange(Y.shape[0])
+        full = Y[rows].toarray()
+        pos = xp.full(Y.shape[0], -1, dtype=xp.int64)
+        pos[rows] = xp.arange(rows.shape[0])
+        c, p = pos[clip.row], pos[pins.row]
+        full[c[c >= 0], clip.gene[c >= 0]] = clip.value[c >= 0]
+        full[p[p >= 0], xp_idx(xp, self.regulator_idx)[pins.gene[p >= 0]]] = pins.value[p >= 0]
         return full
 
     def _row_sums(self, rows: Any, vals: Any, n: int) -> Any:
@@ -396,9 +407,10 @@ class PersistentEngine:
         if self.any_near:  # near-duplicate neighbours: the numerator from D itself (rare)
             fe, fm = xp.nonzero(self.near[cells])
             if int(fe.shape[0]):
-                full = self._dense_delta(Y, clip, pins)
+                rows, inv = xp.unique(fe, return_inverse=True)
+                full = self._dense_delta(Y, clip, pins, rows)  # (len(rows), G)
                 D = self.X[self.nbr[cells[fe], fm]] - self.X[cells[fe]]
-                num[fe, fm] = xp.einsum("fg,fg->f", full[fe], D)
+                num[fe, fm] = xp.einsum("fg,fg->f", full[inv], D)
         num -= sum_d[:, None] * self.mean_D[cells]
         ssb = xp.maximum(ss_d - sum_d * sum_d / G, 0.0)
         with np.errstate(divide="ignore", invalid="ignore"):
