@@ -99,6 +99,47 @@ def method_stats(frame: pd.DataFrame, n_genes_actions: int) -> dict[str, Any]:
             "repeats_a_gene": int(sum(len(set(g)) != len(g) for g in genes))}
 
 
+def planted_recipe_rollout(engine: PersistentEngine, geo: TaskGeometry, truth: dict, acts: pd.DataFrame,
+                           starts: np.ndarray, targets: np.ndarray, max_steps: int) -> dict[str, Any]:
+    """Does the planted recipe itself reach the goal in persistent mode? Per task, the planted actions of its
+    (start type, target type) pair are added one per step (knockouts first, as listed), then the set is held
+    until the goal or ``max_steps`` (the set-size cap does not apply: 4 recipes hold 4 genes)."""
+    index = {(k, g.lower()): i for i, (k, g) in enumerate(zip(acts.kind, acts.gene))}
+    tl = {str(t).lower(): i for i, t in enumerate(geo.type_names)}
+    recipes: dict[tuple[int, int], list[int]] = {}
+    for rec in truth.get("reprogramming", []):
+        key = (tl.get(str(rec["start"]).lower()), tl.get(str(rec["target"]).lower()))
+        recipes[key] = [index[("KO", g.lower())] for g in rec.get("knockout", []) if ("KO", g.lower()) in index] + \
+            [index[("OE", g.lower())] for g in rec.get("overexpress", []) if ("OE", g.lower()) in index]
+    plan = [recipes.get((int(geo.type_ids[s]), int(t)), []) for s, t in zip(starts, targets)]
+    has = np.array([len(p) > 0 for p in plan])
+    cell = np.asarray(starts, np.int64).copy()
+    applied = np.zeros((len(cell), engine.n_regulators), np.int8)
+    done = ~has
+    success = np.zeros(len(cell), bool)
+    length = np.zeros(len(cell), np.int64)
+    for k in range(int(max_steps)):
+        idx = np.flatnonzero(~done)
+        if not len(idx):
+            break
+        add = np.array([k < len(plan[i]) for i in idx])
+        if add.any():
+            j = idx[add]
+            applied[j] = engine.apply(applied[j], np.array([plan[i][k] for i in j]))
+        nxt = np.asarray(engine.step(cell[idx], applied[idx]), np.int64)
+        stuck = (nxt == cell[idx]) & ~add                       # holding no longer moves the cell
+        cell[idx] = nxt
+        length[idx] = k + 1
+        hit = geo.is_goal(nxt, targets[idx])
+        success[idx[hit]] = True
+        done[idx[hit | stuck]] = True
+    return {"success": float(success[has].mean()) if has.any() else None, "n_tasks": int(has.sum()),
+            "mean_success_length": float(length[success].mean()) if success.any() else None,
+            "per_pair": pd.DataFrame({"s": geo.type_names[geo.type_ids[starts]], "t": geo.type_names[targets],
+                                      "ok": success}).groupby(["s", "t"]).ok.mean().round(3)
+                     .reset_index().to_dict("records")}
+
+
 def train_persistent_agent(geo: TaskGeometry, engine: PersistentEngine, env_cfg: dict, train_cfg: dict,
                            steps: int) -> tuple[Any, dict[str, Any]]:
     """MaskablePPO (reference network, demo train settings) on the persistent env, from scratch."""
@@ -194,6 +235,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out["persistent"][name] = {**score(f, engine.n_actions), "engine_rows": r.engine_rows,
                                    "wall_s": round(r.wall_s, 2), "rows_per_s": round(r.engine_rows / max(r.wall_s, 1e-9)),
                                    "info": r.info}
+
+    pr = planted_recipe_rollout(engine, geo, truth, acts, starts, targets, max_steps)
+    out["planted_recipe_rollout"] = pr
+    log("planted recipe applied then held: success", pr["success"], "mean length", pr["mean_success_length"])
 
     steps = int(s["train"]["total_timesteps"] if args.agent_steps is None else args.agent_steps)
     if steps > 0:

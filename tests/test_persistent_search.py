@@ -177,3 +177,19 @@ def test_cellrl_plan_prints_the_set_and_its_order():
     assert s["success"] == s["steps"][-1]["at_goal"] and len(genes) == len(set(genes))
     text = format_plan(p)
     assert "built in this order" in text and "agent" not in p
+
+
+@pytest.mark.parametrize("R", [4, 40])
+def test_state_keys_tell_states_apart(R):
+    """Packed int64 keys (small R) and byte-row keys (large R) are equal exactly for equal states."""
+    from cellrl.persistent.search import _keys
+
+    rng = np.random.default_rng(R)
+    task, cell = rng.integers(0, 3, 400), rng.integers(0, 5, 400)
+    applied = rng.integers(0, 3, (400, R)).astype(np.int8)
+    applied[:, 2:] = 0 if R == 4 else applied[:, 2:]
+    k = _keys(task, cell, applied, 5)
+    assert (k.dtype == np.int64) == (R == 4)
+    rows = np.column_stack([task, cell, applied])
+    same = (rows[:, None, :] == rows[None, :, :]).all(2)
+    np.testing.assert_array_equal(k[:, None] == k[None, :], same)

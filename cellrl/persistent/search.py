@@ -82,9 +82,19 @@ def _first_per_group(group: np.ndarray, *keys: np.ndarray) -> np.ndarray:
     return order[np.r_[True, g[1:] != g[:-1]]] if len(g) else order
 
 
-def _keys(*cols: np.ndarray) -> np.ndarray:
-    """One opaque key per row of the columns side by side (for set membership of states)."""
-    key = np.ascontiguousarray(np.column_stack([np.asarray(c, np.int64) for c in cols]))
+def _keys(task: np.ndarray, cell: np.ndarray, applied: np.ndarray, n_cells: int) -> np.ndarray:
+    """One key per state (task, cell, applied set): an int64 code (2 bits per regulator) when it fits in 63
+    bits, else an opaque row of bytes. Keys of one search are always of one kind (fixed sizes)."""
+    task = np.asarray(task, np.int64)
+    cell = np.asarray(cell, np.int64)
+    R = applied.shape[1]
+    cell_bits = max(1, int(n_cells - 1).bit_length())
+    if 2 * R + cell_bits + 24 <= 63:              # up to 2^24 tasks
+        code = np.zeros(len(cell), np.int64)
+        for r in range(R):
+            code |= applied[:, r].astype(np.int64) << (2 * r)
+        return (task << (2 * R + cell_bits)) | (cell << (2 * R)) | code
+    key = np.ascontiguousarray(np.column_stack([task, cell, np.asarray(applied, np.int64)]))
     return key.view(np.dtype((np.void, key.dtype.itemsize * key.shape[1]))).ravel()
 
 
@@ -107,7 +117,7 @@ def greedy(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.nd
     cells: list[list[int]] = [[] for _ in range(n)]
     success = np.zeros(n, bool)
     active = np.ones(n, bool)
-    seen = _keys(np.arange(n), cell, applied)
+    seen = _keys(np.arange(n), cell, applied, geo.n_cells)
     rows = 0
     for _ in range(int(max_steps)):
         idx = np.flatnonzero(active)
@@ -115,7 +125,7 @@ def greedy(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.nd
             break
         p, a, new, nxt = successors(engine, cell[idx], applied[idx], max_set_size)
         rows += len(p)
-        k = _keys(idx[p], nxt, new)
+        k = _keys(idx[p], nxt, new, geo.n_cells)
         fresh = ~np.isin(k, seen)
         p, a, new, nxt, k = p[fresh], a[fresh], new[fresh], nxt[fresh], k[fresh]
         has = np.zeros(len(idx), bool)
@@ -155,7 +165,7 @@ def beam(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.ndar
     applied = np.zeros((n, engine.n_regulators), np.int8)
     plan = np.zeros((n, 0), np.int64)
     path = np.zeros((n, 0), np.int64)
-    seen = _keys(task, cell, applied)
+    seen = _keys(task, cell, applied, geo.n_cells)
     success = np.zeros(n, bool)
     plans: list[list[int]] = [[] for _ in range(n)]
     cells: list[list[int]] = [[] for _ in range(n)]
@@ -168,7 +178,7 @@ def beam(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.ndar
         p, a, new, nxt = successors(engine, cell, applied, max_set_size)
         rows += len(p)
         t = task[p]
-        k = _keys(t, nxt, new)
+        k = _keys(t, nxt, new, geo.n_cells)
         keep = _new_states(k, seen)
         p, a, new, nxt, t, k = p[keep], a[keep], new[keep], nxt[keep], t[keep], k[keep]
         if not len(p):
@@ -216,7 +226,7 @@ def exact(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.nda
     applied = np.zeros((len(ustart), engine.n_regulators), np.int8)
     plan = np.zeros((len(ustart), 0), np.int64)
     path = np.zeros((len(ustart), 0), np.int64)
-    seen = _keys(sid, cell, applied)
+    seen = _keys(sid, cell, applied, geo.n_cells)
     found: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
     rows = 0
     states = []
@@ -227,7 +237,7 @@ def exact(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.nda
         p, a, new, nxt = successors(engine, cell, applied, max_genes)
         rows += len(p)
         s = sid[p]
-        k = _keys(s, nxt, new)
+        k = _keys(s, nxt, new, geo.n_cells)
         keep = _new_states(k, seen)
         p, a, new, nxt, s, k = p[keep], a[keep], new[keep], nxt[keep], s[keep], k[keep]
         hit = geo.goal_mask[:, nxt].T & need[s]               # (M, T)
