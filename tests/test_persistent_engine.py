@@ -174,6 +174,23 @@ def test_deterministic_and_batch_independent():
     assert 0.0 < float((a == cells).mean()) < 1.0  # some stagnations, mostly moves
 
 
+def test_gathered_neighbour_differences_equal_precomputed(monkeypatch):
+    """Above ZD_MAX_BYTES the neighbour differences of [Z | X_R] are gathered at each step instead of stored:
+    same shifts and next cells."""
+    import cellrl.persistent.engine as E
+
+    m = random_model(n_cells=500, n_genes=60, n_types=3, n_regulators=8, seed=4)
+    stored = PersistentEngine.from_model(m, SETTINGS)
+    monkeypatch.setattr(E, "ZD_MAX_BYTES", 0)
+    gathered = PersistentEngine.from_model(m, SETTINGS)
+    assert stored.ZD is not None and gathered.ZD is None
+    cells = np.arange(m.n_cells)
+    ap = _set(stored, [0, 8 + 3, 5], m.n_cells)
+    a, b = stored.simulate(cells, ap), gathered.simulate(cells, ap)
+    np.testing.assert_allclose(a["shift"], b["shift"], rtol=0, atol=1e-12)
+    assert np.array_equal(a["next_cell"], b["next_cell"])
+
+
 def test_masks_and_set_updates(small_model):
     eng = PersistentEngine.from_model(small_model, SETTINGS)
     R = eng.n_regulators
