@@ -19,8 +19,8 @@ at 0 is not pinned and propagates freely).
    ``y = d_R @ W_c[R, :]`` is the only one over genes: one sparse product for the whole batch (``W_c[R, :]``
    stacked over clusters), kept sparse (only genes it reaches). The final delta is ``max(X_i + y', 0) - X_i``
    with ``y'`` = ``y`` re-pinned, i.e. ``delta = y + e`` with ``e`` non-zero only on the pins and on genes
-   clipped at the last hop (which need ``y < -X <= 0``: only negative entries are tested; every gene when ``X``
-   has negative values, as those clip untouched).
+   clipped at the last hop (which needs ``y < -X_ig <= -min_{cells of c} X_g``: only those entries are tested;
+   every gene when ``X`` has negative values, as those clip untouched).
 2. Correlation with each sampled neighbour ``j`` (Pearson over all ``G`` genes, centred algebraically as in
    :mod:`cellrl.transitions`): ``sum_g delta_g (X_jg - X_ig) = d_R . (Z_c[j] - Z_c[i]) + sum_g e_g (X_jg - X_ig)``
    with ``Z_c[j] = W_c[R, :] X_j`` computed once per cluster for its cells and their neighbours; the
@@ -204,7 +204,10 @@ class PersistentEngine:
                 self.ZD[2 * R * s0:2 * R * (s0 + int(cs.shape[0]))] = zx.transpose(0, 2, 1).reshape(-1, k)
         reg_of_gene = np.full(G, -1, dtype=np.int64)
         reg_of_gene[self.regulator_idx] = np.arange(R)
-        self.reg_of_gene = xp.asarray(reg_of_gene)
+        self.reg_of_gene, self.is_reg = xp.asarray(reg_of_gene), xp.asarray(reg_of_gene >= 0)
+        xmin = np.stack([X[self.cluster_ids == c].min(axis=0) if (self.cluster_ids == c).any() else np.zeros(G)
+                         for c in range(len(model.coefs))])
+        self.xmin_flat = xp.asarray(xmin.ravel())  # (C G) min expression of each gene within each cluster
         # genes with negative expression clip even when untouched: (cells x G) CSR of them (usually empty)
         self.any_negative = all_genes
 
@@ -322,18 +325,19 @@ class PersistentEngine:
                                         xp.arange(0, n * G + 1, G)), shape=(n, G))
         genes, y, ends = Y.indices, Y.data, Y.indptr[1:]
         pinned = d_in != 0
-        reg = xp.flatnonzero(self.reg_of_gene[genes] >= 0)  # entries on regulator genes (few)
+        reg = xp.flatnonzero(self.is_reg[genes])  # entries on regulator genes (few)
         reg_rows = xp.searchsorted(ends, reg, side="right")
         at_pin = reg[pinned[reg_rows, self.reg_of_gene[genes[reg]]]]
         y[at_pin] = 0.0  # pins come as separate entries
-        # clipping needs y < -X <= 0: only negative entries are looked at (every entry but the pins when X < 0
-        # somewhere)
+        # clipping needs y < -X_ig <= -min over the cell's cluster of X_g: only those entries are looked at
+        # (every entry but the pins when X < 0 somewhere)
         if self.any_negative:
             free = xp.ones(y.shape[0], dtype=bool)
             free[at_pin] = False
             cand = xp.flatnonzero(free)
         else:
-            cand = xp.flatnonzero(y < 0)
+            base = xp.repeat(self.cluster_x[cells] * G, xp.diff(Y.indptr).astype(xp.int64))
+            cand = xp.flatnonzero(y < -xp.take(self.xmin_flat, base + genes))
         rows = xp.searchsorted(ends, cand, side="right")
         x = xp.take(self.X_flat, cells[rows] * G + genes[cand])
         gem = x + y[cand]
@@ -375,6 +379,13 @@ class PersistentEngine:
         full[p[p >= 0], xp_idx(xp, self.regulator_idx)[pins.gene[p >= 0]]] = pins.value[p >= 0]
         return full
 
+    def _weighted_rows(self, rows: Any, w: Any, T: Any, n: int) -> Any:
+        """(n, k): ``sum_t w_t T[t]`` per env, ``rows`` (ascending) the env of each row of ``T``."""
+        xp = self.xp
+        indptr = xp.concatenate([xp.zeros(1, dtype=xp.int64), xp.cumsum(xp.bincount(rows, minlength=n))])
+        S = _sparse(xp).csr_matrix((w, xp.arange(rows.shape[0]), indptr), shape=(n, int(rows.shape[0])))
+        return xp.asarray(S @ T)
+
     def _row_sums(self, rows: Any, vals: Any, n: int) -> Any:
         """Per-row sums of ``vals`` (deterministic order on both backends)."""
         xp = self.xp
@@ -396,14 +407,13 @@ class PersistentEngine:
         ss_d = (sq @ ones + self._row_sums(clip.row, clip.value * clip.value - clip.y * clip.y, n)
                 + self._row_sums(pins.row, pins.value * pins.value, n))
         # numerator sum_g delta_g (X_jg - X_ig) = d_R . (Z[j] - Z[i]) + sum over the pins and clipped genes of
-        # (delta - y)_g (X_jg - X_ig): one sparse (n x terms) @ (terms x k) product
+        # (delta - y)_g (X_jg - X_ig): per part, rows of k neighbour differences weighted and summed per env
         zr, zc = xp.nonzero(d)
-        t_zd = self._z_diff(cells[xp.concatenate([zr, pins.row])], xp.concatenate([zc, R + pins.gene]))
-        t_cl = xp.take(self.X_flat, self.nbr[cells[clip.row]] * G + clip.gene[:, None]) - clip.x[:, None]
-        w = xp.concatenate([d[zr, zc], pins.value - pins.y, clip.value - clip.y])
-        tr = xp.concatenate([zr, pins.row, clip.row])
-        S = _sparse(xp).csr_matrix((w, (tr, xp.arange(tr.shape[0]))), shape=(n, int(tr.shape[0])))
-        num = xp.asarray(S @ xp.concatenate([t_zd, t_cl]))
+        num = self._weighted_rows(zr, d[zr, zc], self._z_diff(cells[zr], zc), n)
+        num += self._weighted_rows(pins.row, pins.value - pins.y, self._z_diff(cells[pins.row], R + pins.gene), n)
+        if int(clip.row.shape[0]):
+            t_cl = xp.take(self.X_flat, self.nbr[cells[clip.row]] * G + clip.gene[:, None]) - clip.x[:, None]
+            num += self._weighted_rows(clip.row, clip.value - clip.y, t_cl, n)
         if self.any_near:  # near-duplicate neighbours: the numerator from D itself (rare)
             fe, fm = xp.nonzero(self.near[cells])
             if int(fe.shape[0]):
