@@ -87,6 +87,13 @@ def xp_idx(xp: ModuleType, a: np.ndarray) -> Any:
     return a if xp is np else xp.asarray(a)
 
 
+def _rows_of(xp: ModuleType, indptr: Any, per_row: Any) -> Any:
+    """``per_row[r]`` repeated for each stored entry of CSR row ``r`` (CuPy's repeat takes no array counts)."""
+    if xp is np:
+        return np.repeat(per_row, np.diff(indptr))
+    return per_row[xp.searchsorted(indptr[1:], xp.arange(int(indptr[-1])), side="right")]
+
+
 def neighbor_stats(xp: ModuleType, X: Any, nbr: Any, G: int) -> tuple[Any, Any, Any]:
     """Per (cell i, neighbour m): ``ssA`` = sum_g (D - mean D)^2, ``s1`` = sum_g D with ``D = X_j - X_i``, and
     ``near`` (|D|^2 < EXACT_BELOW (|X_i|^2 + |X_j|^2): near-duplicates whose linear numerator would cancel).
@@ -336,7 +343,7 @@ class PersistentEngine:
             free[at_pin] = False
             cand = xp.flatnonzero(free)
         else:
-            base = xp.repeat(self.cluster_x[cells] * G, xp.diff(Y.indptr).astype(xp.int64))
+            base = _rows_of(xp, Y.indptr, self.cluster_x[cells] * G)
             cand = xp.flatnonzero(y < -xp.take(self.xmin_flat, base + genes))
         rows = xp.searchsorted(ends, cand, side="right")
         x = xp.take(self.X_flat, cells[rows] * G + genes[cand])
@@ -383,7 +390,8 @@ class PersistentEngine:
         """(n, k): ``sum_t w_t T[t]`` per env, ``rows`` (ascending) the env of each row of ``T``."""
         xp = self.xp
         indptr = xp.concatenate([xp.zeros(1, dtype=xp.int64), xp.cumsum(xp.bincount(rows, minlength=n))])
-        S = _sparse(xp).csr_matrix((w, xp.arange(rows.shape[0]), indptr), shape=(n, int(rows.shape[0])))
+        S = _sparse(xp).csr_matrix((w, xp.arange(rows.shape[0], dtype=xp.int32), indptr.astype(xp.int32)),
+                                   shape=(n, int(rows.shape[0])))
         return xp.asarray(S @ T)
 
     def _row_sums(self, rows: Any, vals: Any, n: int) -> Any:
