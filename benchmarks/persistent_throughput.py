@@ -1,4 +1,4 @@
-"""Persistent-mode engine throughput: env-style steps/s of :class:`cellrl.persistent.engine.PersistentEngine` (issue 14).
+"""Persistent-mode engine throughput: env-style steps/s of cellrl.persistent.engine.PersistentEngine (issue 14).
 
     .venv/bin/python benchmarks/persistent_throughput.py [--seconds 20] [--envs 8,256,1024,4096] [--quick]
 

@@ -1,4 +1,4 @@
-"""Persistent engine (cellrl.persistent.engine): whole applied sets simulated from the current cell, equal to CellOracle.
+"""Persistent engine (cellrl.persistent.engine): whole applied sets simulated from the current cell, == CellOracle.
 
 Evidence, as for the table engine (tests/test_transitions.py, whose CellOracle transcription and fixtures are reused):
 * single-gene sets are the table's actions: next cell == ``table[i, a]`` for every cell and action, delta equal;

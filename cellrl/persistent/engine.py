@@ -84,6 +84,7 @@ class _Entries:
 
 
 def xp_idx(xp: ModuleType, a: np.ndarray) -> Any:
+    """A numpy index array on the backend."""
     return a if xp is np else xp.asarray(a)
 
 
@@ -175,7 +176,6 @@ class PersistentEngine:
 
         # per cluster: the regulator block W_c[R, R] for hops 1..H-1, and Z_c = W_c[R, :] X_j for the cells of the
         # cluster and their neighbours; the last hop uses W_c[R, :] stacked over clusters (one sparse product)
-        C = len(model.coefs)
         self.WT_RR: list[Any] = []  # per cluster W_c[R, R].T, CSR (sparse: no BLAS threads on tiny products)
         wr_parts, z_parts, z_off = [], [], 0
         self.nbr_z = np.empty_like(nbr)  # (N, k) row in Z of each neighbour, within the cell's cluster block
@@ -215,8 +215,7 @@ class PersistentEngine:
         xmin = np.stack([X[self.cluster_ids == c].min(axis=0) if (self.cluster_ids == c).any() else np.zeros(G)
                          for c in range(len(model.coefs))])
         self.xmin_flat = xp.asarray(xmin.ravel())  # (C G) min expression of each gene within each cluster
-        # genes with negative expression clip even when untouched: (cells x G) CSR of them (usually empty)
-        self.any_negative = all_genes
+        self.any_negative = all_genes  # genes with negative expression clip even when untouched
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
