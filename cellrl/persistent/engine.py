@@ -25,7 +25,7 @@ at 0 is not pinned and propagates freely).
    :mod:`cellrl.transitions`): ``sum_g delta_g (X_jg - X_ig) = d_R . (Z_c[j] - Z_c[i]) + sum_g e_g (X_jg - X_ig)``
    with ``Z_c[j] = W_c[R, :] X_j`` computed once per cluster for its cells and their neighbours; the
    differences over the k neighbours of ``Z_c`` and of ``X`` on the regulators are stored per (cell, column)
-   (``ZD``: cells x 2R x k float64, 155 MB at 3,000 cells, 108 regulators, k = 60; gathered at each step instead
+   (``ZD``: cells x 2R x k float64, 311 MB at 3,000 cells, 108 regulators, k = 60; gathered at each step instead
    above ``ZD_MAX_BYTES``), so the linear part and the pins cost one contiguous k-row per non-zero ``d_R``
    entry. ``sum_g (D - mean D)^2`` and ``sum_g D`` per (cell, neighbour) are precomputed (O(cells x k)); pairs
    of near-duplicate cells (where the expanded forms would cancel) are formed from ``D`` exactly. NaN -> 1 as
