@@ -110,6 +110,23 @@ def env_settings(train_summary: Path | None, results: str | Path | None, run: st
     return {}
 
 
+def transition_settings(results: str | Path | None, run: str) -> dict[str, Any] | None:
+    """The dataset's ``transitions`` settings from config/config.yaml (the persistent engine's), else None
+    (the defaults)."""
+    if not results:
+        return None
+    try:
+        from .config import dataset_config, load_config
+
+        cfg = load_config()
+        ds = Path(results).name
+        if ds in cfg["datasets"]:
+            return dataset_config(cfg, ds, run if run in cfg["runs"] else None)["transitions"]
+    except CellrlError:
+        pass
+    return None
+
+
 def find_type(geometry: Any, name: str, what: str) -> int:
     """Index of a cell type by name (exact, then case-insensitive); InputError listing the types."""
     names = [str(t) for t in geometry.type_names]
@@ -163,13 +180,14 @@ def _steps(start: int, actions: Sequence[int], cells: Sequence[int], target: int
 
 def plan(model: Any, table: np.ndarray, agent: Any, start: str, target: str, env: Mapping[str, Any] | None = None,
          actions: Any = None, deterministic: bool = True, max_steps: int | None = None,
-         geometry: Any = None) -> dict[str, Any]:
+         geometry: Any = None, transitions: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Plan from ``start`` (cell name or type) to cell type ``target`` with the agent and with BFS.
 
     ``agent`` is a policy with ``predict`` or a function ``(geometry, n_actions) -> policy`` that loads one
     (:func:`cellrl.agent_io.load_agent`; called only once the names are resolved and a path exists, so bad input
     fails fast). Raises InputError for unknown names, UnreachableError when no path exists. Returns a JSON-ready
-    dict. ``geometry``: the model's TaskGeometry for ``env``'s percentiles when already built.
+    dict. ``geometry``: the model's TaskGeometry for ``env``'s percentiles when already built. With
+    ``env.perturbation_model: persistent`` see :func:`plan_persistent` (``transitions``: the engine's settings).
     """
     from .bfs import eval_allowed_mask, shortest_paths
     from .env import EnvParams
@@ -186,6 +204,8 @@ def plan(model: Any, table: np.ndarray, agent: Any, start: str, target: str, env
         raise InputError(f"start cell {model.cell_names[c]} is already of type {geo.type_names[t]}; "
                          "choose a start of another type", field="start")
     limit = int(max_steps or params.eval_max_steps(geo.n_types))
+    if params.perturbation_model == "persistent":
+        return plan_persistent(model, agent, c, how, t, params, geo, acts, limit, transitions, deterministic)
     res = shortest_paths(table, geo.goal_mask[t:t + 1], eval_allowed_mask(model, table))
     d = int(res.dist[c, 0])
     out: dict[str, Any] = {
@@ -212,6 +232,65 @@ def plan(model: Any, table: np.ndarray, agent: Any, start: str, target: str, env
     return out
 
 
+def plan_persistent(model: Any, agent: Any, c: int, how: str, t: int, params: Any, geo: Any, acts: Any, limit: int,
+                    transitions: Mapping[str, Any] | None, deterministic: bool = True,
+                    beam_width: int = 32) -> dict[str, Any]:
+    """Persistent mode (:mod:`cellrl.persistent`): the agent's plan and a beam search's (width ``beam_width``;
+    exhaustive search is too slow for a command), each with its set and the order it was built. The agent is
+    used when it was trained in persistent mode (its spaces fit); otherwise ``agent_note`` says why not."""
+    import pandas as pd
+
+    from .agent_io import load_policy, read_train_summary
+    from .persistent.engine import PersistentEngine
+    from .persistent.env import persistent_obs_space, set_labels
+    from .persistent.search import beam, rollout
+    from .evaluate import agent_chooser
+
+    engine = PersistentEngine.from_model(model, transitions)
+    hold = int(engine.n_actions)
+    acts = pd.concat([acts, pd.DataFrame({"index": [hold], "gene": ["(set held)"], "kind": ["HOLD"],
+                                          "label": ["HOLD"]})], ignore_index=True)
+
+    def described(actions: Sequence[int], cells: Sequence[int], success: bool) -> dict[str, Any]:
+        applied = np.zeros((1, engine.n_regulators), np.int8)
+        order = []
+        for i, a in enumerate(actions):
+            if a != hold:
+                applied = engine.apply(applied, [a])
+                order.append({"step": i + 1, "added": str(acts.label[a])})
+        return {"success": bool(success), "length": len(actions), "set": set_labels(applied[0], engine.regulators),
+                "order": order, "held_steps": int(sum(a == hold for a in actions)),
+                "steps": _steps(c, actions, cells, t, model, geo, acts)}
+
+    out: dict[str, Any] = {
+        "perturbation_model": "persistent", "max_set_size": int(params.max_set_size),
+        "start": {"cell": str(model.cell_names[c]), "cell_index": c, "cell_type": str(geo.type_names[geo.type_ids[c]]),
+                  "split": str(geo.split[c]), "chosen_as": how},
+        "target": {"cell_type": str(geo.type_names[t]), "goal_threshold": float(geo.goal_threshold[t]),
+                   "start_cos_dist": float(1.0 - geo.cos_sim[c, t])},
+        "max_steps": limit, "deterministic": bool(deterministic),
+    }
+    b = beam(engine, geo, np.array([c]), np.array([t]), beam_width, limit, params.max_set_size)
+    out["search"] = {"method": f"beam search (width {beam_width})", **described(b.plans[0], b.cells[0],
+                                                                                 b.success[0])}
+    if agent is not None and callable(agent) and not hasattr(agent, "predict"):
+        path = agent.args[0] if isinstance(agent, functools.partial) and agent.args else None
+        try:
+            from gymnasium import spaces
+
+            train_cfg = read_train_summary(Path(path).parent / "train_summary.json").get("train") if path else None
+            agent = load_policy(path, train_cfg, persistent_obs_space(geo, hold + 1, engine.n_regulators),
+                                spaces.Discrete(hold + 1))
+        except (InputError, TypeError) as e:
+            out["agent_note"] = f"the agent was not trained in persistent mode ({e}); only the search plan is shown"
+            agent = None
+    if agent is not None:
+        r = rollout(geo, engine, params, np.array([c]), np.array([t]), agent_chooser(agent, deterministic),
+                    max_steps=limit)
+        out["agent"] = described(r.plans[0], r.cells[0], r.success[0])
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- printing
 def format_plan(p: Mapping[str, Any]) -> str:
     """Human-readable plan: the agent's sequence and the BFS optimum as aligned tables."""
@@ -231,6 +310,21 @@ def format_plan(p: Mapping[str, Any]) -> str:
                        f"{r['cos_dist']:>8.3f}{mark}")
         return out
 
+    if p.get("perturbation_model") == "persistent":
+        for key in ("agent", "search"):
+            r = p.get(key)
+            if r is None:
+                continue
+            who = "agent" if key == "agent" else r["method"]
+            verdict = f"reaches {t['cell_type']} in {r['length']} steps" if r["success"] else \
+                f"does NOT reach {t['cell_type']} within {p['max_steps']} steps"
+            lines += table(f"{who} plan (persistent perturbations): {verdict}", r["steps"])
+            order = ", ".join(f"{o['added']} (step {o['step']})" for o in r["order"]) or "none"
+            lines += [f"  set ({len(r['set'])} of at most {p['max_set_size']} genes): {', '.join(r['set']) or '-'}",
+                      f"  built in this order: {order}; the set is held (HOLD) for {r['held_steps']} more steps", ""]
+        if p.get("agent_note"):
+            lines.append(f"note: {p['agent_note']}")
+        return "\n".join(lines)
     a = p.get("agent")
     if a is not None:
         verdict = f"reaches {t['cell_type']} in {a['length']} steps" if a["success"] else \
@@ -298,6 +392,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--max-steps", type=_positive_int,
                    help="episode step limit, >= 1 (default: the evaluation limit of the run)")
     q.add_argument("--stochastic", action="store_true", help="sample the agent's actions instead of argmax")
+    q.add_argument("--perturbation-model", choices=("table", "persistent"),
+                   help="table (perturbations forgotten after their step) or persistent (a set that stays applied; "
+                        "prints the set and the order it was built); default: the run's env.perturbation_model")
     q.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
@@ -379,10 +476,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         table = load_table(paths["table"], model.n_cells, model.n_actions)
         acts = action_table(table.shape[1], model.regulators, paths["actions"])
         env = env_settings(paths["train_summary"], args.results, args.run)
+        if args.perturbation_model:
+            env = {**env, "perturbation_model": args.perturbation_model}
         agent = functools.partial(load_agent, paths["agent"], trust_pickled=args.trust_pickled_agent)
         if args.expression is None:
             p = plan(model, table, agent, args.start, args.target, env=env, actions=acts,
-                     deterministic=not args.stochastic, max_steps=args.max_steps)
+                     deterministic=not args.stochastic, max_steps=args.max_steps,
+                     transitions=transition_settings(args.results, args.run))
         else:
             p = _plan_user_cell(args, paths, model, table, agent, env, acts)
     except UnreachableError as e:
@@ -395,6 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         traceback.print_exc(file=sys.stderr)
         return _error("internal", e, EXIT_INTERNAL, args.json)
     print(json.dumps(p, indent=2) if args.json else format_plan(p))
+    if p.get("perturbation_model") == "persistent":
+        return EXIT_OK if (p.get("agent") or p["search"])["success"] else EXIT_AGENT_FAILED
     if not p["agent"]["success"]:
         print(f"cellrl plan: the agent does not reach {p['target']['cell_type']} within {p['max_steps']} steps; "
               f"the BFS optimum ({p['bfs']['length']} steps) is shown for comparison", file=sys.stderr)

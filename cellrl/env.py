@@ -54,6 +54,8 @@ from .model import SPLITS, OracleModel
 from .tasks import TaskGeometry, allowed_mask, validate_table
 
 ENV_ID = "cellrl/Reprogramming-v0"
+#: ``env.perturbation_model``: table (memoryless transition table) or persistent (cellrl.persistent).
+PERTURBATION_MODELS = ("table", "persistent")
 
 
 # ---------------------------------------------------------------------------------------------- parameters
@@ -81,7 +83,14 @@ class EnvParams:
     goal_percentile: float = 25.0
     centroid_percentile: float = 95.0
     mask_revisits: bool = True
+    perturbation_model: str = "table"
+    max_set_size: int = 3
     curriculum: CurriculumParams = field(default_factory=CurriculumParams)
+
+    def __post_init__(self) -> None:
+        if self.perturbation_model not in PERTURBATION_MODELS:
+            raise InputError(f"env.perturbation_model must be one of {PERTURBATION_MODELS}, got "
+                             f"{self.perturbation_model!r}", field="env.perturbation_model")
 
     @classmethod
     def from_config(cls, env_cfg: Mapping[str, Any] | "EnvParams" | None) -> "EnvParams":
@@ -128,20 +137,27 @@ class EpisodeBatch:
     def __init__(self, geometry: TaskGeometry, table: np.ndarray, n: int, params: EnvParams,
                  split: str = "train", training: bool = True, curriculum: bool | None = None,
                  max_steps: int | None = None, seed: int | None = None):
+        self.table = validate_table(table, geometry.n_cells, table.shape[1] if np.ndim(table) == 2 else -1)
+        allowed = allowed_mask(self.table, geometry.split, bool(training))
+        self.allowed = allowed                                    # (C, A) bool, the static mask
+        self.allowed_i8 = allowed.view(np.int8)                   # same memory, for the observation
+        self.mask_revisits = bool(params.mask_revisits)
+        self._init_episodes(geometry, int(self.table.shape[1]), allowed.any(1), n, params, split, training,
+                            curriculum, max_steps, seed)
+
+    def _init_episodes(self, geometry: TaskGeometry, n_actions: int, has_action: np.ndarray, n: int,
+                       params: EnvParams, split: str, training: bool, curriculum: bool | None,
+                       max_steps: int | None, seed: int | None) -> None:
+        """Task pool, curriculum and episode state; shared with :mod:`cellrl.persistent.env`."""
         if split not in SPLITS:
             raise InputError(f"unknown split {split!r}; use one of {SPLITS}", field="split")
         self.geo = geometry
-        self.table = validate_table(table, geometry.n_cells, table.shape[1] if np.ndim(table) == 2 else -1)
         self.n = int(n)
         self.params = params
         self.split = split
         self.training = bool(training)
-        self.n_actions = int(self.table.shape[1])
-        allowed = allowed_mask(self.table, geometry.split, self.training)
-        self.allowed = allowed                                    # (C, A) bool, the static mask
-        self.allowed_i8 = allowed.view(np.int8)                   # same memory, for the observation
-        self.has_action = allowed.any(1)
-        self.mask_revisits = bool(params.mask_revisits)
+        self.n_actions = int(n_actions)
+        self.has_action = has_action
         in_split = geometry.split == split
         # Training episodes start only where some action is allowed; evaluation uses every cell of the split.
         pool = in_split & self.has_action if self.training else in_split

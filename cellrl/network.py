@@ -1,7 +1,8 @@
 """The reference network: a features extractor with one MLP per input, and MaskablePPO's policy kwargs.
 
 ``current_expression`` and ``target_expression`` each go through their own MLP (genes -> 512 -> 128,
-LeakyReLU); the features are the two embeddings side by side (2 x 128). The actor (256 -> 64) and critic
+LeakyReLU); the features are the two embeddings side by side (2 x 128). In persistent mode the applied set
+(``applied``, R values in {-1, 0, +1}) is concatenated to the current cell's input: the state is (cell, set). The actor (256 -> 64) and critic
 (128 -> 64) MLPs are SB3's, optimised by torch's own Adam (eps 1e-5, SB3's PPO default) in its fused form
 (one kernel for all parameters: 3x faster than the per-tensor loop torch uses by default on CPU at 3,000 genes).
 """
@@ -37,7 +38,10 @@ class ReprogrammingExtractor(BaseFeaturesExtractor):
                  dedupe_targets: bool = True):
         g = int(observation_space["current_expression"].shape[0])
         super().__init__(observation_space, features_dim=2 * int(embed_dims[-1]))
-        self.current = mlp(g, embed_dims)
+        # persistent mode (cellrl.persistent.env): the applied set joins the current cell's input
+        self.with_applied = "applied" in observation_space.spaces
+        n_set = int(observation_space["applied"].shape[0]) if self.with_applied else 0
+        self.current = mlp(g + n_set, embed_dims)
         self.target = mlp(g, embed_dims)
         self.dedupe_targets = dedupe_targets
         gen = th.Generator().manual_seed(12345)          # own generator: leaves the global torch RNG alone
@@ -52,7 +56,10 @@ class ReprogrammingExtractor(BaseFeaturesExtractor):
         return self.target(tgt.index_select(0, first)).index_select(0, inv)
 
     def forward(self, observations: dict[str, th.Tensor]) -> th.Tensor:
-        cur = self.current(observations["current_expression"])
+        cur = observations["current_expression"]
+        if self.with_applied:
+            cur = th.cat([cur, observations["applied"]], dim=1)
+        cur = self.current(cur)
         tgt = self._embed_targets(observations["target_expression"])
         return th.cat([cur, tgt], dim=1)
 

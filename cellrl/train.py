@@ -100,13 +100,19 @@ def set_torch_threads(threads: int | None = None) -> int:
 
 def make_vec_env(model: OracleModel | TaskGeometry, table: np.ndarray,
                  env_cfg: Mapping[str, Any] | EnvParams | None, n_envs: int, split: str = "train",
-                 seed: int | None = 0, training: bool = True, **kwargs: Any) -> VecReprogrammingEnv:
+                 seed: int | None = 0, training: bool = True, engine: Any = None,
+                 **kwargs: Any) -> VecReprogrammingEnv:
     """The vectorised environment over ``split`` (see :class:`cellrl.env.VecReprogrammingEnv`).
 
     ``training=True`` masks transitions into non-training cells and runs the curriculum; evaluation envs
     (``training=False``) draw any other cell type as target and allow ``max_steps`` of the final phase.
-    Pass a :class:`~cellrl.tasks.TaskGeometry` instead of the model to share one between envs.
+    Pass a :class:`~cellrl.tasks.TaskGeometry` instead of the model to share one between envs. With a
+    persistent-perturbation ``engine`` (:mod:`cellrl.persistent`) the env is the persistent one (table unused).
     """
+    if engine is not None:
+        from .persistent.env import VecPersistentEnv
+
+        return VecPersistentEnv(model, engine, n_envs, env_cfg, split=split, training=training, seed=seed, **kwargs)
     return VecReprogrammingEnv(model, table, n_envs, env_cfg, split=split, training=training, seed=seed,
                                **kwargs)
 
@@ -167,7 +173,7 @@ def evaluate_success(agent: MaskablePPO | None, model: OracleModel | TaskGeometr
                      env_cfg: Mapping[str, Any] | EnvParams | None, split: str = "val", n_episodes: int = 200,
                      seed: int = 0, deterministic: bool = True, n_envs: int = 64,
                      tasks: tuple[np.ndarray, np.ndarray] | None = None,
-                     return_episodes: bool = False) -> dict[str, Any]:
+                     return_episodes: bool = False, engine: Any = None) -> dict[str, Any]:
     """Run ``n_episodes`` seeded episodes from ``split`` cells (target: any other type) and score them.
 
     ``agent=None`` runs a uniformly random masked policy (the baseline). Episodes use the evaluation env
@@ -182,7 +188,7 @@ def evaluate_success(agent: MaskablePPO | None, model: OracleModel | TaskGeometr
     geo = model if isinstance(model, TaskGeometry) else TaskGeometry.from_model(
         model, params.goal_percentile, params.centroid_percentile)
     n_envs = max(1, min(n_envs, n_episodes))
-    env = VecReprogrammingEnv(geo, table, n_envs, params, split=split, training=False, seed=seed)
+    env = make_vec_env(geo, table, params, n_envs, split=split, training=False, seed=seed, engine=engine)
     if tasks is None:
         starts, targets = env.batch.sample_tasks(n_episodes)
     else:
@@ -270,13 +276,14 @@ class _Run:
     """One training run's files and schedules (progress rows, evaluation, checkpoints, W&B, console progress)."""
 
     def __init__(self, out_dir: Path | None, cfg: Mapping[str, Any], params: EnvParams, geo: TaskGeometry,
-                 table: np.ndarray, env: VecReprogrammingEnv, progress: bool, total: int):
+                 table: np.ndarray, env: VecReprogrammingEnv, progress: bool, total: int, engine: Any = None):
         self.out_dir = out_dir
         self.cfg = cfg
         self.params = params
         self.geo = geo
         self.table = table
         self.env = env
+        self.engine = engine
         self.state = RunState()
         self.total = total
         self.progress = progress
@@ -294,7 +301,8 @@ class _Run:
         val = {}
         if ts >= s.next_eval or final:
             val = evaluate_success(agent, self.geo, self.table, self.params, split=self.val_split,
-                                   n_episodes=int(self.cfg["eval_episodes"]), seed=int(self.cfg["seed"]))
+                                   n_episodes=int(self.cfg["eval_episodes"]), seed=int(self.cfg["seed"]),
+                                   engine=self.engine)
             s.last_val = {"timesteps": ts, **val}
             while s.next_eval <= ts:
                 s.next_eval += int(self.cfg["eval_every"])
@@ -383,7 +391,7 @@ class _Run:
 def train_agent(model: OracleModel | TaskGeometry, table: np.ndarray, env_cfg: Mapping[str, Any] | None,
                 train_cfg: Mapping[str, Any] | None, out_dir: str | Path | None = None,
                 callbacks: Iterable[BaseCallback] = (), resume: bool = False, progress: bool = True,
-                threads: int | None = None) -> tuple[MaskablePPO, dict[str, Any]]:
+                threads: int | None = None, engine: Any = None) -> tuple[MaskablePPO, dict[str, Any]]:
     """Train MaskablePPO, or with ``resume`` continue the newest checkpoint in ``out_dir`` that has this run's
     fingerprint (others are set aside, never resumed; see :mod:`cellrl.checkpoints`).
 
@@ -391,6 +399,7 @@ def train_agent(model: OracleModel | TaskGeometry, table: np.ndarray, env_cfg: M
     stops training early, e.g. an Optuna pruner). Writes the outputs listed in the module docstring when
     ``out_dir`` is given (``model.zip`` only at the end). Returns the agent and the summary dict (also
     ``train_summary.json``): timesteps, wall_s, steps_per_s, final validation success, random baseline.
+    ``engine``: train in persistent-perturbation mode (:mod:`cellrl.persistent`; no BFS warm start there).
     """
     cfg = train_config(train_cfg)
     threads = set_torch_threads(threads)
@@ -406,8 +415,9 @@ def train_agent(model: OracleModel | TaskGeometry, table: np.ndarray, env_cfg: M
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    env = make_vec_env(geo, table, params, int(cfg["n_envs"]), split="train", seed=int(cfg["seed"]), training=True)
-    run = _Run(out, cfg, params, geo, table, env, progress, total)
+    env = make_vec_env(geo, table, params, int(cfg["n_envs"]), split="train", seed=int(cfg["seed"]), training=True,
+                       engine=engine)
+    run = _Run(out, cfg, params, geo, table, env, progress, total, engine)
     ckpt = ckpts.resumable_checkpoint(out, run.fingerprint, resume=resume) if out is not None else None
     agent = build_agent(env, ppo_config(cfg), device=device)
     if ckpt is not None:
@@ -418,7 +428,7 @@ def train_agent(model: OracleModel | TaskGeometry, table: np.ndarray, env_cfg: M
     elif out is not None:
         for stale in (out / "progress.csv", out / "train_summary.json", out / "model.zip"):
             stale.unlink(missing_ok=True)
-    if ckpt is None:            # a fresh run (a resumed one has the warm-started weights in its checkpoint)
+    if ckpt is None and engine is None:  # a fresh run (a resumed one has the warm-started weights in its checkpoint)
         run.state.warm_start = warm_start(agent, geo, table, params, cfg)
         run.state.warm_start["val_before_ppo"] = path_quality(agent, geo, table, params, run.val_split,
                                                               int(cfg["eval_episodes"]), int(cfg["seed"]))
@@ -456,9 +466,10 @@ def _summary(agent: MaskablePPO, run: _Run, ckpt: Mapping[str, Any] | None, devi
     ts = int(agent.num_timesteps)
     final = run.state.last_val if run.state.last_val.get("timesteps") == ts else \
         {"timesteps": ts, **evaluate_success(agent, geo, run.table, run.params, split=run.val_split,
-                                             n_episodes=int(cfg["eval_episodes"]), seed=int(cfg["seed"]))}
+                                             n_episodes=int(cfg["eval_episodes"]), seed=int(cfg["seed"]),
+                                             engine=run.engine)}
     rand = evaluate_success(None, geo, run.table, run.params, split=run.val_split,
-                            n_episodes=int(cfg["eval_episodes"]), seed=int(cfg["seed"]))
+                            n_episodes=int(cfg["eval_episodes"]), seed=int(cfg["seed"]), engine=run.engine)
     wall = float(run.state.rows[-1]["wall_s"]) if run.state.rows else run.state.wall()
     warnings = list(warnings)
     n_phases = env.batch.n_phases

@@ -1,0 +1,297 @@
+"""Persistent perturbations on the demo (issue 14): exact, beam, greedy and a MaskablePPO agent over sets, with
+the table mode's numbers for the same tasks side by side.
+
+    .venv/bin/python benchmarks/persistent_demo.py [--results results/demo] [--truth resources/demo/ground_truth.json]
+        [--n-starts N] [--beam-width 8] [--max-genes 3] [--agent-steps 100000] [--quick]
+
+Needs the demo's ``oracle/model.npz``, ``transitions/table.npy`` and (for the table agent)
+``models/default/model.zip`` under ``--results``, and the demo's planted ground truth. Settings:
+``config/config.yaml`` merged with the demo's overrides (``env``, ``train``, ``transitions``).
+
+Tasks: the evaluation protocol's (every test cell x every other cell type; ``--n-starts`` keeps that many test
+cells, evenly spread, for a shorter run). Persistent mode (:mod:`cellrl.persistent`): ``exact`` (every set of up
+to ``--max-genes`` genes in every order: the ground truth), ``beam`` (width ``--beam-width``), ``greedy``
+(one-step best cosine gain), ``agent`` (MaskablePPO trained in persistent mode from scratch with the demo's train
+settings, ``--agent-steps`` env steps, no warm start: there is no table to clone BFS paths from). Table mode
+(:func:`cellrl.evaluate.evaluate`): ``bfs``, ``greedy`` and the pipeline's trained agent.
+
+Per method: success, success within ``--max-genes`` steps, mean plan length of the successes, and the planted
+recipe check of :func:`cellrl.evaluate.ground_truth_check` (a plan *agrees* when its set holds >= 1 planted
+action and no master TF in the wrong direction): ``agree`` over successful plans, ``agree_all`` over every
+non-empty plan, the chance level, and the per-pair table. Goals (issue 14): persistent plans agree in >= 90%
+of test plans; agent success >= 95% of exact search's.
+
+Writes benchmarks/out/persistent_demo_<timestamp>.json and, unless ``--quick``,
+benchmarks/results/persistent_demo.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cellrl.bfs import eval_allowed_mask  # noqa: E402
+from cellrl.config import dataset_config, load_config  # noqa: E402
+from cellrl.env import EnvParams  # noqa: E402
+from cellrl.evaluate import action_table, agent_chooser, eval_tasks, evaluate, ground_truth_check  # noqa: E402
+from cellrl.io import write_json  # noqa: E402
+from cellrl.persistent.engine import PersistentEngine  # noqa: E402
+from cellrl.persistent.env import VecPersistentEnv  # noqa: E402
+from cellrl.persistent.search import SearchResult, beam, exact, greedy, rollout  # noqa: E402
+from cellrl.tasks import TaskGeometry  # noqa: E402
+from cellrl.train import (build_agent, fit_curriculum, load_inputs, quiet_numerics, set_torch_threads,  # noqa: E402
+                          train_config)
+
+
+def demo_settings() -> dict[str, Any]:
+    """The demo's stage settings (config.yaml + datasets.demo.overrides)."""
+    s = dataset_config(load_config(), "demo")
+    s["train"].update(device="cpu", wandb={"mode": "disabled"}, warm_start="none")
+    return s
+
+
+def plan_frame(policy: str, starts: np.ndarray, targets: np.ndarray, success: np.ndarray, plans: list,
+               geo: TaskGeometry) -> pd.DataFrame:
+    """The episode/BFS-frame columns :func:`ground_truth_check` reads, one row per task."""
+    tn = np.asarray(geo.type_names).astype(str)
+    return pd.DataFrame({"policy": policy, "start_cell": starts, "cell": starts,
+                         "start_type": tn[geo.type_ids[starts]], "target_type": tn[targets],
+                         "success": np.asarray(success, bool), "actions": [list(map(int, p)) for p in plans],
+                         "length": [len(p) for p in plans]})
+
+
+def recipe(truth: dict, frame: pd.DataFrame, geo: TaskGeometry, acts: pd.DataFrame, table: np.ndarray,
+           allowed: np.ndarray) -> dict[str, Any]:
+    """Planted-recipe agreement of one method's plans (``ground_truth_check`` with them in both slots)."""
+    ep = frame.assign(policy="agent")
+    gt = ground_truth_check(truth, ep, frame, acts, geo, table, allowed, model=None)
+    wrong = [p["bfs_wrong"] for p in gt["pairs"] if p["bfs_wrong"] is not None]
+    return {"agree": gt["agent_agreement"], "agree_all": gt["bfs_agreement"], "chance": gt["chance_agreement"],
+            "n_success_plans": gt["agent_plans"], "n_plans": gt["bfs_plans"],
+            "pairs_agree": gt["agent_pairs_agree"], "wrong_direction": float(np.mean(wrong)) if wrong else None,
+            "pairs": [{k: p[k] for k in ("start", "target", "planted", "n_agent", "agent_agree", "agent_recall")}
+                      for p in gt["pairs"]]}
+
+
+def method_stats(frame: pd.DataFrame, n_genes_actions: int) -> dict[str, Any]:
+    """Success, plan lengths (steps), set sizes (distinct genes; actions >= ``n_genes_actions`` are HOLD) and
+    the plans that use a gene twice (KO/OE of one gene or one action repeated)."""
+    ok = frame.success.to_numpy()
+    ln = frame.length.to_numpy()
+    genes = [[a % (n_genes_actions // 2) for a in p if a < n_genes_actions] for p in frame.actions]
+    size = np.array([len(set(g)) for g in genes])
+    return {"success": float(ok.mean()),
+            "mean_success_length": float(ln[ok].mean()) if ok.any() else None,
+            "max_success_length": int(ln[ok].max()) if ok.any() else None,
+            "mean_success_set_size": float(size[ok].mean()) if ok.any() else None,
+            "repeats_a_gene": int(sum(len(set(g)) != len(g) for g in genes))}
+
+
+def planted_recipe_rollout(engine: PersistentEngine, geo: TaskGeometry, truth: dict, acts: pd.DataFrame,
+                           starts: np.ndarray, targets: np.ndarray, max_steps: int) -> dict[str, Any]:
+    """Does the planted recipe itself reach the goal in persistent mode? Per task, the planted actions of its
+    (start type, target type) pair are added one per step (knockouts first, as listed), then the set is held
+    until the goal or ``max_steps`` (the set-size cap does not apply: 4 recipes hold 4 genes)."""
+    index = {(k, g.lower()): i for i, (k, g) in enumerate(zip(acts.kind, acts.gene))}
+    tl = {str(t).lower(): i for i, t in enumerate(geo.type_names)}
+    recipes: dict[tuple[int, int], list[int]] = {}
+    for rec in truth.get("reprogramming", []):
+        key = (tl.get(str(rec["start"]).lower()), tl.get(str(rec["target"]).lower()))
+        recipes[key] = [index[("KO", g.lower())] for g in rec.get("knockout", []) if ("KO", g.lower()) in index] + \
+            [index[("OE", g.lower())] for g in rec.get("overexpress", []) if ("OE", g.lower()) in index]
+    plan = [recipes.get((int(geo.type_ids[s]), int(t)), []) for s, t in zip(starts, targets)]
+    has = np.array([len(p) > 0 for p in plan])
+    cell = np.asarray(starts, np.int64).copy()
+    applied = np.zeros((len(cell), engine.n_regulators), np.int8)
+    done = ~has
+    success = np.zeros(len(cell), bool)
+    length = np.zeros(len(cell), np.int64)
+    for k in range(int(max_steps)):
+        idx = np.flatnonzero(~done)
+        if not len(idx):
+            break
+        add = np.array([k < len(plan[i]) for i in idx])
+        if add.any():
+            j = idx[add]
+            applied[j] = engine.apply(applied[j], np.array([plan[i][k] for i in j]))
+        nxt = np.asarray(engine.step(cell[idx], applied[idx]), np.int64)
+        stuck = (nxt == cell[idx]) & ~add                       # holding no longer moves the cell
+        cell[idx] = nxt
+        length[idx] = k + 1
+        hit = geo.is_goal(nxt, targets[idx])
+        success[idx[hit]] = True
+        done[idx[hit | stuck]] = True
+    return {"success": float(success[has].mean()) if has.any() else None, "n_tasks": int(has.sum()),
+            "mean_success_length": float(length[success].mean()) if success.any() else None,
+            "per_pair": pd.DataFrame({"s": geo.type_names[geo.type_ids[starts]], "t": geo.type_names[targets],
+                                      "ok": success}).groupby(["s", "t"]).ok.mean().round(3)
+                     .reset_index().to_dict("records")}
+
+
+def train_persistent_agent(geo: TaskGeometry, engine: PersistentEngine, env_cfg: dict, train_cfg: dict,
+                           steps: int) -> tuple[Any, dict[str, Any]]:
+    """MaskablePPO (reference network, demo train settings) on the persistent env, from scratch."""
+    cfg = train_config({**train_cfg, "total_timesteps": int(steps)})
+    threads = set_torch_threads(None)
+    params, warnings = fit_curriculum(EnvParams.from_config(env_cfg), geo.n_types, int(steps))
+    env = VecPersistentEnv(geo, engine, int(cfg["n_envs"]), params, split="train", training=True,
+                           seed=int(cfg["seed"]))
+    agent = build_agent(env, cfg, device="cpu")
+    t0 = time.perf_counter()
+    with quiet_numerics():
+        agent.learn(int(steps))
+    wall = time.perf_counter() - t0
+    return agent, {"timesteps": int(agent.num_timesteps), "wall_s": round(wall, 1),
+                   "steps_per_s": round(agent.num_timesteps / wall, 1), "torch_threads": threads,
+                   "train_success_last100": env.success_rate, "refused_moves_possible": True,
+                   "warnings": warnings, "n_envs": int(cfg["n_envs"]), "learning_rate": cfg["learning_rate"]}
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu_model": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+            "loadavg": os.getloadavg()}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--results", default=str(ROOT / "results" / "demo"))
+    ap.add_argument("--truth", default=str(ROOT / "resources" / "demo" / "ground_truth.json"))
+    ap.add_argument("--n-starts", type=int, default=None, help="test cells to use (default: all)")
+    ap.add_argument("--beam-width", type=int, default=8)
+    ap.add_argument("--max-genes", type=int, default=None, help="exact search's set size (default env.max_set_size)")
+    ap.add_argument("--agent-steps", type=int, default=None, help="default: the demo's train.total_timesteps")
+    ap.add_argument("--no-table", action="store_true", help="skip the table-mode evaluation")
+    ap.add_argument("--quick", action="store_true", help="do not overwrite benchmarks/results/")
+    args = ap.parse_args(argv)
+
+    res_dir = Path(args.results)
+    s = demo_settings()
+    truth = json.loads(Path(args.truth).read_text())
+    model, table = load_inputs(res_dir / "oracle" / "model.npz", res_dir / "transitions" / "table.npy")
+    params = EnvParams.from_config(s["env"])
+    geo = TaskGeometry.from_model(model, params.goal_percentile, params.centroid_percentile)
+    max_steps = params.eval_max_steps(geo.n_types)
+    args.max_genes = int(args.max_genes or params.max_set_size)
+    starts, targets, n_pairs = eval_tasks(geo, None, seed=0)
+    sub = np.ones(len(starts), bool)              # the tasks exact search runs on
+    if args.n_starts is not None:                 # n test cells per start type, evenly spread
+        keep = []
+        for t in range(geo.n_types):
+            cells = np.unique(starts[geo.type_ids[starts] == t])
+            k = min(args.n_starts, len(cells))
+            keep += cells[np.linspace(0, len(cells) - 1, k).round().astype(int)].tolist() if k else []
+        sub = np.isin(starts, keep)
+    acts = action_table(table.shape[1], model.regulators, res_dir / "transitions" / "actions.tsv")
+    allowed = eval_allowed_mask(model, table)
+    out: dict[str, Any] = {"machine": machine(), "results": str(res_dir), "n_tasks": int(len(starts)),
+                           "n_exact_tasks": int(sub.sum()), "n_exact_start_cells": int(len(np.unique(starts[sub]))),
+                           "n_types": int(geo.n_types), "max_steps": int(max_steps), "max_genes": int(args.max_genes),
+                           "beam_width": int(args.beam_width), "env": s["env"], "transitions": s["transitions"],
+                           "persistent": {}, "table": {}}
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
+
+    def score(frame: pd.DataFrame, n_gene_actions: int) -> dict[str, Any]:
+        """Stats and recipe check on the exact-search tasks and (when run on them) on all test tasks."""
+        res = {}
+        for scope, m in (("exact_tasks", sub), ("all_tasks", np.ones(len(starts), bool))):
+            f = frame[m[:len(frame)]] if len(frame) == len(starts) else (frame if scope == "exact_tasks" else None)
+            if f is None or (scope == "all_tasks" and sub.all()):
+                continue
+            res[scope] = {**method_stats(f, n_gene_actions), "recipe": recipe(truth, f, geo, acts, table, allowed)}
+            log(scope, {k: v for k, v in res[scope].items() if k != "recipe"},
+                "agree", res[scope]["recipe"]["agree"], "chance", res[scope]["recipe"]["chance"])
+        return res
+
+    t0 = time.perf_counter()
+    engine = PersistentEngine.from_model(model, s["transitions"])
+    out["engine_build_s"] = round(time.perf_counter() - t0, 2)
+    runs: list[tuple[str, Any]] = [
+        ("exact", lambda: exact(engine, geo, starts[sub], targets[sub], args.max_genes, max_steps)),
+        (f"beam{args.beam_width}", lambda: beam(engine, geo, starts, targets, args.beam_width, max_steps,
+                                                params.max_set_size)),
+        ("greedy", lambda: greedy(engine, geo, starts, targets, max_steps, params.max_set_size)),
+    ]
+    for name, fn in runs:
+        r: SearchResult = fn()
+        log(name, f"{r.wall_s:.1f} s, {r.engine_rows} engine rows")
+        f = plan_frame(name, r.starts, r.targets, r.success, r.plans, geo)
+        out["persistent"][name] = {**score(f, engine.n_actions), "engine_rows": r.engine_rows,
+                                   "wall_s": round(r.wall_s, 2), "rows_per_s": round(r.engine_rows / max(r.wall_s, 1e-9)),
+                                   "info": r.info}
+
+    pr = planted_recipe_rollout(engine, geo, truth, acts, starts, targets, max_steps)
+    out["planted_recipe_rollout"] = pr
+    log("planted recipe applied then held: success", pr["success"], "mean length", pr["mean_success_length"])
+
+    steps = int(s["train"]["total_timesteps"] if args.agent_steps is None else args.agent_steps)
+    if steps > 0:
+        agent, train_rec = train_persistent_agent(geo, engine, s["env"], s["train"], steps)
+        log("agent trained", train_rec)
+        r = rollout(geo, engine, params, starts, targets, agent_chooser(agent, deterministic=True),
+                    max_steps=max_steps)
+        f = plan_frame("agent", starts, targets, r.success, r.plans, geo)
+        out["persistent"]["agent"] = {**score(f, engine.n_actions), "training": train_rec,
+                                      "eval_wall_s": round(r.wall_s, 2)}
+        ex = out["persistent"]["exact"]["exact_tasks"]["success"]
+        ag = out["persistent"]["agent"]["exact_tasks"]["success"]
+        out["persistent"]["agent"]["success_vs_exact"] = ag / ex if ex else None
+
+    if not args.no_table:
+        from cellrl.agent_io import load_agent
+
+        zip_path = res_dir / "models" / "default" / "model.zip"
+        agent_t = (lambda g, n: load_agent(zip_path, g, n)) if zip_path.exists() else None
+        t0 = time.perf_counter()
+        ev = evaluate(model, table, agent_t, env=s["env"], actions=acts, n_episodes=None, seed=0,
+                      policies=("agent", "greedy", "bfs"))
+        out["table"]["wall_s"] = round(time.perf_counter() - t0, 1)
+        ep = ev.episodes
+        key = pd.MultiIndex.from_arrays([starts, targets])
+        for pol in ("bfs", "greedy", "agent"):
+            e = ep[ep.policy == pol]
+            if not len(e):
+                continue
+            e = e.set_index(["start_cell", "target_id"]).loc[key].reset_index()
+            f = plan_frame(pol, e.start_cell.to_numpy(), e.target_id.to_numpy(), e.success.to_numpy(),
+                           list(e.actions), geo)
+            log("table", pol)
+            out["table"][pol] = score(f, table.shape[1])
+            for sc in out["table"][pol].values():
+                sc["repeated_action_plans"] = float(np.mean([len(set(a)) < len(a) for a in f.actions]))
+
+    p = out["persistent"]
+    agree = {k: v["exact_tasks"]["recipe"]["agree"] for k, v in p.items()}
+    out["goals"] = {
+        "recipe_agreement_ge_0.9": {k: (v or 0) >= 0.9 for k, v in agree.items()},
+        "agent_success_ge_0.95_exact": (p["agent"]["success_vs_exact"] or 0) >= 0.95 if "agent" in p else None,
+        "no_plan_repeats_a_gene": all(sc["repeats_a_gene"] == 0 for v in p.values() for k, sc in v.items()
+                                      if k in ("exact_tasks", "all_tasks")),
+    }
+    log("goals", out["goals"])
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    (ROOT / "benchmarks" / "out").mkdir(parents=True, exist_ok=True)
+    write_json(ROOT / "benchmarks" / "out" / f"persistent_demo_{stamp}.json", out)
+    if not args.quick:
+        write_json(ROOT / "benchmarks" / "results" / "persistent_demo.json", out)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Persistent-mode engine throughput: env-style steps/s of cellrl.persistent.engine.PersistentEngine (issue 14).
+
+    .venv/bin/python benchmarks/persistent_throughput.py [--seconds 20] [--envs 8,256,1024,4096] [--quick]
+
+An env-style step for N envs at once: a random valid action per env (``action_mask``), ``apply``, then ``step``
+(the whole set simulated from the current cell: CellOracle's multi-gene propagation, correlation with the
+sampled neighbours, transition probabilities, embedding shift, nearest cell). Each episode draws a set size in
+3..5 and restarts (empty set, random cell) when its set is full, so sets grow 1 -> 5 genes as in training.
+steps/s = env steps / wall seconds, after a warm-up; also CPU seconds of this process (the machine is shared
+with other jobs: wall time suffers from their load, CPU time less so; the load average is recorded).
+Threads: 1 (BLAS held to one thread; the single-thread number) and 2 (the engine splits a batch over two
+threads; numpy, scipy's sparse products and the KD-tree release the GIL).
+
+Problems (transitions settings from config/config.yaml; the costs depend on the network's density and the
+number of regulators and genes):
+* ``3000_genes``: the synthetic atlas of benchmarks/transitions.py (``demo3000``: 3,000 cells x 3,000 genes,
+  108 TFs -> 216 actions, CellOracle's own kNN imputation and ``fit_GRN_for_simulation``, 5,295 edges per
+  cluster; built once, ~3 min, cached under benchmarks/out/cache/);
+* ``3000_genes_random``: benchmarks/env_throughput.py's random model at that size (2,500 cells, 108 regulators,
+  5 targets each: a sparse network);
+* ``demo``: the demo pipeline's model (results/demo/oracle/model.npz: 2,400 cells x 400 genes, 20 regulators ->
+  40 actions; skipped when absent) and env_throughput's random demo-size model.
+
+Writes benchmarks/out/persistent_throughput_<timestamp>.json and (unless ``--quick``)
+benchmarks/results/persistent_throughput.json. Goal: >= 10,000 steps/s at 3,000 genes on this 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from cellrl.config import load_config  # noqa: E402
+from cellrl.model import OracleModel, load_model, random_model  # noqa: E402
+from cellrl.persistent.engine import PersistentEngine  # noqa: E402
+from cellrl.xp import blas_threads  # noqa: E402
+
+GOAL = 10_000
+SET_SIZES = (3, 5)  # each episode's set size is drawn in this range (inclusive)
+DEMO_MODEL = ROOT / "results" / "demo" / "oracle" / "model.npz"
+
+
+def problems(quick: bool) -> dict[str, OracleModel]:
+    """The models benchmarked (see the module docstring)."""
+    import transitions as tb  # benchmarks/transitions.py: the synthetic 3,000-gene atlas fitted by CellOracle
+
+    from env_throughput import SIZES
+
+    out: dict[str, OracleModel] = {}
+    info = tb.build("demo3000", 3000)
+    out["3000_genes"] = load_model(info["model"])
+    g, t, r, c, qc, _ = SIZES["3000_genes"]
+    out["3000_genes_random"] = random_model(n_cells=qc if quick else c, n_genes=g, n_types=t, n_regulators=r)
+    if DEMO_MODEL.exists():
+        out["demo"] = load_model(DEMO_MODEL)
+    g, t, r, c, qc, _ = SIZES["demo"]
+    out["demo_random"] = random_model(n_cells=c, n_genes=g, n_types=t, n_regulators=r)
+    return out
+
+
+def env_loop(engine: PersistentEngine, n_envs: int, seconds: float, seed: int = 0) -> dict[str, Any]:
+    """Env-style steps of ``n_envs`` episodes for ``seconds`` (after a warm-up); see the module docstring."""
+    rng = np.random.default_rng(seed)
+    N, R, A = engine.n_cells, engine.n_regulators, engine.n_actions
+    cells = rng.integers(0, N, n_envs)
+    applied = np.zeros((n_envs, R), np.int8)
+    limit = rng.integers(SET_SIZES[0], SET_SIZES[1] + 1, n_envs)
+
+    def one() -> tuple[float, int, float]:
+        nonlocal cells, applied, limit
+        mask = engine.action_mask(applied)
+        a = np.argmax(np.where(mask, rng.random((n_envs, A)), -1.0), axis=1)  # a random valid action
+        applied = engine.apply(applied, a)
+        t = time.perf_counter()
+        nxt = engine.step(cells, applied)
+        t_eng = time.perf_counter() - t
+        stag = int((nxt == cells).sum())
+        cells = nxt
+        size = (applied != 0).sum(axis=1)  # genes in the simulated sets
+        full = size >= limit
+        if full.any():  # episode over: empty set, new random start cell
+            applied[full] = 0
+            cells[full] = rng.integers(0, N, int(full.sum()))
+            limit[full] = rng.integers(SET_SIZES[0], SET_SIZES[1] + 1, int(full.sum()))
+        return t_eng, stag, float(size.mean())
+
+    for _ in range(3):
+        one()
+    steps, calls, t_eng, stag, sizes = 0, 0, 0.0, 0, []
+    c0, t0 = time.process_time(), time.perf_counter()
+    while time.perf_counter() - t0 < seconds or calls < 3:
+        te, st, sz = one()
+        steps += n_envs
+        calls += 1
+        t_eng += te
+        stag += st
+        sizes.append(sz)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"n_envs": n_envs, "steps": steps, "calls": calls, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
+            "steps_per_s": round(steps / wall, 1), "steps_per_cpu_s": round(steps / cpu, 1),
+            "engine_share_of_wall": round(t_eng / wall, 3), "stagnation_fraction": round(stag / steps, 4),
+            "mean_set_size_simulated": round(float(np.mean(sizes)), 2)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=15.0, help="measured seconds per (problem, n_envs, threads)")
+    p.add_argument("--envs", default="8,256,1024,4096", help="comma-separated batch sizes")
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    p.add_argument("--problems", default=None, help="comma-separated subset of the problems")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 s each, no summary written")
+    args = p.parse_args()
+    seconds = 2.0 if args.quick else args.seconds
+    from env_throughput import machine_info  # CPU model, ISA flags, BLAS (imports torch)
+
+    settings = dict(load_config()["transitions"], backend="numpy")
+    rec: dict[str, Any] = {"benchmark": "persistent_throughput", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                           "quick": args.quick, "seconds_per_run": seconds, "set_sizes": list(SET_SIZES),
+                           "transitions_settings": settings, "goal_steps_per_s_3000_genes": GOAL,
+                           "machine": machine_info(1), "problems": {}}
+    rec["machine"]["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
+    probs = problems(args.quick)
+    if args.problems:
+        probs = {k: v for k, v in probs.items() if k in args.problems.split(",")}
+    for name, model in probs.items():
+        t = time.perf_counter()
+        eng = PersistentEngine.from_model(model, settings)
+        build_s = time.perf_counter() - t
+        entry: dict[str, Any] = {"cells": model.n_cells, "genes": model.n_genes, "regulators": model.n_regulators,
+                                 "actions": eng.n_actions, "clusters": len(model.coefs),
+                                 "coef_nnz_per_cluster": [int(W.nnz) for W in model.coefs],
+                                 "neighbors_sampled": int(eng.nbr.shape[1]), "engine_build_s": round(build_s, 2),
+                                 "precomputed_neighbour_differences": eng.ZD is not None, "runs": []}
+        for threads in [int(x) for x in args.threads.split(",")]:
+            eng.threads = threads
+            for n in [int(x) for x in args.envs.split(",")]:
+                with blas_threads(1):
+                    r = dict(env_loop(eng, n, seconds), threads=threads,
+                             load_average=[round(x, 2) for x in os.getloadavg()])
+                entry["runs"].append(r)
+                print(name, json.dumps(r), flush=True)
+        rec["problems"][name] = entry
+    rec["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    best = max((r["steps_per_s"] for r in rec["problems"].get("3000_genes", {}).get("runs", [])), default=None)
+    rec["best_steps_per_s_3000_genes"] = best
+    rec["goal_met_3000_genes"] = best is not None and best >= GOAL
+    out = HERE / "out" / f"persistent_throughput_{time.strftime('%Y%m%d_%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rec, indent=2) + "\n")
+    print(f"wrote {out}")
+    if not args.quick:
+        res = HERE / "results" / "persistent_throughput.json"
+        res.write_text(json.dumps(rec, indent=2) + "\n")
+        print(f"wrote {res}")
+
+
+if __name__ == "__main__":
+    main()

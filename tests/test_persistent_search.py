@@ -1,0 +1,195 @@
+"""Persistent-mode search baselines: exact search equals brute force over ordered sequences, beam search with
+a wide beam equals exact, greedy takes the one-step best action, no plan repeats a gene, plans replay."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from cellrl.errors import InputError
+from cellrl.model import random_model
+from cellrl.persistent.search import beam, exact, greedy, rollout
+from cellrl.tasks import TaskGeometry
+
+from test_persistent_env import FakeEngine
+
+
+@pytest.fixture(scope="module")
+def problem():
+    m = random_model(n_cells=240, n_genes=16, n_types=4, n_regulators=4, seed=2)
+    geo = TaskGeometry.from_model(m)
+    eng = FakeEngine(m, seed=3, scale=0.8)
+    starts = np.repeat(np.flatnonzero(geo.split == "test")[:8], geo.n_types)
+    targets = np.tile(np.arange(geo.n_types), 8)
+    keep = geo.type_ids[starts] != targets
+    return m, eng, geo, starts[keep], targets[keep]
+
+
+def replay(eng, start, plan):
+    """Cells after each step of ``plan`` from ``start`` (the whole set simulated from the current cell; HOLD =
+    action 2R keeps the set)."""
+    applied = np.zeros((1, eng.n_regulators), np.int8)
+    cell, cells = start, []
+    for a in plan:
+        if a != eng.n_actions:
+            assert eng.action_mask(applied)[0, a]
+            applied = eng.apply(applied, [a])
+        else:
+            assert applied.any()
+        cell = int(eng.step([cell], applied)[0])
+        cells.append(cell)
+    return cells
+
+
+def brute_force(eng, geo, start, target, max_genes, max_steps):
+    """Length of the shortest action sequence (distinct genes, <= max_genes of them, HOLD any time the set is
+    non-empty) that reaches the goal within max_steps; None if none. Depth-first over every sequence."""
+    best = [None]
+
+    def dfs(cell, applied, depth):
+        if best[0] is not None and depth >= best[0]:
+            return
+        if depth == max_steps:
+            return
+        moves = [a for a in range(eng.n_actions) if eng.action_mask(applied)[0, a]
+                 and np.count_nonzero(applied) < max_genes]
+        moves += [eng.n_actions] if applied.any() else []
+        for a in moves:
+            ap = applied if a == eng.n_actions else eng.apply(applied, [a])
+            nxt = int(eng.step([cell], ap)[0])
+            if geo.goal_mask[target, nxt]:
+                best[0] = depth + 1
+                return
+            dfs(nxt, ap, depth + 1)
+
+    dfs(start, np.zeros((1, eng.n_regulators), np.int8), 0)
+    return best[0]
+
+
+def no_repeats(plans, R):
+    genes = [[a % R for a in p if a < 2 * R] for p in plans]
+    return all(len(set(g)) == len(g) for g in genes)
+
+
+def test_exact_equals_brute_force_and_plans_replay(problem):
+    m, eng, geo, starts, targets = problem
+    res = exact(eng, geo, starts, targets, max_genes=2, max_steps=4)
+    for i in range(0, len(starts), 3):
+        want = brute_force(eng, geo, int(starts[i]), int(targets[i]), 2, 4)
+        assert res.success[i] == (want is not None)
+        if want is not None:
+            assert len(res.plans[i]) == want
+    for i in np.flatnonzero(res.success):
+        assert replay(eng, int(starts[i]), res.plans[i]) == res.cells[i]
+        assert geo.goal_mask[targets[i], res.final_cell[i]]
+        assert sum(a < eng.n_actions for a in res.plans[i]) <= 2
+    assert no_repeats(res.plans, eng.n_regulators)
+    assert 0 < res.success.mean() < 1                  # the fixture has solvable and unsolvable tasks
+    assert any(eng.n_actions in p for p in res.plans)  # some shortest plans hold their set
+    assert res.info["states_per_depth"][0] == len(np.unique(starts))
+
+
+def test_wide_beam_equals_exact_and_narrow_beam_is_no_better(problem):
+    m, eng, geo, starts, targets = problem
+    ex = exact(eng, geo, starts, targets, max_genes=2, max_steps=4)
+    wide = beam(eng, geo, starts, targets, width=10_000, max_steps=4, max_set_size=2)
+    np.testing.assert_array_equal(wide.success, ex.success)
+    np.testing.assert_array_equal(wide.lengths[ex.success], ex.lengths[ex.success])
+    narrow = beam(eng, geo, starts, targets, width=1, max_steps=4, max_set_size=2)
+    assert narrow.success.sum() <= ex.success.sum()
+    for r in (wide, narrow):
+        assert no_repeats(r.plans, eng.n_regulators)
+        for i in np.flatnonzero(r.success):
+            assert replay(eng, int(starts[i]), r.plans[i]) == r.cells[i]
+    with pytest.raises(InputError, match="beam width"):
+        beam(eng, geo, starts, targets, width=0, max_steps=4)
+
+
+def test_greedy_takes_the_best_one_step_action(problem):
+    m, eng, geo, starts, targets = problem
+    res = greedy(eng, geo, starts, targets, max_steps=6, max_set_size=2)
+    assert no_repeats(res.plans, eng.n_regulators)
+    assert all(sum(a < eng.n_actions for a in p) <= 2 for p in res.plans)
+    i = 0
+    s, t = int(starts[i]), int(targets[i])
+    applied = np.zeros((1, eng.n_regulators), np.int8)
+    cell, seen = s, {(s, applied.tobytes())}
+    for a in res.plans[i]:                            # every chosen action beats every other unvisited move
+        moves = [b for b in range(eng.n_actions) if eng.action_mask(applied)[0, b] and np.count_nonzero(applied) < 2]
+        moves += [eng.n_actions] if applied.any() else []
+        sets = [applied if b == eng.n_actions else eng.apply(applied, [b]) for b in moves]
+        nxt = [int(eng.step([cell], ap)[0]) for ap in sets]
+        ok = [(c, ap.tobytes()) not in seen for c, ap in zip(nxt, sets)]
+        sims = np.where(ok, geo.cos_sim[nxt, t], -np.inf)
+        j = int(np.argmax(sims))
+        assert a == moves[j]
+        cell, applied = nxt[j], sets[j]
+        seen.add((cell, applied.tobytes()))
+    assert res.final_cell[i] == cell
+    assert res.success[i] == bool(geo.goal_mask[t, cell])
+    short = greedy(eng, geo, starts, targets, max_steps=4, max_set_size=2)
+    assert short.success.sum() <= exact(eng, geo, starts, targets, 2, 4).success.sum()
+
+
+def test_rollout_of_a_policy_matches_greedy(problem):
+    """The env rollout of a greedy chooser gives greedy search's plans (same moves, masks and goal)."""
+    m, eng, geo, starts, targets = problem
+    g = greedy(eng, geo, starts, targets, max_steps=5, max_set_size=2)
+
+    def choose(obs, masks, batch):
+        out = np.zeros(batch.n, np.int64)
+        for i in range(batch.n):
+            allowed = np.flatnonzero(masks[i])
+            genes = allowed[allowed < eng.n_actions]
+            nxt = list(eng.step(np.full(len(genes), batch.cell[i]),
+                                eng.apply(np.repeat(batch.applied[i:i + 1], len(genes), 0), genes)))
+            if len(allowed) > len(genes):
+                nxt.append(batch.hold_next[i])
+            out[i] = allowed[int(np.argmax(geo.cos_sim[nxt, batch.target[i]]))]
+        return out
+
+    r = rollout(geo, eng, {"max_set_size": 2}, starts, targets, choose, max_steps=5, method="greedy_env")
+    np.testing.assert_array_equal(r.success, g.success)
+    assert r.plans == g.plans
+    assert r.summary()["n_tasks"] == len(starts)
+
+
+def test_cellrl_plan_prints_the_set_and_its_order():
+    """`cellrl plan` in persistent mode (real engine on a random model): the set is the plan's genes, listed in
+    the order they were added, and the plan replays through the engine."""
+    from cellrl.cli import format_plan, plan
+    from cellrl.persistent.engine import PersistentEngine
+
+    m = random_model(n_cells=300, n_genes=20, n_types=4, n_regulators=6, seed=0)
+    settings = {"n_neighbors": 30}
+    env = {"perturbation_model": "persistent", "max_set_size": 2}
+    p = plan(m, np.zeros((300, 12), np.int32), None, "T0", "T3", env=env, transitions=settings)
+    s = p["search"]
+    genes = [st["action"] for st in s["steps"][1:] if st["kind"] != "HOLD"]
+    assert [o["added"] for o in s["order"]] == [f"{st['kind']}:{st['gene']}" for st in s["steps"][1:]
+                                                if st["kind"] != "HOLD"]
+    assert sorted(s["set"]) == sorted(o["added"] for o in s["order"]) and len(s["set"]) <= 2
+    eng = PersistentEngine.from_model(m, settings)
+    cells = replay(eng, p["start"]["cell_index"], [st["action"] for st in s["steps"][1:]])
+    assert cells == [st["cell_index"] for st in s["steps"][1:]]
+    assert s["success"] == s["steps"][-1]["at_goal"] and len(genes) == len(set(genes))
+    text = format_plan(p)
+    assert "built in this order" in text and "agent" not in p
+
+
+@pytest.mark.parametrize("R", [4, 40])
+def test_state_keys_tell_states_apart(R):
+    """Packed int64 keys (small R) and byte-row keys (large R) are equal exactly for equal states."""
+    from cellrl.persistent.search import _keys
+
+    rng = np.random.default_rng(R)
+    task, cell = rng.integers(0, 3, 400), rng.integers(0, 5, 400)
+    applied = rng.integers(0, 3, (400, R)).astype(np.int8)
+    applied[:, 2:] = 0 if R == 4 else applied[:, 2:]
+    k = _keys(task, cell, applied, 5)
+    assert (k.dtype == np.int64) == (R == 4)
+    rows = np.column_stack([task, cell, applied])
+    same = (rows[:, None, :] == rows[None, :, :]).all(2)
+    np.testing.assert_array_equal(k[:, None] == k[None, :], same)
