@@ -445,8 +445,10 @@ def train_agent(model: OracleModel | TaskGeometry, table: np.ndarray, env_cfg: M
     finally:
         run.close()
     summary = _summary(agent, run, ckpt, device, threads, warnings)
-    summary["warm_start"] = {**run.state.warm_start, "val_after_ppo": path_quality(
-        agent, geo, table, run.params, run.val_split, int(cfg["eval_episodes"]), int(cfg["seed"]))}
+    summary["warm_start"] = dict(run.state.warm_start)
+    if engine is None:  # path quality is scored against table BFS: not defined for the persistent mode
+        summary["warm_start"]["val_after_ppo"] = path_quality(agent, geo, table, run.params, run.val_split,
+                                                              int(cfg["eval_episodes"]), int(cfg["seed"]))
     summary["env_steps"] = summary["timesteps"] + ws_steps
     if out is not None:
         with atomic_path(out / "model.zip") as tmp:
