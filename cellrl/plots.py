@@ -304,6 +304,7 @@ def recipe_metrics(df: pd.DataFrame, out: str | Path) -> Path:
     ax2.set_ylim(-0.03, 1.03)
     ax2.set_ylabel("normalised rank-recall AUC")
     ax2.set_title("AUC per pair (filled: p < 0.05; bar: mean)")
+    return _save(fig, out)
 
 
 def warm_start_curves(summary: dict, out: str | Path, labels: dict | None = None) -> Path:
