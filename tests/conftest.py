@@ -75,6 +75,7 @@ def fit_chain(rna: dict, base_grn: dict, *, gene_symbols: str = "capitalize", fi
                         **cfg["split"])
     tf_targets = tf_targets_dict(grn)
     settings = {**cfg["oracle"], **(oracle_settings or {})}
+    settings.pop("regulators", None)  # a TF-list file, applied by fit_oracle_files (the rule), not by fit_oracle
     # threads=1: CellOracle parallelises inside each tiny bagging fit, where process overhead exceeds the gain
     oracle, links, model, stats = fit_oracle(adata, tf_targets, split, expression=rna["expression"], threads=1,
                                              **settings)
