@@ -101,7 +101,7 @@ def test_run_override_plans_only_that_runs_training(run, graph):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "module, stages",
-    [("transitions", ["transitions"]), ("tasks", ["train", "bfs"])],
+    [("transitions/runner", ["transitions"]), ("tasks", ["train", "bfs"])],
 )
 def test_library_edit_plans_the_stages_that_run_it(run, graph, module, stages):
     """Editing cellrl/<module>.py reruns the stages whose code hash covers it (rules/common.smk: code_version)
