@@ -27,20 +27,22 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from env_throughput import machine_info  # noqa: E402
 
-STAGES = ("synthetic_data", "ingest", "filter", "split", "base_grn", "oracle_prepare", "oracle_links", "fit_oracle",
+STAGES = ("synthetic_data", "synthetic_recipes", "ingest", "filter", "split", "base_grn", "oracle_prepare", "oracle_links", "fit_oracle",
           "transitions", "train", "bfs", "evaluate", "report")
 REFERENCE = {"steps": 2_500_000, "hours": [12, 24], "optimal_steps": [8, 12]}
 
 
 def stage_rows(results: Path, logs: Path) -> pd.DataFrame:
-    """One row per job: stage, job (file stem), wall seconds, peak RSS (MB)."""
+    """One row per job: stage, job (file stem), wall seconds, peak RSS (MB), CPU seconds (Snakemake's cpu_time: the
+    work done, which a machine shared with other jobs does not inflate the way it inflates wall time)."""
     rows = []
     for f in sorted(list((results / "benchmarks").rglob("*.tsv")) + list(logs.glob("synthetic_*.tsv"))):
         b = pd.read_csv(f, sep="\t")
         stage = f.parent.name if f.parent.name != "benchmarks" else f.stem.split("_default")[0]
         stage = next((s for s in STAGES if f.stem.startswith(s) or stage == s), stage)
-        rows.append(dict(stage=stage, job=f.stem, wall_s=float(b["s"].iloc[0]), max_rss_mb=float(b["max_rss"].iloc[0])))
-    return pd.DataFrame(rows, columns=["stage", "job", "wall_s", "max_rss_mb"])
+        rows.append(dict(stage=stage, job=f.stem, wall_s=float(b["s"].iloc[0]), max_rss_mb=float(b["max_rss"].iloc[0]),
+                         cpu_s=float(b["cpu_time"].iloc[0])))
+    return pd.DataFrame(rows, columns=["stage", "job", "wall_s", "max_rss_mb", "cpu_s"])
 
 
 def summarise(results: Path, logs: Path) -> dict[str, Any]:
@@ -48,7 +50,7 @@ def summarise(results: Path, logs: Path) -> dict[str, Any]:
     per_stage = {}
     for stage, g in jobs.groupby("stage", sort=False):
         per_stage[stage] = dict(jobs=int(len(g)), wall_s_sum=round(float(g.wall_s.sum()), 1),
-                                wall_s_max=round(float(g.wall_s.max()), 1),
+                                wall_s_max=round(float(g.wall_s.max()), 1), cpu_s_sum=round(float(g.cpu_s.sum()), 1),
                                 max_rss_gb=round(float(g.max_rss_mb.max()) / 1024, 2))
     out: dict[str, Any] = {"results": str(results), "stages": per_stage,
                            "missing": [s for s in STAGES if s not in per_stage],
