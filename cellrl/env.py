@@ -299,6 +299,13 @@ class EpisodeBatch:
         rows = np.arange(self.n)
         ok = self.mask[rows, a]
         nxt = np.where(ok, self.table[cur, a], cur)
+        return self._advance(cur, nxt, ok)
+
+    def _advance(self, cur: np.ndarray, nxt: np.ndarray,
+                 ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Move every env from ``cur`` to ``nxt``: reward, goal test, path, masks and truncation (shared by the
+        table and persistent modes). Returns ``(reward, success, truncated, invalid)``."""
+        rows = np.arange(self.n)
         tg = self.target
         success = self.goal_mask[tg, nxt]
         reward = self.reward(self.params, self.cos_sim[cur, tg], self.cos_sim[nxt, tg], success)

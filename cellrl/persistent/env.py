@@ -208,18 +208,8 @@ class PersistentBatch(EpisodeBatch):
         self.applied = np.where(moved[:, None], new, self.applied)
         self.set_since = np.where(moved & is_gene, self.t + 1, self.set_since)
         self.refused[moved] = False
-        tg = self.target
-        success = self.goal_mask[tg, nxt]
-        reward = self.reward(self.params, self.cos_sim[cur, tg], self.cos_sim[nxt, tg], success)
         self.plan[rows, np.minimum(self.t, self.plan.shape[1] - 1)] = np.where(moved, a, -1)
-        self.cell = nxt
-        self.t += 1
-        self.ret += reward
-        self.path[rows, np.minimum(self.t, self.path.shape[1] - 1)] = nxt
-        self.mask = self.masks_of()
-        truncated = ~success & ((self.t >= self.limit) | ~self.mask.any(1))
-        self.total_steps += self.n
-        return reward, success, truncated, ~ok
+        return self._advance(cur, nxt, ok)
 
     def applied_obs(self, idx: np.ndarray | None = None) -> np.ndarray:
         """(k, R) float32 observation of the applied sets of envs ``idx`` (all when None)."""
