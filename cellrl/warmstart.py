@@ -64,6 +64,7 @@ import torch as th
 from .bfs import UNREACHABLE, shortest_paths
 from .env import EpisodeBatch
 from .errors import InputError
+from .progress import Progress
 from .tasks import TaskGeometry, allowed_mask
 
 log = logging.getLogger("cellrl.warmstart")
@@ -304,7 +305,8 @@ def _obs(geo_z: th.Tensor, cents: th.Tensor, data: BcData, idx: np.ndarray, devi
 
 
 def behaviour_clone(agent: Any, geo: TaskGeometry, data: BcData, epochs: int = 10, batch_size: int = 256,
-                    learning_rate: float = 1e-3, value_coef: float = 0.5, seed: int = 0) -> dict[str, Any]:
+                    learning_rate: float = 1e-3, value_coef: float = 0.5, seed: int = 0,
+                    progress: bool = True) -> dict[str, Any]:
     """Fit ``agent.policy`` to ``data`` (multi-label masked cross-entropy + ``value_coef`` x value MSE) with
     Adam for ``epochs`` passes of seeded minibatches, the learning rate decaying linearly to 0. Returns the
     record (loss per epoch, accuracy, value error)."""
@@ -324,6 +326,8 @@ def behaviour_clone(agent: Any, geo: TaskGeometry, data: BcData, epochs: int = 1
     history = []
     n_updates = int(epochs) * -(-n // int(batch_size))
     sched = th.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - k / n_updates)
+    bar = Progress(n_updates, f"warm start: behaviour cloning ({n:,} samples x {int(epochs)} epochs)",
+                   unit="update", log=log, enabled=progress)
     for _ in range(int(epochs)):
         perm = rng.permutation(n)
         tot = 0.0
@@ -341,7 +345,10 @@ def behaviour_clone(agent: Any, geo: TaskGeometry, data: BcData, epochs: int = 1
             opt.step()
             sched.step()
             tot += float(ce.detach()) * len(idx)
+            bar.update(1)
         history.append(round(tot / n, 5))
+        bar.set_postfix(loss=history[-1])
+    bar.close()
     policy.set_training_mode(False)
     acc, v_err = bc_accuracy(agent, geo, data)
     return {"epochs": int(epochs), "samples": n, "batch_size": int(batch_size), "learning_rate": learning_rate,
@@ -391,6 +398,8 @@ def warm_start(agent: Any, geo: TaskGeometry, table: np.ndarray, env_params: Any
     gamma = float(train_cfg["gamma"])
     paths = training_paths(geo, table, env_params, gamma)
     data = bc_data(geo, table, env_params, gamma=gamma, paths=paths)
+    log.info("warm start: %d behaviour-cloning samples from %d training pairs (BFS %.1f s)", len(data),
+             data.n_pairs, data.bfs_seconds)
     fit = dict(epochs=int(train_cfg.get("warm_start_epochs", BC_EPOCHS)), batch_size=BC_BATCH_SIZE,
                learning_rate=BC_LEARNING_RATE, value_coef=BC_VALUE_COEF, seed=int(train_cfg.get("seed", 0)))
     rec = behaviour_clone(agent, geo, data, **fit)
