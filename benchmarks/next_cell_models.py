@@ -4,7 +4,8 @@ For each model: the table (cellrl.transitions.compute_table on the dataset's mod
 settings), then the evaluate rule's protocol without an agent (BFS, greedy, random on the test cells;
 cellrl.evaluate.evaluate) and, where the dataset has one (the demo), the planted-truth check: ``bfs_agreement``
 (share of BFS plans that follow the planted recipe), ``mean_planted_rank`` (planted actions' percentile by
-one-step gain). Also reachability (share of test pairs with a path; a start type x target type matrix of the
+one-step gain; ``mean_planted_best_rank``, complementary: the best planted action's percentile per start cell).
+Also reachability (share of test pairs with a path; a start type x target type matrix of the
 share of test cells that reach the target type) and the self-transition fraction.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/next_cell_models.py [--dataset demo] [--models celloracle,pca]
@@ -84,7 +85,7 @@ def measure(model: Any, settings: dict, env: dict, evaluate_cfg: dict, truth: di
     }
     if gt.get("available"):
         rec.update({k: gt[k] for k in ("bfs_agreement", "bfs_pairs_agree", "chance_agreement", "mean_planted_rank",
-                                       "mean_grn_toward", "mean_shift_toward", "bfs_plans")})
+                                       "mean_planted_best_rank", "mean_grn_toward", "mean_shift_toward", "bfs_plans")})
     return rec
 
 

@@ -87,6 +87,11 @@ def test_ground_truth_table(evaluated):
     pair = next(p for p in gt["pairs"] if p["target"] == UNREACHABLE_TYPE)
     assert pair["verdict"] == "table: target unreachable"
     assert all(p["verdict"] for p in gt["pairs"])
+    # the complementary best-planted-action percentile: defined wherever planted_rank is, a percentile
+    both = [p for p in gt["pairs"] if p["planted_rank"] is not None]
+    assert both and all(0 <= p["planted_best_rank"] <= 1 for p in both)
+    assert all(p["planted_best_rank"] is None for p in gt["pairs"] if p["planted_rank"] is None)
+    assert 0 <= gt["mean_planted_best_rank"] <= 1
 
 
 def test_ground_truth_simulator_levels(tiny):

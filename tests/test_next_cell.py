@@ -10,7 +10,7 @@ from cellrl import transitions as T
 from cellrl.model import random_model
 from cellrl.transitions import next_cell as nc
 
-MODELS = ("pca", "pca_direction", "prob_max")
+MODELS = ("pca", "pca_step", "pca_direction", "prob_max")
 SETTINGS = dict(n_propagation=3, n_neighbors=20, sampled_fraction=0.3, sigma_corr=0.05, knn_random=True, seed=0,
                 backend="numpy")
 
@@ -24,11 +24,14 @@ def _space(k: int):
     return nc.pca_space(X, 2, k)
 
 
-def _step(model: str, s: np.ndarray, k: int = 2, P: np.ndarray | None = None, nbr: np.ndarray | None = None):
+def _step(model: str, s: np.ndarray, k: int = 2, P: np.ndarray | None = None, nbr: np.ndarray | None = None,
+          gain: float = 4.0):
     """Next cell of cell 0 for displacement(s) ``s`` (A, 2) under ``model``."""
     sp_ = _space(k)
     cells = np.array([0])
     s = np.asarray(s, dtype=np.float64)[None]  # (1, A, 2)
+    if model == "pca_step":  # the engine's call: pca_nearest on the displacement times step_gain
+        model, s = "pca", gain * s
     if model == "pca":
         return nc.pca_nearest(np, s, sp_.scores, cells, sp_.candidates[cells], sp_.radius[cells], sp_.tree)[0]
     if model == "pca_direction":
@@ -55,6 +58,30 @@ def test_pca_nearest_known_answers():
     # is nearest to cell 2; (0, 2) to cell 4; (-5, 0) points away from every cell: still nearest to itself;
     # (9, 0) is nearest to cell 3, outside the 2 candidates: the KD-tree answers it
     assert _step("pca", s, k=2).tolist() == [0, 0, 1, 2, 4, 0, 3]
+
+
+def test_pca_step_known_answers():
+    s = [[0.0, 0.0], [0.1, 0.0], [0.3, 0.0], [0.45, 0.02], [0.0, 0.5], [2.2, 0.0], [-1.0, 0.0]]
+    # step_gain 4: zero stays; 0.1 -> 0.4, still nearest to itself (a stagnation, as pca's 0.4); 0.3 -> 1.2, cell 1
+    # (pca would stay); 0.45 -> 1.8, cell 2; (0, 0.5) -> (0, 2), cell 4; 2.2 -> 8.8, cell 3 (outside the 2
+    # candidates: the KD-tree answers it); pointing away from every cell: stays
+    assert _step("pca_step", s, k=2).tolist() == [0, 0, 1, 2, 4, 3, 0]
+    assert _step("pca", s, k=2).tolist() == [0, 0, 0, 0, 0, 2, 0]
+    # step_gain 1 is pca
+    assert _step("pca_step", s, k=2, gain=1.0).tolist() == _step("pca", s, k=2).tolist()
+
+
+def test_pca_step_gain_is_checked_and_keyed():
+    from cellrl.errors import ConfigError
+
+    for bad in (0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match="step_gain"):
+            T.TransitionSettings.from_dict({"next_cell": "pca_step", "step_gain": bad})
+    a = T.TransitionSettings.from_dict({"next_cell": "pca_step", "step_gain": 2.0}).result_keys()
+    b = T.TransitionSettings.from_dict({"next_cell": "pca_step", "step_gain": 4.0}).result_keys()
+    assert a != b  # a resumed table never mixes gains
+    c = T.TransitionSettings.from_dict({"next_cell": "pca_direction", "step_gain": 2.0}).result_keys()
+    assert "step_gain" not in c  # the other models' chunk keys do not change
 
 
 def test_pca_direction_known_answers():
@@ -101,8 +128,9 @@ def test_table_equals_dense_reference(model, which):
     disp = sim["delta"] @ ps.loadings  # (A, N, d)
     N = model.n_cells
     P = ps.scores
-    if which == "pca":  # nearest of all cells to p_i + s (the cell itself included)
-        d2 = ((P[None, :, None, :] + disp[:, :, None, :] - P[None, None, :, :]) ** 2).sum(axis=3)
+    if which in ("pca", "pca_step"):  # nearest of all cells to p_i + g s (the cell itself included)
+        g = T.TransitionSettings().step_gain if which == "pca_step" else 1.0
+        d2 = ((P[None, :, None, :] + g * disp[:, :, None, :] - P[None, None, :, :]) ** 2).sum(axis=3)
         ref = d2.argmin(axis=2)
     else:
         gate = np.linalg.norm(disp, axis=2) > ps.half_gap[None]

@@ -143,8 +143,9 @@ def run_chunk(ctx: Context, cells: np.ndarray, cluster: int, keep_delta: bool = 
 
     # 7. next cell (cellrl.transitions.next_cell)
     model = ctx.settings.next_cell
-    if model == "pca":
-        nxt = nc.pca_nearest(xp, cc.disp, ctx.scores, ci, ctx.candidates[ci], ctx.radius[ci], ctx.pca.tree)
+    if model in ("pca", "pca_step"):
+        disp = cc.disp if model == "pca" else cc.disp * float(ctx.settings.step_gain)
+        nxt = nc.pca_nearest(xp, disp, ctx.scores, ci, ctx.candidates[ci], ctx.radius[ci], ctx.pca.tree)
     elif model == "pca_direction":
         nxt = to_numpy(nc.pca_direction(xp, cc.disp, ctx.scores, ci, ctx.candidates[ci], ctx.half_gap[ci]))
     elif model == "prob_max":

@@ -14,7 +14,7 @@ from ..model import OracleModel
 
 
 ACTION_KINDS = ("ko", "oe", "both")
-NEXT_CELL_MODELS = ("celloracle", "pca", "pca_direction", "prob_max")  # see cellrl.transitions.next_cell
+NEXT_CELL_MODELS = ("celloracle", "pca", "pca_step", "pca_direction", "prob_max")  # see cellrl.transitions.next_cell
 
 
 # --------------------------------------------------------------------------------------------------- settings
@@ -33,6 +33,7 @@ class TransitionSettings:
     actions: str = "both"
     next_cell: str = "celloracle"
     n_pcs: int | None = None
+    step_gain: float = 4.0  # pca_step: the simulated displacement is taken step_gain times
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "TransitionSettings":
@@ -62,13 +63,19 @@ class TransitionSettings:
             raise ConfigError(f"transitions.next_cell must be one of {NEXT_CELL_MODELS}, got {self.next_cell!r}")
         if self.n_pcs is not None and self.n_pcs < 1:
             raise ConfigError("transitions.n_pcs must be >= 1 or null")
+        if not (np.isfinite(self.step_gain) and self.step_gain > 0):
+            raise ConfigError("transitions.step_gain must be a finite number > 0")
         if self.chunk_cells is not None and self.chunk_cells < 1:
             raise ConfigError("transitions.chunk_cells must be >= 1 or null")
 
     def result_keys(self) -> dict[str, Any]:
-        """Settings that change the table (backend and chunking do not change the maths)."""
-        return {k: getattr(self, k) for k in ("n_propagation", "n_neighbors", "sampled_fraction", "sigma_corr",
-                                               "knn_random", "seed", "actions", "next_cell", "n_pcs")}
+        """Settings that change the table (backend and chunking do not change the maths; ``step_gain`` only under
+        ``pca_step``, so the other models' chunk keys are unchanged)."""
+        keys = {k: getattr(self, k) for k in ("n_propagation", "n_neighbors", "sampled_fraction", "sigma_corr",
+                                              "knn_random", "seed", "actions", "next_cell", "n_pcs")}
+        if self.next_cell == "pca_step":
+            keys["step_gain"] = float(self.step_gain)
+        return keys
 
 
 # ---------------------------------------------------------------------------------------------------- actions
