@@ -84,12 +84,12 @@ def save_npy(path: str | os.PathLike, arr: np.ndarray) -> Path:
     return write_atomic(path, w)
 
 
-def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
-    """Save arrays as a compressed .npz atomically."""
+def save_npz(path: str | os.PathLike, compress: bool = True, **arrays: np.ndarray) -> Path:
+    """Save arrays as a .npz (compressed unless ``compress=False``) atomically."""
 
     def w(p: Path) -> None:
         with open(p, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
+            (np.savez_compressed if compress else np.savez)(fh, **arrays)
 
     return write_atomic(path, w)
 

@@ -337,28 +337,57 @@ def prepare_oracle(adata: Any, tf_targets: Mapping[str, Sequence[str]], *, expre
     return oracle, info
 
 
-def cluster_links(oracle: Any, cluster: str, *, alpha: float = 10, bagging_number: int = 20,
-                  threads: int = 1) -> pd.DataFrame:
-    """One cluster's link list, as CellOracle's ``get_links`` computes it inside its loop over clusters
-    (``_fit_GRN_for_network_analysis``: imputed counts standardised over all cells, then the cluster's cells,
-    ``Net.fit_All_genes`` with bagging ridge, ``updateLinkList``), so per-cluster jobs give the same links."""
-    from celloracle.network.net_core import Net
+def cluster_link_inputs(oracle: Any) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
+    """Per cluster, what CellOracle's ``get_links`` loop hands ``Net`` (``_fit_GRN_for_network_analysis``): the
+    cluster's rows of the imputed counts and of the imputed counts standardised over ALL cells."""
     from celloracle.trajectory.oracle_utility import _adata_to_df
     from celloracle.utility import standard
 
     gem = _adata_to_df(oracle.adata, "imputed_count")
     gem_std = standard(gem)
-    cells = (oracle.adata.obs[CLUSTER_COLUMN].astype(str) == str(cluster)).to_numpy()
-    if not cells.any():
-        raise InputError(f"cluster {cluster!r} has no cells in the prepared oracle",
-                         fix="rerun the oracle_prepare rule (the cell types changed)")
+    labels = oracle.adata.obs[CLUSTER_COLUMN].astype(str).to_numpy()
+    return {c: (gem[labels == c], gem_std[labels == c]) for c in sorted(set(labels))}
+
+
+def cluster_links(gem: pd.DataFrame, gem_std: pd.DataFrame, tfdict: Mapping[str, Sequence[str]], *,
+                  alpha: float = 10, bagging_number: int = 20, threads: int = 1) -> pd.DataFrame:
+    """One cluster's link list from its :func:`cluster_link_inputs`, as CellOracle's ``get_links`` computes it
+    inside its loop over clusters (``Net.fit_All_genes`` with bagging ridge, ``updateLinkList``)."""
+    from celloracle.network.net_core import Net
+
     with reproducible_celloracle():
-        net = Net(gene_expression_matrix=gem[cells], gem_standerdized=gem_std[cells], TFinfo_dic=oracle.TFdict,
-                  verbose=False)
+        net = Net(gene_expression_matrix=gem, gem_standerdized=gem_std, TFinfo_dic=dict(tfdict), verbose=False)
         net.fit_All_genes(bagging_number=bagging_number, model_method="bagging_ridge", alpha=alpha, verbose=False,
                           n_jobs=max(1, int(threads)))
         net.updateLinkList(verbose=False)
     return net.linkList.copy()
+
+
+def save_link_inputs(path: str | os.PathLike, oracle: Any, slugs: Mapping[str, str]) -> None:
+    """``links_input.npz``: per cluster slug its cells, imputed and standardised rows (:func:`cluster_link_inputs`),
+    plus genes and the TF dict, so that each ``oracle_links`` job reads its cluster only (not the whole oracle)."""
+    from .io import save_npz
+
+    parts = cluster_link_inputs(oracle)
+    arrays: dict[str, np.ndarray] = {"genes": np.asarray(oracle.adata.var_names, dtype=str),
+                                     "tfdict": np.asarray(json.dumps(oracle.TFdict))}
+    for slug, c in slugs.items():
+        gem, std = parts[c]
+        arrays |= {f"{slug}/cells": np.asarray(gem.index, dtype=str), f"{slug}/gem": gem.to_numpy(),
+                   f"{slug}/std": std.to_numpy()}
+    save_npz(path, compress=False, **arrays)
+
+
+def load_link_inputs(path: str | os.PathLike, slug: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """One cluster's (imputed, standardised, TF dict) from :func:`save_link_inputs`'s file."""
+    with np.load(path, allow_pickle=False) as z:
+        if f"{slug}/gem" not in z.files:
+            raise InputError(f"no cluster {slug!r} in the link inputs", path=path, fix="rerun the oracle_prepare rule")
+        genes, cells = z["genes"], z[f"{slug}/cells"]
+        frames = tuple(pd.DataFrame(z[f"{slug}/{k}"], index=pd.Index(cells.astype(object)),
+                                    columns=pd.Index(genes.astype(object)))
+                       for k in ("gem", "std"))
+        return frames[0], frames[1], json.loads(str(z["tfdict"]))
 
 
 def links_from_lists(oracle: Any, link_lists: Mapping[str, pd.DataFrame], alpha: float) -> Any:
@@ -543,10 +572,12 @@ def _write_outputs(writers: Sequence[tuple[Path, Any]]) -> None:
 
 
 def prepare_oracle_files(adata_path: str | os.PathLike, tf_targets_path: str | os.PathLike, *,
-                         oracle_out: str | os.PathLike, info_out: str | os.PathLike, dataset: str | None = None,
+                         oracle_out: str | os.PathLike, info_out: str | os.PathLike,
+                         links_input_out: str | os.PathLike, dataset: str | None = None,
                          regulators: str | os.PathLike | None = None, **settings: Any) -> dict[str, Any]:
-    """Rule ``oracle_prepare``: the imputed oracle (``prepared.celloracle.oracle``) and ``clusters.json`` (the
-    clusters whose links run as separate jobs, their file names, and what the gather step needs)."""
+    """Rule ``oracle_prepare``: the imputed oracle (``prepared.celloracle.oracle``), ``clusters.json`` (the
+    clusters whose links run as separate jobs, their file names, and what the gather step needs) and
+    ``links_input.npz`` (each cluster's rows for its links job, :func:`save_link_inputs`)."""
     import anndata as ad
 
     adata_path = Path(adata_path)
@@ -561,6 +592,7 @@ def prepare_oracle_files(adata_path: str | os.PathLike, tf_targets_path: str | o
              "slugs": {cluster_slug(i, c): c for i, c in enumerate(info["clusters"])},
              "cells_per_cluster": {c: int(counts[c]) for c in info["clusters"]}}
     _write_outputs([(Path(oracle_out), lambda p: write_atomic(p, lambda t: oracle.to_hdf5(str(t)))),
+                    (Path(links_input_out), lambda p: save_link_inputs(p, oracle, info["slugs"])),
                     (Path(info_out), lambda p: write_json(p, info))])
     return info
 
@@ -575,18 +607,23 @@ def _load_prepared(oracle_path: str | os.PathLike, info_path: str | os.PathLike)
     return co.load_hdf5(str(oracle_path)), info
 
 
-def cluster_links_file(oracle_path: str | os.PathLike, info_path: str | os.PathLike, slug: str,
+def cluster_links_file(links_input_path: str | os.PathLike, info_path: str | os.PathLike, slug: str,
                        out: str | os.PathLike, *, alpha: float = 10, bagging_number: int = 20, threads: int = 1,
                        **_: Any) -> pd.DataFrame:
-    """Rule ``oracle_links``: one cluster's unfiltered CellOracle link list -> ``links/{slug}.parquet``."""
-    oracle, info = _load_prepared(oracle_path, info_path)
+    """Rule ``oracle_links``: one cluster's unfiltered CellOracle link list -> ``links/{slug}.parquet`` (reads only
+    that cluster's rows of ``links_input.npz``)."""
+    for p in (links_input_path, info_path):
+        if not Path(p).exists():
+            raise InputError("prepared link inputs not found", path=p, fix="run the oracle_prepare rule")
+    info = json.loads(Path(info_path).read_text())
     if slug not in info["slugs"]:
         raise InputError(f"no cluster {slug!r} in {info_path} (has {sorted(info['slugs'])})", path=info_path,
                          fix="rerun the oracle_prepare rule")
+    gem, gem_std, tfdict = load_link_inputs(links_input_path, slug)
     t = time.time()
-    df = cluster_links(oracle, info["slugs"][slug], alpha=alpha, bagging_number=bagging_number, threads=threads)
-    log.info("cluster %s: %d links from %d cells in %.1f s", info["slugs"][slug], len(df),
-             info["cells_per_cluster"][info["slugs"][slug]], time.time() - t)
+    df = cluster_links(gem, gem_std, tfdict, alpha=alpha, bagging_number=bagging_number, threads=threads)
+    log.info("cluster %s: %d links from %d cells in %.1f s", info["slugs"][slug], len(df), len(gem),
+             time.time() - t)
     write_table(out, df.reset_index(drop=True))
     return df
 

@@ -10,6 +10,7 @@ checkpoint oracle_prepare:
     output:
         oracle="results/{dataset}/oracle/prepared.celloracle.oracle",
         info="results/{dataset}/oracle/clusters.json",
+        links_input="results/{dataset}/oracle/links_input.npz",
     params:
         expression=lambda w: config["datasets"][w.dataset]["rna"]["expression"],
         settings=oracle_settings(PREPARE_KEYS),
@@ -30,16 +31,16 @@ checkpoint oracle_prepare:
 rule oracle_links:
     """CellOracle's get_links for one cell-type cluster (bagging ridge over every target gene)."""
     input:
-        oracle="results/{dataset}/oracle/prepared.celloracle.oracle",
+        links_input="results/{dataset}/oracle/links_input.npz",
         info="results/{dataset}/oracle/clusters.json",
     output:
         "results/{dataset}/oracle/links/{cluster}.parquet",
     params:
         settings=oracle_settings(LINKS_KEYS),
         code=code_version("fit_oracle"),
-    threads: 2
+    threads: 1  # CellOracle fits the genes one after another; two jobs side by side use two cores
     resources:
-        mem_mb=8000,
+        mem_mb=4000,
     log:
         "results/{dataset}/logs/oracle_links/{cluster}.log",
     benchmark:

@@ -290,11 +290,11 @@ def test_per_cluster_jobs_give_the_single_job_fit(tmp_path):
     fit_oracle_files(a, t, s, dataset="tiny", **single, **settings)
     d = tmp_path / "jobs"
     info = prepare_oracle_files(a, t, oracle_out=d / "prepared.celloracle.oracle", info_out=d / "clusters.json",
-                                dataset="tiny", **settings)
+                                links_input_out=d / "links_input.npz", dataset="tiny", **settings)
     assert len(info["slugs"]) == 3 and all(re.fullmatch(r"\d{3}_[A-Za-z0-9_.-]+", k) for k in info["slugs"])
     files = [d / "links" / f"{slug}.parquet" for slug in sorted(info["slugs"], reverse=True)]  # any order
     for f in files:
-        cluster_links_file(d / "prepared.celloracle.oracle", d / "clusters.json", f.stem, f, **settings)
+        cluster_links_file(d / "links_input.npz", d / "clusters.json", f.stem, f, **settings)
     jobs = _outputs(tmp_path, "jobs_out")
     gather_oracle_files(d / "prepared.celloracle.oracle", d / "clusters.json", files, s,
                         final_oracle_path=jobs["oracle_path"], **{k: v for k, v in jobs.items() if k != "oracle_path"},

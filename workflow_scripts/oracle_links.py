@@ -3,5 +3,5 @@ from cellrl.oracle import cluster_links_file
 from cellrl.smk import log_to
 
 with log_to(snakemake.log[0]):
-    cluster_links_file(snakemake.input.oracle, snakemake.input.info, snakemake.wildcards.cluster,
+    cluster_links_file(snakemake.input.links_input, snakemake.input.info, snakemake.wildcards.cluster,
                        snakemake.output[0], threads=snakemake.threads, **snakemake.params.settings)
