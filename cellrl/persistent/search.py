@@ -211,9 +211,11 @@ def beam(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.ndar
 
 # ---------------------------------------------------------------------------------------------- exact
 def exact(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.ndarray, max_genes: int = 3,
-          max_steps: int = 20) -> SearchResult:
+          max_steps: int = 20, cells: np.ndarray | None = None) -> SearchResult:
     """Exact breadth-first search over (cell, set) states, sets of up to ``max_genes`` genes, up to
-    ``max_steps`` steps (module docstring). Unsolved tasks get an empty plan. ``info``: new states per depth."""
+    ``max_steps`` steps (module docstring). Unsolved tasks get an empty plan. ``info``: new states per depth.
+    ``cells``: (C,) bool, the cells a plan may enter (all when None; the warm start passes the training cells,
+    so its plans never touch a held-out cell)."""
     t0 = time.perf_counter()
     starts, targets = _tasks(geo, starts, targets)
     n = len(starts)
@@ -236,6 +238,9 @@ def exact(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.nda
             break
         p, a, new, nxt = successors(engine, cell, applied, max_genes)
         rows += len(p)
+        if cells is not None:
+            inside = np.asarray(cells, bool)[nxt]
+            p, a, new, nxt = p[inside], a[inside], new[inside], nxt[inside]
         s = sid[p]
         k = _keys(s, nxt, new, geo.n_cells)
         keep = _new_states(k, seen)
