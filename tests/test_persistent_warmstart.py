@@ -89,3 +89,24 @@ def test_train_agent_exact_warm_start_in_persistent_mode(problem, tmp_path):
     assert not summary["warm_start"] and agent.learning_rate == pytest.approx(1e-3)
     with pytest.raises(InputError, match="persistent mode only"):
         train_agent(geo, dummy, {"max_steps": 6}, train, out_dir=None, progress=False)
+
+
+def test_dagger_labels_the_policys_own_states_on_training_cells(problem):
+    from cellrl.persistent.warmstart import dagger_samples
+    from cellrl.train import build_agent
+
+    m, eng, geo, params = problem
+    env = VecPersistentEnv(geo, eng, 2, params, split="train", training=True, seed=0)
+    agent = build_agent(env, {"n_steps": 16, "batch_size": 16, "embed_dims": [16], "actor_dims": [16],
+                              "critic_dims": [8], "device": "cpu", "seed": 0})
+    plans = training_plans(eng, geo, training_starts(geo, 3), 2, params.eval_max_steps(geo.n_types))
+    data, _ = plan_samples(eng, geo, params, plans, gamma=0.98)
+    new, info = dagger_samples(agent, eng, geo, params, data, plans.starts, plans.targets, 0.98, 2)
+    assert info["env_steps"] > 0 and info["new_samples"] == len(new) > 0
+    assert (geo.split[new.cell] == "train").all() and new.mask[new.optimal].all()
+    known = {(c, t, a.tobytes()) for c, t, a in zip(data.cell, data.target, data.applied)}
+    assert not any((c, t, a.tobytes()) in known for c, t, a in zip(new.cell, new.target, new.applied))
+    assert (np.abs(new.applied).sum(1) <= 2).all()
+    rec, data2, _ = warm_start_persistent(agent, eng, geo, params, 0.98, per_type=3, epochs=3, dagger_rounds=1,
+                                          plans=plans)
+    assert rec["env_steps"] > 0 and len(data2) == len(data) + rec["dagger_rounds"][0]["new_samples"]
