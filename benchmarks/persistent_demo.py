@@ -2,7 +2,8 @@
 the table mode's numbers for the same tasks side by side.
 
     .venv/bin/python benchmarks/persistent_demo.py [--results results/demo] [--truth resources/demo/ground_truth.json]
-        [--n-starts N] [--beam-width 8] [--max-genes 3] [--agent-steps 100000] [--quick]
+        [--n-starts N] [--beam-width 8] [--max-genes 3] [--agent-steps 100000] [--next-cell pca_direction]
+        [--warm-start none|exact] [--bc-starts 10] [--bc-epochs 60] [--bc-dagger 0] [--torch-threads N] [--quick]
 
 Needs the demo's ``oracle/model.npz``, ``transitions/table.npy`` and (for the table agent)
 ``models/default/model.zip`` under ``--results``, and the demo's planted ground truth. Settings:
@@ -11,8 +12,11 @@ Needs the demo's ``oracle/model.npz``, ``transitions/table.npy`` and (for the ta
 Tasks: the evaluation protocol's (every test cell x every other cell type; ``--n-starts`` keeps that many test
 cells, evenly spread, for a shorter run). Persistent mode (:mod:`cellrl.persistent`): ``exact`` (every set of up
 to ``--max-genes`` genes in every order: the ground truth), ``beam`` (width ``--beam-width``), ``greedy``
-(one-step best cosine gain), ``agent`` (MaskablePPO trained in persistent mode from scratch with the demo's train
-settings, ``--agent-steps`` env steps, no warm start: there is no table to clone BFS paths from). Table mode
+(one-step best cosine gain), ``agent`` (MaskablePPO trained in persistent mode with the demo's train settings,
+``--agent-steps`` env steps: from scratch, or with ``--warm-start exact`` after behaviour cloning of exact plans
+from ``--bc-starts`` TRAINING cells per type (:mod:`cellrl.persistent.warmstart`; ``agent_bc_only`` scores the
+cloned policy before PPO), PPO then at learning_rate x warm_start_ppo_lr_scale). ``--next-cell`` overrides
+``transitions.next_cell`` for the persistent engine (the table results keep theirs). Table mode
 (:func:`cellrl.evaluate.evaluate`): ``bfs``, ``greedy`` and the pipeline's trained agent.
 
 Per method: success, success within ``--max-genes`` steps, mean plan length of the successes, and the planted
@@ -145,7 +149,7 @@ def planted_recipe_rollout(engine: PersistentEngine, geo: TaskGeometry, truth: d
 def train_persistent_agent(geo: TaskGeometry, engine: PersistentEngine, env_cfg: dict, train_cfg: dict,
                            steps: int, warm: str = "none", bc_starts: int = STARTS_PER_TYPE,
                            bc_epochs: int = BC_EPOCHS, threads: int | None = None,
-                           after_bc: Any = None) -> tuple[Any, dict[str, Any]]:
+                           after_bc: Any = None, dagger_rounds: int = 0) -> tuple[Any, dict[str, Any]]:
     """MaskablePPO (reference network, demo train settings) on the persistent env: from scratch (``warm``
     none), or after behaviour cloning of exact plans from ``bc_starts`` training cells per type (``warm`` exact,
     :mod:`cellrl.persistent.warmstart`; PPO then at learning_rate x warm_start_ppo_lr_scale, as in table mode).
@@ -159,7 +163,7 @@ def train_persistent_agent(geo: TaskGeometry, engine: PersistentEngine, env_cfg:
     rec: dict[str, Any] = {"warm_start": {"method": "none"}}
     if warm == "exact":
         ws, _, _ = warm_start_persistent(agent, engine, geo, params, float(cfg["gamma"]), per_type=bc_starts,
-                                         epochs=bc_epochs, seed=int(cfg["seed"]))
+                                         epochs=bc_epochs, seed=int(cfg["seed"]), dagger_rounds=dagger_rounds)
         rec["warm_start"] = {k: v for k, v in ws.items() if k != "loss_per_epoch"}
         rec["warm_start"]["loss_last"] = ws["loss_per_epoch"][-1] if ws["loss_per_epoch"] else None
         print("warm start", rec["warm_start"], flush=True)
@@ -200,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="exact: behaviour cloning of exact plans from training cells before PPO")
     ap.add_argument("--bc-starts", type=int, default=STARTS_PER_TYPE, help="training start cells per type")
     ap.add_argument("--bc-epochs", type=int, default=BC_EPOCHS)
+    ap.add_argument("--bc-dagger", type=int, default=0, help="DAgger rounds after cloning (exact labels)")
     ap.add_argument("--torch-threads", type=int, default=None)
     ap.add_argument("--no-table", action="store_true", help="skip the table-mode evaluation")
     ap.add_argument("--quick", action="store_true", help="do not overwrite benchmarks/results/")
@@ -226,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sub = np.isin(starts, keep)
     acts = action_table(table.shape[1], model.regulators, res_dir / "transitions" / "actions.tsv")
     allowed = eval_allowed_mask(model, table)
-    out: dict[str, Any] = {"machine": machine(), "results": str(res_dir), "n_tasks": int(len(starts)),
+    cmd = " ".join(["benchmarks/persistent_demo.py", *(sys.argv[1:] if argv is None else argv)])
+    out: dict[str, Any] = {"machine": machine(), "command": cmd, "results": str(res_dir), "n_tasks": int(len(starts)),
                            "n_exact_tasks": int(sub.sum()), "n_exact_start_cells": int(len(np.unique(starts[sub]))),
                            "n_types": int(geo.n_types), "max_steps": int(max_steps), "max_genes": int(args.max_genes),
                            "beam_width": int(args.beam_width), "env": s["env"], "transitions": s["transitions"],
@@ -281,7 +287,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if steps > 0 or args.warm_start != "none":
         after_bc = (lambda ag: score_agent(ag, "agent_bc_only")) if args.warm_start != "none" else None
         agent, train_rec = train_persistent_agent(geo, engine, s["env"], s["train"], steps, args.warm_start,
-                                                  args.bc_starts, args.bc_epochs, args.torch_threads, after_bc)
+                                                  args.bc_starts, args.bc_epochs, args.torch_threads, after_bc,
+                                                  args.bc_dagger)
         if "after_bc" in train_rec:
             out["persistent"]["agent_bc_only"] = train_rec.pop("after_bc")
         log("agent trained", train_rec)

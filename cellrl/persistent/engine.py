@@ -33,10 +33,10 @@ at 0 is not pinned and propagates freely).
 3. ``P_ij = softmax_j(corr_ij / sigma_corr)``, ``shift_i = sum_j P_ij u_ij - mean_j u_ij``, next cell = nearest to
    ``E_i + shift_i`` (a stagnation when it is ``i``).
 4. Next-cell model (``transitions.next_cell``, as the table mode): ``celloracle`` is step 3; ``pca``,
-   ``pca_step``, ``pca_direction`` and ``prob_max`` call :mod:`cellrl.transitions.next_cell`'s functions on the set's PCA
-   displacement ``s = delta L``, formed from the same parts as the numerator: ``Y L`` (one sparse x dense product)
-   plus the pins' and clipped genes' corrections times their loadings rows (``L`` and the PCA space built by
-   :func:`cellrl.transitions.next_cell.pca_space` exactly as the table runner builds it).
+   ``pca_step``, ``pca_direction`` and ``prob_max`` call :mod:`cellrl.transitions.next_cell`'s functions on the
+   set's PCA displacement ``s = delta L``, formed from the same parts as the numerator: ``Y L`` (one sparse x
+   dense product) plus the pins' and clipped genes' corrections times their loadings rows (``L`` and the PCA
+   space built by :func:`cellrl.transitions.next_cell.pca_space` exactly as the table runner builds it).
 
 A single-gene set is the table's action (``table[i, a]``); equality with CellOracle's own multi-gene
 ``simulate_shift`` is tested in tests/test_persistent_engine.py. Arrays live on ``xp`` (numpy or CuPy,

@@ -211,7 +211,7 @@ def warm_start_persistent(agent: Any, engine: Engine, geo: TaskGeometry, params:
         rounds.append({"round": r + 1, **info, "samples": len(data), "accuracy": r_rec["accuracy"]})
         rec.update({k: v for k, v in r_rec.items() if k in ("samples", "accuracy", "value_rmse", "loss_per_epoch")})
     return ({"method": "exact", "dagger_rounds": rounds, "start_cells": int(len(starts)),
-             "starts_per_type": int(per_type), "max_genes": max_genes, "tasks": int(len(plans.success)), "solved": float(plans.success.mean())
-             if len(plans.success) else None, "mean_plan_length": float(plans.lengths[plans.success].mean())
-             if plans.success.any() else None, "exact_seconds": round(plans.wall_s, 2), **rep, **rec,
+             "starts_per_type": int(per_type), "max_genes": max_genes, "tasks": int(len(plans.success)),
+             "solved": float(plans.success.mean()) if len(plans.success) else None,
+             "mean_plan_length": float(plans.lengths[plans.success].mean()) if plans.success.any() else None, "exact_seconds": round(plans.wall_s, 2), **rep, **rec,
              "env_steps": env_steps, "seconds": round(time.perf_counter() - t0, 2)}, data, plans)
