@@ -2,7 +2,8 @@
 the table mode's numbers for the same tasks side by side.
 
     .venv/bin/python benchmarks/persistent_demo.py [--results results/demo] [--truth resources/demo/ground_truth.json]
-        [--n-starts N] [--beam-width 8] [--max-genes 3] [--agent-steps 100000] [--quick]
+        [--n-starts N] [--beam-width 8] [--max-genes 3] [--agent-steps 100000] [--next-cell pca_direction]
+        [--warm-start none|exact] [--bc-starts 10] [--bc-epochs 60] [--bc-dagger 0] [--torch-threads N] [--quick]
 
 Needs the demo's ``oracle/model.npz``, ``transitions/table.npy`` and (for the table agent)
 ``models/default/model.zip`` under ``--results``, and the demo's planted ground truth. Settings:
@@ -11,8 +12,11 @@ Needs the demo's ``oracle/model.npz``, ``transitions/table.npy`` and (for the ta
 Tasks: the evaluation protocol's (every test cell x every other cell type; ``--n-starts`` keeps that many test
 cells, evenly spread, for a shorter run). Persistent mode (:mod:`cellrl.persistent`): ``exact`` (every set of up
 to ``--max-genes`` genes in every order: the ground truth), ``beam`` (width ``--beam-width``), ``greedy``
-(one-step best cosine gain), ``agent`` (MaskablePPO trained in persistent mode from scratch with the demo's train
-settings, ``--agent-steps`` env steps, no warm start: there is no table to clone BFS paths from). Table mode
+(one-step best cosine gain), ``agent`` (MaskablePPO trained in persistent mode with the demo's train settings,
+``--agent-steps`` env steps: from scratch, or with ``--warm-start exact`` after behaviour cloning of exact plans
+from ``--bc-starts`` TRAINING cells per type (:mod:`cellrl.persistent.warmstart`; ``agent_bc_only`` scores the
+cloned policy before PPO), PPO then at learning_rate x warm_start_ppo_lr_scale). ``--next-cell`` overrides
+``transitions.next_cell`` for the persistent engine (the table results keep theirs). Table mode
 (:func:`cellrl.evaluate.evaluate`): ``bfs``, ``greedy`` and the pipeline's trained agent.
 
 Per method: success, success within ``--max-genes`` steps, mean plan length of the successes, and the planted
@@ -50,9 +54,11 @@ from cellrl.io import write_json  # noqa: E402
 from cellrl.persistent.engine import PersistentEngine  # noqa: E402
 from cellrl.persistent.env import VecPersistentEnv  # noqa: E402
 from cellrl.persistent.search import SearchResult, beam, exact, greedy, rollout  # noqa: E402
+from cellrl.persistent.warmstart import STARTS_PER_TYPE, warm_start_persistent  # noqa: E402
 from cellrl.tasks import TaskGeometry  # noqa: E402
 from cellrl.train import (build_agent, fit_curriculum, load_inputs, quiet_numerics, set_torch_threads,  # noqa: E402
                           train_config)
+from cellrl.warmstart import BC_EPOCHS, ppo_config  # noqa: E402
 
 
 def demo_settings() -> dict[str, Any]:
@@ -141,22 +147,37 @@ def planted_recipe_rollout(engine: PersistentEngine, geo: TaskGeometry, truth: d
 
 
 def train_persistent_agent(geo: TaskGeometry, engine: PersistentEngine, env_cfg: dict, train_cfg: dict,
-                           steps: int) -> tuple[Any, dict[str, Any]]:
-    """MaskablePPO (reference network, demo train settings) on the persistent env, from scratch."""
-    cfg = train_config({**train_cfg, "total_timesteps": int(steps)})
-    threads = set_torch_threads(None)
+                           steps: int, warm: str = "none", bc_starts: int = STARTS_PER_TYPE,
+                           bc_epochs: int = BC_EPOCHS, threads: int | None = None,
+                           after_bc: Any = None, dagger_rounds: int = 0) -> tuple[Any, dict[str, Any]]:
+    """MaskablePPO (reference network, demo train settings) on the persistent env: from scratch (``warm``
+    none), or after behaviour cloning of exact plans from ``bc_starts`` training cells per type (``warm`` exact,
+    :mod:`cellrl.persistent.warmstart`; PPO then at learning_rate x warm_start_ppo_lr_scale, as in table mode).
+    ``after_bc(agent)`` is called between the two (to score the cloned policy)."""
+    cfg = train_config({**train_cfg, "total_timesteps": int(steps), "warm_start": "none" if warm == "none" else "bfs"})
+    threads = set_torch_threads(threads)
     params, warnings = fit_curriculum(EnvParams.from_config(env_cfg), geo.n_types, int(steps))
     env = VecPersistentEnv(geo, engine, int(cfg["n_envs"]), params, split="train", training=True,
                            seed=int(cfg["seed"]))
-    agent = build_agent(env, cfg, device="cpu")
+    agent = build_agent(env, ppo_config(cfg), device="cpu")
+    rec: dict[str, Any] = {"warm_start": {"method": "none"}}
+    if warm == "exact":
+        ws, _, _ = warm_start_persistent(agent, engine, geo, params, float(cfg["gamma"]), per_type=bc_starts,
+                                         epochs=bc_epochs, seed=int(cfg["seed"]), dagger_rounds=dagger_rounds)
+        rec["warm_start"] = {k: v for k, v in ws.items() if k != "loss_per_epoch"}
+        rec["warm_start"]["loss_last"] = ws["loss_per_epoch"][-1] if ws["loss_per_epoch"] else None
+        print("warm start", rec["warm_start"], flush=True)
+        if after_bc is not None:
+            rec["after_bc"] = after_bc(agent)
     t0 = time.perf_counter()
     with quiet_numerics():
-        agent.learn(int(steps))
+        if steps > 0:
+            agent.learn(int(steps))
     wall = time.perf_counter() - t0
-    return agent, {"timesteps": int(agent.num_timesteps), "wall_s": round(wall, 1),
-                   "steps_per_s": round(agent.num_timesteps / wall, 1), "torch_threads": threads,
+    return agent, {**rec, "timesteps": int(agent.num_timesteps), "wall_s": round(wall, 1),
+                   "steps_per_s": round(agent.num_timesteps / max(wall, 1e-9), 1), "torch_threads": threads,
                    "train_success_last100": env.success_rate, "refused_moves_possible": True,
-                   "warnings": warnings, "n_envs": int(cfg["n_envs"]), "learning_rate": cfg["learning_rate"]}
+                   "warnings": warnings, "n_envs": int(cfg["n_envs"]), "learning_rate": agent.learning_rate}
 
 
 def machine() -> dict[str, Any]:
@@ -177,12 +198,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--beam-width", type=int, default=8)
     ap.add_argument("--max-genes", type=int, default=None, help="exact search's set size (default env.max_set_size)")
     ap.add_argument("--agent-steps", type=int, default=None, help="default: the demo's train.total_timesteps")
+    ap.add_argument("--next-cell", default=None, help="transitions.next_cell of the persistent engine "
+                    "(default: the demo's, pca_direction)")
+    ap.add_argument("--warm-start", choices=("none", "exact"), default="none",
+                    help="exact: behaviour cloning of exact plans from training cells before PPO")
+    ap.add_argument("--bc-starts", type=int, default=STARTS_PER_TYPE, help="training start cells per type")
+    ap.add_argument("--bc-epochs", type=int, default=BC_EPOCHS)
+    ap.add_argument("--bc-dagger", type=int, default=0, help="DAgger rounds after cloning (exact labels)")
+    ap.add_argument("--torch-threads", type=int, default=None)
     ap.add_argument("--no-table", action="store_true", help="skip the table-mode evaluation")
     ap.add_argument("--quick", action="store_true", help="do not overwrite benchmarks/results/")
     args = ap.parse_args(argv)
 
     res_dir = Path(args.results)
     s = demo_settings()
+    if args.next_cell:
+        s["transitions"]["next_cell"] = args.next_cell
     truth = json.loads(Path(args.truth).read_text())
     model, table = load_inputs(res_dir / "oracle" / "model.npz", res_dir / "transitions" / "table.npy")
     params = EnvParams.from_config(s["env"])
@@ -200,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sub = np.isin(starts, keep)
     acts = action_table(table.shape[1], model.regulators, res_dir / "transitions" / "actions.tsv")
     allowed = eval_allowed_mask(model, table)
-    out: dict[str, Any] = {"machine": machine(), "results": str(res_dir), "n_tasks": int(len(starts)),
+    cmd = " ".join(["benchmarks/persistent_demo.py", *(sys.argv[1:] if argv is None else argv)])
+    out: dict[str, Any] = {"machine": machine(), "command": cmd, "results": str(res_dir), "n_tasks": int(len(starts)),
                            "n_exact_tasks": int(sub.sum()), "n_exact_start_cells": int(len(np.unique(starts[sub]))),
                            "n_types": int(geo.n_types), "max_steps": int(max_steps), "max_genes": int(args.max_genes),
                            "beam_width": int(args.beam_width), "env": s["env"], "transitions": s["transitions"],
@@ -241,17 +273,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log("planted recipe applied then held: success", pr["success"], "mean length", pr["mean_success_length"])
 
     steps = int(s["train"]["total_timesteps"] if args.agent_steps is None else args.agent_steps)
-    if steps > 0:
-        agent, train_rec = train_persistent_agent(geo, engine, s["env"], s["train"], steps)
-        log("agent trained", train_rec)
+    ex = out["persistent"]["exact"]["exact_tasks"]["success"]
+
+    def score_agent(agent: Any, name: str) -> dict[str, Any]:
         r = rollout(geo, engine, params, starts, targets, agent_chooser(agent, deterministic=True),
                     max_steps=max_steps)
-        f = plan_frame("agent", starts, targets, r.success, r.plans, geo)
-        out["persistent"]["agent"] = {**score(f, engine.n_actions), "training": train_rec,
-                                      "eval_wall_s": round(r.wall_s, 2)}
-        ex = out["persistent"]["exact"]["exact_tasks"]["success"]
-        ag = out["persistent"]["agent"]["exact_tasks"]["success"]
-        out["persistent"]["agent"]["success_vs_exact"] = ag / ex if ex else None
+        f = plan_frame(name, starts, targets, r.success, r.plans, geo)
+        res = {**score(f, engine.n_actions), "eval_wall_s": round(r.wall_s, 2)}
+        res["success_vs_exact"] = res["exact_tasks"]["success"] / ex if ex else None
+        log(name, "success / exact", res["success_vs_exact"])
+        return res
+
+    if steps > 0 or args.warm_start != "none":
+        after_bc = (lambda ag: score_agent(ag, "agent_bc_only")) if args.warm_start != "none" else None
+        agent, train_rec = train_persistent_agent(geo, engine, s["env"], s["train"], steps, args.warm_start,
+                                                  args.bc_starts, args.bc_epochs, args.torch_threads, after_bc,
+                                                  args.bc_dagger)
+        if "after_bc" in train_rec:
+            out["persistent"]["agent_bc_only"] = train_rec.pop("after_bc")
+        log("agent trained", train_rec)
+        out["persistent"]["agent"] = {**score_agent(agent, "agent"), "training": train_rec}
 
     if not args.no_table:
         from cellrl.agent_io import load_agent

@@ -64,7 +64,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "checkpoint_every": 100_000, "keep_checkpoints": 2, "eval_every": 20_000, "eval_episodes": 200,
     "device": "auto", "seed": 77, "use_hpo": False, "warm_start": "bfs", "warm_start_epochs": 60,
     "warm_start_ppo_lr_scale": 0.03, "warm_start_dagger_rounds": 2,
-    "warm_start_dagger_episodes": 2000, "wandb": {"mode": "offline", "project": "cellrl"},
+    "warm_start_dagger_episodes": 2000, "warm_start_starts_per_type": 10,
+    "wandb": {"mode": "offline", "project": "cellrl"},
 }
 
 
@@ -399,9 +400,16 @@ def train_agent(model: OracleModel | TaskGeometry, table: np.ndarray, env_cfg: M
     stops training early, e.g. an Optuna pruner). Writes the outputs listed in the module docstring when
     ``out_dir`` is given (``model.zip`` only at the end). Returns the agent and the summary dict (also
     ``train_summary.json``): timesteps, wall_s, steps_per_s, final validation success, random baseline.
-    ``engine``: train in persistent-perturbation mode (:mod:`cellrl.persistent`; no BFS warm start there).
+    ``engine``: train in persistent-perturbation mode (:mod:`cellrl.persistent`); its warm start is
+    ``train.warm_start: exact`` (:mod:`cellrl.persistent.warmstart`), bfs/dagger there mean none.
     """
     cfg = train_config(train_cfg)
+    if engine is not None and str(cfg["warm_start"]) in ("bfs", "dagger"):
+        # the table warm starts need a table; in persistent mode only ``exact`` warm-starts (nor is the PPO
+        # learning rate scaled without it)
+        log.info("train.warm_start %s is the table mode's; persistent mode trains from scratch (use exact)",
+                 cfg["warm_start"])
+        cfg["warm_start"] = "none"
     threads = set_torch_threads(threads)
     device = resolve_device(cfg["device"])
     total = int(cfg["total_timesteps"])
@@ -432,6 +440,15 @@ def train_agent(model: OracleModel | TaskGeometry, table: np.ndarray, env_cfg: M
         run.state.warm_start = warm_start(agent, geo, table, params, cfg)
         run.state.warm_start["val_before_ppo"] = path_quality(agent, geo, table, params, run.val_split,
                                                               int(cfg["eval_episodes"]), int(cfg["seed"]))
+    elif ckpt is None and cfg["warm_start"] == "exact":  # persistent mode: clone exact plans from training cells
+        from .persistent.warmstart import warm_start_persistent
+
+        run.state.warm_start = warm_start_persistent(
+            agent, engine, geo, params, float(cfg["gamma"]), per_type=int(cfg["warm_start_starts_per_type"]),
+            epochs=int(cfg["warm_start_epochs"]), seed=int(cfg["seed"]))[0]
+        log.info("warm start (exact plans): %d samples from %d plans, accuracy %.3f, %.1f s",
+                 run.state.warm_start["samples"], run.state.warm_start["plans"],
+                 run.state.warm_start["accuracy"] or 0, run.state.warm_start["seconds"])
     run.open()
     try:
         ws_steps = int(run.state.warm_start.get("env_steps", 0))     # DAgger's rollouts count against the budget

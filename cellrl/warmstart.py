@@ -70,7 +70,7 @@ from .tasks import TaskGeometry, allowed_mask
 log = logging.getLogger("cellrl.warmstart")
 
 #: ``train.warm_start`` values.
-WARM_STARTS = ("none", "bfs", "dagger")
+WARM_STARTS = ("none", "bfs", "dagger", "exact")  # exact: persistent mode only (cellrl.persistent.warmstart)
 #: Behaviour cloning's minibatch size, Adam learning rate and value-loss weight (measured on the demo atlas:
 #: benchmarks/warm_start.py).
 BC_EPOCHS = 60
@@ -102,6 +102,7 @@ class BcData:
     n_pairs: int
     n_pairs_total: int
     bfs_seconds: float
+    applied: np.ndarray | None = None  # (n, R) float32 applied-set observation (persistent mode), else None
 
     def __len__(self) -> int:
         return int(len(self.cell))
@@ -208,7 +209,9 @@ def concat_data(a: BcData, b: BcData) -> BcData:
     """The samples of ``a`` followed by those of ``b`` (pair counts and BFS time of ``a``)."""
     cat = {k: np.concatenate([getattr(a, k), getattr(b, k)]) for k in ("cell", "target", "optimal", "mask", "dist",
                                                                           "value")}
-    return BcData(**cat, n_pairs=a.n_pairs, n_pairs_total=a.n_pairs_total, bfs_seconds=a.bfs_seconds)
+    applied = None if a.applied is None or b.applied is None else np.concatenate([a.applied, b.applied])
+    return BcData(**cat, n_pairs=a.n_pairs, n_pairs_total=a.n_pairs_total, bfs_seconds=a.bfs_seconds,
+                  applied=applied)
 
 
 @th.no_grad()
@@ -299,9 +302,12 @@ def _forward(policy: Any, obs: Mapping[str, th.Tensor], mask: th.Tensor) -> tupl
 def _obs(geo_z: th.Tensor, cents: th.Tensor, data: BcData, idx: np.ndarray, device: Any) -> dict[str, th.Tensor]:
     c = th.as_tensor(data.cell[idx])
     t = th.as_tensor(data.target[idx])
-    return {"current_expression": geo_z.index_select(0, c).to(device),
-            "target_expression": cents.index_select(0, t).to(device),
-            "action_mask": th.as_tensor(data.mask[idx], dtype=th.float32, device=device)}
+    obs = {"current_expression": geo_z.index_select(0, c).to(device),
+           "target_expression": cents.index_select(0, t).to(device),
+           "action_mask": th.as_tensor(data.mask[idx], dtype=th.float32, device=device)}
+    if data.applied is not None:  # persistent mode: the applied set is part of the observation
+        obs["applied"] = th.as_tensor(data.applied[idx], dtype=th.float32, device=device)
+    return obs
 
 
 def behaviour_clone(agent: Any, geo: TaskGeometry, data: BcData, epochs: int = 10, batch_size: int = 256,
@@ -394,6 +400,9 @@ def warm_start(agent: Any, geo: TaskGeometry, table: np.ndarray, env_params: Any
                          field="train.warm_start")
     if method == "none":
         return {"method": "none", "env_steps": 0}
+    if method == "exact":
+        raise InputError("train.warm_start exact clones exact plans over applied sets: persistent mode only",
+                         field="train.warm_start", fix="use bfs or dagger with env.perturbation_model: table")
     t0 = time.perf_counter()
     gamma = float(train_cfg["gamma"])
     paths = training_paths(geo, table, env_params, gamma)

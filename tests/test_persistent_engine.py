@@ -283,3 +283,58 @@ def test_sets_equal_celloracle_demo(demo_fitted):
 @pytest.mark.slow
 def test_sets_equal_celloracle_paul15(paul15_fitted):
     _check_against_celloracle(paul15_fitted)
+
+
+@pytest.mark.parametrize("next_cell", ["pca_direction", "pca", "pca_step", "prob_max"])
+def test_single_gene_sets_are_the_table_other_next_cell_models(small_model, next_cell):
+    """With ``transitions.next_cell`` other than celloracle, a one-gene set's next cell is still the table's (the
+    engine reuses cellrl.transitions.next_cell on the set's PCA displacement)."""
+    s = dict(SETTINGS, seed=0, next_cell=next_cell, n_pcs=10)
+    table, acts, _ = T.compute_table(small_model, s, progress=False)
+    eng = PersistentEngine.from_model(small_model, s)
+    cells = np.arange(small_model.n_cells)
+    moved = 0
+    for a in range(eng.n_actions):
+        ap = _set(eng, [a], small_model.n_cells)
+        nxt = eng.step(cells, ap)
+        assert (nxt == table[:, a]).all(), f"action {a}"
+        moved += int((nxt != cells).sum())
+    assert moved > 0
+
+
+def test_sets_pca_direction_displacement_is_delta_times_loadings():
+    """Multi-gene sets with clipping: the displacement behind pca_direction is the dense delta times the
+    loadings, and the next cell is pca_direction's on it."""
+    from cellrl.transitions import next_cell as nc
+
+    m = _float32_embedding(random_model(n_cells=400, n_genes=40, n_types=4, n_regulators=5, seed=8))
+    m.coefs = [sp.csr_matrix(W.toarray() * -3.0) for W in m.coefs]
+    m.X = m.X * np.random.default_rng(2).uniform(0.0, 1.0, m.X.shape)
+    R = m.n_regulators
+    eng = PersistentEngine.from_model(m, dict(SETTINGS, next_cell="pca_direction", n_pcs=8))
+    cells = np.arange(m.n_cells)
+    for acts in ([0, R + 1], [R + 0, 1, R + 2]):
+        ap = _set(eng, acts, m.n_cells)
+        s = eng.delta(cells, ap) @ eng.pca.loadings
+        ref = nc.pca_direction(np, s[:, None, :], eng.pca.scores, cells, eng.pca.candidates, eng.pca.half_gap)[:, 0]
+        assert (eng.step(cells, ap) == ref).all()
+
+
+@pytest.mark.parametrize("next_cell", ["pca_direction", "pca", "pca_step", "prob_max"])
+def test_rows_sharing_cells_equal_one_row_at_a_time(small_model, next_cell):
+    """The PCA next-cell models pack the rows of one cell together (blocks of 64): many sets from a few cells in
+    one batch give the next cells of one-row calls."""
+    eng = PersistentEngine.from_model(small_model, dict(SETTINGS, seed=0, next_cell=next_cell, n_pcs=10))
+    R, A = eng.n_regulators, eng.n_actions
+    pairs = [(a, b) for a in range(A) for b in range(A) if a % R != b % R]
+    cells = np.repeat(np.array([5, 17, 250]), len(pairs))[: 2 * len(pairs) + 70]
+    rng = np.random.default_rng(0)
+    rng.shuffle(cells)
+    ap = np.zeros((cells.size, R), np.int8)
+    for i in range(cells.size):
+        a, b = pairs[i % len(pairs)]
+        ap[i] = eng.apply(eng.apply(ap[i:i + 1], [a]), [b])[0]
+    batch = eng.step(cells, ap)
+    one = np.array([eng.step(cells[i:i + 1], ap[i:i + 1])[0] for i in range(cells.size)])
+    assert (batch == one).all()
+    assert (batch != cells).any()

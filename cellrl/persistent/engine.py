@@ -32,6 +32,11 @@ at 0 is not pinned and propagates freely).
    CellOracle does with ``knn_random``.
 3. ``P_ij = softmax_j(corr_ij / sigma_corr)``, ``shift_i = sum_j P_ij u_ij - mean_j u_ij``, next cell = nearest to
    ``E_i + shift_i`` (a stagnation when it is ``i``).
+4. Next-cell model (``transitions.next_cell``, as the table mode): ``celloracle`` is step 3; ``pca``,
+   ``pca_step``, ``pca_direction`` and ``prob_max`` call :mod:`cellrl.transitions.next_cell`'s functions on the
+   set's PCA displacement ``s = delta L``, formed from the same parts as the numerator: ``Y L`` (one sparse x
+   dense product) plus the pins' and clipped genes' corrections times their loadings rows (``L`` and the PCA
+   space built by :func:`cellrl.transitions.next_cell.pca_space` exactly as the table runner builds it).
 
 A single-gene set is the table's action (``table[i, a]``); equality with CellOracle's own multi-gene
 ``simulate_shift`` is tested in tests/test_persistent_engine.py. Arrays live on ``xp`` (numpy or CuPy,
@@ -52,6 +57,7 @@ from cellrl.errors import InputError
 from cellrl.model import OracleModel
 from cellrl.transitions import (TransitionSettings, build_actions, embedding_float32, sample_neighbors,
                                 select_backend, unit_vectors)
+from cellrl.transitions import next_cell as nc
 from cellrl.xp import to_numpy
 
 NONE, KO, OE = 0, 1, 2
@@ -173,6 +179,14 @@ class PersistentEngine:
         from scipy.spatial import cKDTree
 
         self.tree = cKDTree(self.E)
+        # PCA space of the next-cell models other than celloracle (the table runner's, cellrl.transitions.prepare)
+        self.next_cell_model = settings.next_cell
+        self.pca: nc.PcaSpace | None = None
+        if settings.next_cell != "celloracle":
+            self.pca = nc.pca_space(X, nc.n_pcs_of(settings.n_pcs, model.meta), settings.n_neighbors)
+            self.scores, self.loadings = xp.asarray(self.pca.scores), xp.asarray(self.pca.loadings)
+            self.candidates, self.half_gap = xp.asarray(self.pca.candidates), xp.asarray(self.pca.half_gap)
+            self.radius = xp.asarray(self.pca.radius)
 
         # per cluster: the regulator block W_c[R, R] for hops 1..H-1, and Z_c = W_c[R, :] X_j for the cells of the
         # cluster and their neighbours; the last hop uses W_c[R, :] stacked over clusters (one sparse product)
@@ -438,14 +452,77 @@ class PersistentEngine:
         P = wgt / wgt.sum(axis=1, keepdims=True)
         shift = xp.einsum("nk,nkd->nd", P, self.u[cells]) - self.ubar[cells]
         shift_np = to_numpy(shift)
-        target = self.E[cells_np] + shift_np
-        ok = np.isfinite(target).all(axis=1)
-        nxt = cells_np.copy()
-        if ok.any():
-            nxt[ok] = self.tree.query(target[ok], k=1)[1]
-        out: dict[str, Any] = {"next_cell": nxt, "shift": shift_np}
+        out: dict[str, Any] = {"shift": shift_np}
+        if self.pca is None:  # celloracle: nearest cell to the shifted point
+            target = self.E[cells_np] + shift_np
+            ok = np.isfinite(target).all(axis=1)
+            nxt = cells_np.copy()
+            if ok.any():
+                nxt[ok] = self.tree.query(target[ok], k=1)[1]
+        else:
+            nxt = self._next_cell_pca(cells, Y, clip, pins, P)
+        out["next_cell"] = nxt
         if keep_delta:  # dense (n, G): CellOracle's simulated_count - imputed_count
             full = self._dense_delta(Y, clip, pins)
             Xc = self.X[cells]
             out["delta"] = to_numpy((Xc + full) - Xc)
         return out
+
+    def _disp(self, Y: Any, clip: _Entries, pins: _Entries) -> Any:
+        """(n, d) PCA displacement ``s = delta L`` of the batch: ``Y L`` plus the corrections of the clipped genes
+        (``value - y``) and of the pins (``value``; ``Y`` is 0 there) times their loadings rows."""
+        xp, n, L = self.xp, int(Y.shape[0]), self.loadings
+        s = xp.asarray(Y @ L)
+        if int(clip.row.shape[0]):
+            s += self._weighted_rows(clip.row, clip.value - clip.y, L[clip.gene], n)
+        if int(pins.row.shape[0]):
+            s += self._weighted_rows(pins.row, pins.value, L[xp_idx(xp, self.regulator_idx)[pins.gene]], n)
+        return s
+
+    def _next_cell_pca(self, cells: Any, Y: Any, clip: _Entries, pins: _Entries, P: Any) -> np.ndarray:
+        """(n,) next cells under ``transitions.next_cell`` pca / pca_step / pca_direction / prob_max: the functions of
+        :mod:`cellrl.transitions.next_cell`, whose arrays are (cells, actions per cell, ...). Rows of one cell
+        are packed along the actions axis (:func:`pack_by_cell`), so each cell's candidate offsets are
+        gathered once per block rather than once per row (a search expands ~40 sets per cell and batch)."""
+        xp, model = self.xp, self.next_cell_model
+        if model not in ("pca", "pca_step", "pca_direction", "prob_max"):
+            raise InputError(f"unknown transitions.next_cell {model!r}", field="transitions.next_cell")
+        s = self._disp(Y, clip, pins)  # (n, d)
+        cells_np = to_numpy(cells).astype(np.int64)
+        out = np.empty(cells_np.size, dtype=np.int64)
+        for rows, ucell, pos in pack_by_cell(cells_np):
+            m, width = ucell.size, int(pos.max()) + 1
+            ri, ci, pi = xp_idx(xp, rows), xp_idx(xp, ucell), xp_idx(xp, pos)
+            cell_of_row = xp_idx(xp, np.searchsorted(ucell, cells_np[rows]))
+            sp_ = xp.zeros((m, width, s.shape[1]))
+            sp_[cell_of_row, pi] = s[ri]
+            if model in ("pca", "pca_step"):  # pca_step: pca with the displacement times transitions.step_gain
+                disp = sp_ if model == "pca" else sp_ * float(self.settings.step_gain)
+                nxt = nc.pca_nearest(xp, disp, self.scores, ci, self.candidates[ci], self.radius[ci], self.pca.tree)
+            elif model == "pca_direction":
+                nxt = nc.pca_direction(xp, sp_, self.scores, ci, self.candidates[ci], self.half_gap[ci])
+            else:
+                Pp = xp.zeros((m, width, P.shape[1]))
+                Pp[cell_of_row, pi] = P[ri]
+                nxt = nc.prob_max(xp, Pp, sp_, ci, self.nbr[ci], self.half_gap[ci])
+            out[rows] = np.asarray(to_numpy(nxt))[to_numpy(cell_of_row), pos]
+        return out
+
+
+def pack_by_cell(cells: np.ndarray, block: int = 64) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Rows of ``cells`` grouped so that each group is a (cells x slots) layout: per group ``rows`` (its row
+    indices), ``ucell`` (its distinct cells, ascending) and ``pos`` (each row's slot among its cell's rows).
+    A cell's rows are split into groups of ``block`` slots (the k-th group holds the rows k*block.. of every cell
+    with that many), which bounds the padding."""
+    cells = np.asarray(cells, np.int64)
+    order = np.argsort(cells, kind="stable")
+    sc = cells[order]
+    first = np.r_[0, np.flatnonzero(sc[1:] != sc[:-1]) + 1] if sc.size else np.zeros(0, np.int64)
+    counts = np.diff(np.r_[first, sc.size])
+    rank = np.arange(sc.size) - np.repeat(first, counts)
+    groups = []
+    for b in range(-(-int(counts.max(initial=0)) // block)):
+        sel = (rank >= b * block) & (rank < (b + 1) * block)
+        rows = order[sel]
+        groups.append((rows, np.unique(cells[rows]), rank[sel] - b * block))
+    return groups

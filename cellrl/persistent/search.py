@@ -211,19 +211,28 @@ def beam(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.ndar
 
 # ---------------------------------------------------------------------------------------------- exact
 def exact(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.ndarray, max_genes: int = 3,
-          max_steps: int = 20) -> SearchResult:
+          max_steps: int = 20, cells: np.ndarray | None = None,
+          start_applied: np.ndarray | None = None) -> SearchResult:
     """Exact breadth-first search over (cell, set) states, sets of up to ``max_genes`` genes, up to
-    ``max_steps`` steps (module docstring). Unsolved tasks get an empty plan. ``info``: new states per depth."""
+    ``max_steps`` steps (module docstring). Unsolved tasks get an empty plan. ``info``: new states per depth.
+    ``cells``: (C,) bool, the cells a plan may enter (all when None; the warm start passes the training cells,
+    so its plans never touch a held-out cell). ``start_applied``: (N, R) int8 sets already applied at the
+    starts (empty when None; the plan then adds at most ``max_genes`` genes in all, those included)."""
     t0 = time.perf_counter()
     starts, targets = _tasks(geo, starts, targets)
     n = len(starts)
-    ustart, sid_of_task = np.unique(starts, return_inverse=True)
+    ap0 = (np.zeros((n, engine.n_regulators), np.int8) if start_applied is None
+           else np.asarray(start_applied, np.int8).reshape(n, engine.n_regulators))
+    _, first, sid_of_task = np.unique(_keys(np.zeros(n, np.int64), starts, ap0, geo.n_cells), return_index=True,
+                                      return_inverse=True)
+    sid_of_task = sid_of_task.reshape(-1)
+    ustart = starts[first]
     T = geo.n_types
     need = np.zeros((len(ustart), T), bool)                 # (start, target) still to solve
     need[sid_of_task, targets] = True
     sid = np.arange(len(ustart))
     cell = ustart.copy()
-    applied = np.zeros((len(ustart), engine.n_regulators), np.int8)
+    applied = ap0[first].copy()
     plan = np.zeros((len(ustart), 0), np.int64)
     path = np.zeros((len(ustart), 0), np.int64)
     seen = _keys(sid, cell, applied, geo.n_cells)
@@ -236,6 +245,9 @@ def exact(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.nda
             break
         p, a, new, nxt = successors(engine, cell, applied, max_genes)
         rows += len(p)
+        if cells is not None:
+            inside = np.asarray(cells, bool)[nxt]
+            p, a, new, nxt = p[inside], a[inside], new[inside], nxt[inside]
         s = sid[p]
         k = _keys(s, nxt, new, geo.n_cells)
         keep = _new_states(k, seen)

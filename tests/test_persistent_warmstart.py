@@ -1,0 +1,112 @@
+"""Persistent-mode warm start (cellrl.persistent.warmstart): exact plans from training cells only, replayed in
+the training env into behaviour-cloning samples; no plan repeats a gene; cloning fits the labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cellrl.env import EnvParams
+from cellrl.model import random_model
+from cellrl.persistent.env import VecPersistentEnv, hold_action
+from cellrl.persistent.search import exact
+from cellrl.persistent.warmstart import plan_samples, training_plans, training_starts, warm_start_persistent
+from cellrl.tasks import TaskGeometry
+from test_persistent_env import FakeEngine
+
+
+@pytest.fixture(scope="module")
+def problem():
+    m = random_model(n_cells=240, n_genes=16, n_types=4, n_regulators=4, seed=2)
+    geo = TaskGeometry.from_model(m)
+    eng = FakeEngine(m, seed=3, scale=0.8)
+    params = EnvParams.from_config({"max_steps": 12, "max_set_size": 2, "curriculum": {"enabled": False}})
+    return m, eng, geo, params
+
+
+def test_plans_and_samples_use_training_cells_only(problem):
+    m, eng, geo, params = problem
+    is_train = geo.split == "train"
+    starts = training_starts(geo, 4)
+    assert is_train[starts].all() and len(np.unique(geo.type_ids[starts])) == geo.n_types
+    plans = training_plans(eng, geo, starts, 2, params.eval_max_steps(geo.n_types))
+    assert plans.success.any()
+    for ok, cells in zip(plans.success, plans.cells):
+        assert is_train[cells].all()                      # every cell a plan visits is a training cell
+    # unrestricted, the same search does use held-out cells here (the restriction is not vacuous)
+    free = exact(eng, geo, plans.starts, plans.targets, 2, params.eval_max_steps(geo.n_types))
+    assert any((~is_train[c]).any() for c in free.cells)
+    data, rep = plan_samples(eng, geo, params, plans, gamma=0.98)
+    assert rep["dropped_plans"] == 0 and rep["plans"] == int(plans.success.sum())
+    assert len(data) == int(plans.lengths[plans.success].sum())
+    assert is_train[data.cell].all()
+    assert (data.optimal.sum(1) == 1).all() and data.mask[data.optimal].all()   # one allowed label per state
+    assert data.applied.shape == (len(data), eng.n_regulators)
+    # the first sample of each plan has the empty set; labels reproduce the plans
+    assert (np.abs(data.applied[data.dist == data.dist.max()]).sum() == 0)
+
+
+def test_no_plan_repeats_a_gene(problem):
+    m, eng, geo, params = problem
+    plans = training_plans(eng, geo, training_starts(geo, 6), 2, params.eval_max_steps(geo.n_types))
+    hold = hold_action(eng)
+    for p in plans.plans:
+        genes = [a % eng.n_regulators for a in p if a != hold]
+        assert len(genes) == len(set(genes)) and len(genes) <= 2
+
+
+def test_behaviour_cloning_fits_the_plans(problem):
+    from cellrl.train import build_agent
+
+    m, eng, geo, params = problem
+    env = VecPersistentEnv(geo, eng, 2, params, split="train", training=True, seed=0)
+    agent = build_agent(env, {"n_steps": 16, "batch_size": 16, "embed_dims": [32], "actor_dims": [32],
+                              "critic_dims": [16], "device": "cpu", "seed": 0})
+    rec, data, plans = warm_start_persistent(agent, eng, geo, params, gamma=0.98, per_type=4, epochs=150)
+    assert rec["samples"] == len(data) > 0 and rec["dropped_plans"] == 0
+    assert rec["accuracy"] >= 0.8, rec["accuracy"]
+
+
+def test_train_agent_exact_warm_start_in_persistent_mode(problem, tmp_path):
+    """train.warm_start exact clones exact plans before PPO (PPO then at the scaled learning rate); the table
+    warm starts (bfs) leave the persistent agent at the from-scratch rate; exact in table mode is refused."""
+    from cellrl.errors import InputError
+    from cellrl.train import train_agent
+
+    m, eng, geo, params = problem
+    train = {"total_timesteps": 32, "n_envs": 2, "n_steps": 16, "batch_size": 16, "n_epochs": 1,
+             "embed_dims": [16], "actor_dims": [8], "critic_dims": [8], "device": "cpu", "eval_every": 32,
+             "eval_episodes": 4, "checkpoint_every": 32, "warm_start": "exact", "warm_start_epochs": 2,
+             "warm_start_starts_per_type": 2, "learning_rate": 1e-3, "wandb": {"mode": "disabled"}}
+    env = {"max_steps": 6, "max_set_size": 2, "perturbation_model": "persistent"}
+    dummy = np.zeros((geo.n_cells, eng.n_actions), np.int32)
+    agent, summary = train_agent(geo, dummy, env, train, out_dir=tmp_path / "a", progress=False, engine=eng)
+    ws = summary["warm_start"]
+    assert ws["method"] == "exact" and ws["samples"] > 0 and ws["start_cells"] == 2 * geo.n_types
+    assert agent.learning_rate == pytest.approx(1e-3 * 0.03)
+    agent, summary = train_agent(geo, dummy, env, dict(train, warm_start="bfs"), out_dir=tmp_path / "b",
+                                 progress=False, engine=eng)
+    assert not summary["warm_start"] and agent.learning_rate == pytest.approx(1e-3)
+    with pytest.raises(InputError, match="persistent mode only"):
+        train_agent(geo, dummy, {"max_steps": 6}, train, out_dir=None, progress=False)
+
+
+def test_dagger_labels_the_policys_own_states_on_training_cells(problem):
+    from cellrl.persistent.warmstart import dagger_samples
+    from cellrl.train import build_agent
+
+    m, eng, geo, params = problem
+    env = VecPersistentEnv(geo, eng, 2, params, split="train", training=True, seed=0)
+    agent = build_agent(env, {"n_steps": 16, "batch_size": 16, "embed_dims": [16], "actor_dims": [16],
+                              "critic_dims": [8], "device": "cpu", "seed": 0})
+    plans = training_plans(eng, geo, training_starts(geo, 3), 2, params.eval_max_steps(geo.n_types))
+    data, _ = plan_samples(eng, geo, params, plans, gamma=0.98)
+    new, info = dagger_samples(agent, eng, geo, params, data, plans.starts, plans.targets, 0.98, 2)
+    assert info["env_steps"] > 0 and info["new_samples"] == len(new) > 0
+    assert (geo.split[new.cell] == "train").all() and new.mask[new.optimal].all()
+    known = {(c, t, a.tobytes()) for c, t, a in zip(data.cell, data.target, data.applied)}
+    assert not any((c, t, a.tobytes()) in known for c, t, a in zip(new.cell, new.target, new.applied))
+    assert (np.abs(new.applied).sum(1) <= 2).all()
+    rec, data2, _ = warm_start_persistent(agent, eng, geo, params, 0.98, per_type=3, epochs=3, dagger_rounds=1,
+                                          plans=plans)
+    assert rec["env_steps"] > 0 and len(data2) == len(data) + rec["dagger_rounds"][0]["new_samples"]
