@@ -68,6 +68,19 @@ def demo_settings() -> dict[str, Any]:
     return s
 
 
+def task_subset(geo: TaskGeometry, starts: np.ndarray, n_starts: int | None) -> np.ndarray:
+    """(N,) bool: the tasks of ``n_starts`` start cells per start type, evenly spread over each type's cells
+    (all tasks when None)."""
+    if n_starts is None:
+        return np.ones(len(starts), bool)
+    keep = []
+    for t in range(geo.n_types):
+        cells = np.unique(starts[geo.type_ids[starts] == t])
+        k = min(n_starts, len(cells))
+        keep += cells[np.linspace(0, len(cells) - 1, k).round().astype(int)].tolist() if k else []
+    return np.isin(starts, keep)
+
+
 def plan_frame(policy: str, starts: np.ndarray, targets: np.ndarray, success: np.ndarray, plans: list,
                geo: TaskGeometry) -> pd.DataFrame:
     """The episode/BFS-frame columns :func:`ground_truth_check` reads, one row per task."""
@@ -221,14 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     max_steps = params.eval_max_steps(geo.n_types)
     args.max_genes = int(args.max_genes or params.max_set_size)
     starts, targets, n_pairs = eval_tasks(geo, None, seed=0)
-    sub = np.ones(len(starts), bool)              # the tasks exact search runs on
-    if args.n_starts is not None:                 # n test cells per start type, evenly spread
-        keep = []
-        for t in range(geo.n_types):
-            cells = np.unique(starts[geo.type_ids[starts] == t])
-            k = min(args.n_starts, len(cells))
-            keep += cells[np.linspace(0, len(cells) - 1, k).round().astype(int)].tolist() if k else []
-        sub = np.isin(starts, keep)
+    sub = task_subset(geo, starts, args.n_starts)  # the tasks exact search runs on
     acts = action_table(table.shape[1], model.regulators, res_dir / "transitions" / "actions.tsv")
     allowed = eval_allowed_mask(model, table)
     cmd = " ".join(["benchmarks/persistent_demo.py", *(sys.argv[1:] if argv is None else argv)])
