@@ -547,8 +547,16 @@ def train_files(model_path: str | Path, table_path: str | Path, out_dir: str | P
     ``hpo_params``: best_params.yaml of the HPO stage, merged over ``env``/``train``. With ``resume`` (the
     default) a run in ``out_dir`` continues from its newest checkpoint with the same fingerprint.
     """
-    model, table = load_inputs(model_path, table_path)
     env_cfg, train_cfg = merge_hpo_params(env, train, hpo_params)
+    if str(env_cfg.get("perturbation_model", "table")) != "table":
+        # the evaluate and report rules score table-mode agents only: refuse rather than train a table agent
+        raise InputError("the pipeline trains table-mode agents only; env.perturbation_model: "
+                         f"{env_cfg.get('perturbation_model')!r} is not wired into the train/evaluate rules",
+                         field="env.perturbation_model",
+                         fix="set env.perturbation_model: table for the pipeline; persistent mode runs in "
+                             "benchmarks/persistent_demo.py / benchmarks/persistent_real.py and "
+                             "`cellrl plan --perturbation-model persistent`")
+    model, table = load_inputs(model_path, table_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _, summary = train_agent(model, table, env_cfg, train_cfg, out_dir=out, resume=resume, progress=progress,

@@ -269,6 +269,19 @@ def test_short_run_warns_when_it_never_reaches_the_last_phase(tmp_path, small):
     assert any("curriculum phase 1 of 2" in w for w in s["warnings"])
 
 
+def test_train_rule_refuses_persistent_mode(tmp_path, small):
+    """The pipeline's train rule would otherwise train a table agent under env.perturbation_model: persistent."""
+    m, table = small
+    m.save(tmp_path / "model.npz")
+    np.save(tmp_path / "table.npy", table)
+    out = tmp_path / "run"
+    with pytest.raises(InputError, match="env.perturbation_model") as e:
+        train_files(tmp_path / "model.npz", tmp_path / "table.npy", out,
+                    env={"max_steps": 5, "perturbation_model": "persistent"}, train={**TINY, "total_timesteps": 128},
+                    progress=False, threads=1)
+    assert "persistent_demo.py" in str(e.value) and not out.exists()
+
+
 def test_train_files_outputs(tmp_path, small):
     m, table = small
     m.save(tmp_path / "model.npz")
