@@ -332,12 +332,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                       if k in ("exact_tasks", "all_tasks")),
     }
     log("goals", out["goals"])
+    save_result("persistent_demo", out, quick=args.quick)
+    return out
+
+
+def save_result(name: str, out: dict, quick: bool = False) -> None:
+    """``benchmarks/out/<name>_<time>.json`` always; ``benchmarks/results/<name>.json`` unless ``quick``."""
     stamp = time.strftime("%Y%m%d_%H%M%S")
     (ROOT / "benchmarks" / "out").mkdir(parents=True, exist_ok=True)
-    write_json(ROOT / "benchmarks" / "out" / f"persistent_demo_{stamp}.json", out)
-    if not args.quick:
-        write_json(ROOT / "benchmarks" / "results" / "persistent_demo.json", out)
-    return out
+    write_json(ROOT / "benchmarks" / "out" / f"{name}_{stamp}.json", out)
+    if not quick:
+        write_json(ROOT / "benchmarks" / "results" / f"{name}.json", out)
 
 
 if __name__ == "__main__":

@@ -41,12 +41,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from persistent_demo import machine, method_stats, plan_frame, task_subset  # noqa: E402
+from persistent_demo import machine, method_stats, plan_frame, save_result, task_subset  # noqa: E402
 
 from cellrl.config import dataset_config, load_config  # noqa: E402
 from cellrl.env import EnvParams  # noqa: E402
 from cellrl.evaluate import action_table, eval_tasks, evaluate, recipe_check  # noqa: E402
-from cellrl.io import write_json  # noqa: E402
 from cellrl.persistent.engine import PersistentEngine  # noqa: E402
 from cellrl.persistent.search import beam, exact, greedy  # noqa: E402
 from cellrl.recipes import read_recipes  # noqa: E402
@@ -176,11 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out["datasets"][name] = run_dataset(name, Path(args.results_root), args.n_starts, args.beam_width,
                                             mg.get(name, 3), args.recipe_starts, args.permutations)
         out["datasets"][name]["wall_s"] = round(time.perf_counter() - t0, 1)
-    stamp = time.strftime("%Y%m%d_%H%M%S")
-    (ROOT / "benchmarks" / "out").mkdir(parents=True, exist_ok=True)
-    write_json(ROOT / "benchmarks" / "out" / f"persistent_real_{stamp}.json", out)
-    if not args.quick:
-        write_json(ROOT / "benchmarks" / "results" / "persistent_real.json", out)
+    save_result("persistent_real", out, quick=args.quick)
     return out
 
 
