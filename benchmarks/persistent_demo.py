@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from cellrl.bfs import eval_allowed_mask  # noqa: E402
 from cellrl.config import dataset_config, load_config  # noqa: E402
@@ -194,13 +194,10 @@ def train_persistent_agent(geo: TaskGeometry, engine: PersistentEngine, env_cfg:
 
 
 def machine() -> dict[str, Any]:
-    cpu = ""
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu_model": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "loadavg": os.getloadavg()}
+    """benchmarks/env_throughput.py's machine record (CPU model, ISA, cores, versions; 1 thread) + load average."""
+    from env_throughput import machine_info
+
+    return {**machine_info(1), "loadavg": os.getloadavg()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

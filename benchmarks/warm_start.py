@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -51,6 +50,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from cellrl import checkpoints as ckpts  # noqa: E402
 from cellrl.config import deep_merge  # noqa: E402
@@ -134,15 +134,10 @@ class Curve(BaseCallback):
 
 
 def machine() -> dict[str, Any]:
-    import torch as th
+    """benchmarks/env_throughput.py's machine record (CPU model, ISA, cores, versions; 1 thread) + load average."""
+    from env_throughput import machine_info
 
-    cpu = ""
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu_model": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "torch": th.__version__, "torch_threads": 1, "loadavg": os.getloadavg()}
+    return {**machine_info(1), "loadavg": os.getloadavg()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -97,22 +97,18 @@ def env_settings(train_summary: Path | None, results: str | Path | None, run: st
                              fix="rerun the train rule for this run (it writes train_summary.json)") from e
         if env:
             return dict(env)
-    if results:
-        try:
-            from .config import dataset_config, load_config
-
-            cfg = load_config()
-            ds = Path(results).name
-            if ds in cfg["datasets"]:
-                return dataset_config(cfg, ds, run if run in cfg["runs"] else None)["env"]
-        except CellrlError:
-            pass
-    return {}
+    return _config_section(results, run, "env") or {}
 
 
 def transition_settings(results: str | Path | None, run: str) -> dict[str, Any] | None:
     """The dataset's ``transitions`` settings from config/config.yaml (the persistent engine's), else None
     (the defaults)."""
+    return _config_section(results, run, "transitions")
+
+
+def _config_section(results: str | Path | None, run: str, section: str) -> dict[str, Any] | None:
+    """``section`` of the config/config.yaml settings of the dataset named by the ``results`` folder (and ``run``),
+    or None when there is no such dataset or the config does not load."""
     if not results:
         return None
     try:
@@ -121,7 +117,7 @@ def transition_settings(results: str | Path | None, run: str) -> dict[str, Any] 
         cfg = load_config()
         ds = Path(results).name
         if ds in cfg["datasets"]:
-            return dataset_config(cfg, ds, run if run in cfg["runs"] else None)["transitions"]
+            return dataset_config(cfg, ds, run if run in cfg["runs"] else None)[section]
     except CellrlError:
         pass
     return None

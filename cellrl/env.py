@@ -436,15 +436,17 @@ class VecReprogrammingEnv(VecEnv):
         self.params = params
         self.batch = EpisodeBatch(self.geometry, table, n_envs, params, split=split, training=training,
                                   curriculum=curriculum, max_steps=max_steps, seed=seed)
-        g, a = self.geometry.n_genes, self.batch.n_actions
+        self._init_vec(_obs_space(self.geometry, self.batch.n_actions), seed)
+
+    def _init_vec(self, space: spaces.Dict, seed: int | None) -> None:
+        """The VecEnv side once ``self.batch`` exists: spaces, and two observation buffers of ``space``'s keys used
+        in turn (``_buf_target`` records which target each buffer row shows)."""
+        n = self.batch.n
         self.render_mode = None
-        super().__init__(n_envs, _obs_space(self.geometry, a), spaces.Discrete(a))
-        # Two observation buffers used in turn; _buf_target records which target each buffer row shows.
-        self._bufs = [
-            {"current_expression": np.zeros((n_envs, g), np.float32),
-             "target_expression": np.zeros((n_envs, g), np.float32),
-             "action_mask": np.zeros((n_envs, a), np.int8)} for _ in range(2)]
-        self._buf_target = [np.full(n_envs, -1, np.int64) for _ in range(2)]
+        VecEnv.__init__(self, n, space, spaces.Discrete(self.batch.n_actions))
+        self._bufs = [{k: np.zeros((n, *sp.shape), np.int8 if k == "action_mask" else np.float32)
+                       for k, sp in space.spaces.items()} for _ in range(2)]
+        self._buf_target = [np.full(n, -1, np.int64) for _ in range(2)]
         self._which = 0
         self._actions: np.ndarray | None = None
         self._pending_seed: int | None = seed

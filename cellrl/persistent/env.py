@@ -38,7 +38,6 @@ from typing import Any, Mapping, Protocol
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
-from stable_baselines3.common.vec_env import VecEnv
 
 from ..env import EnvParams, EpisodeBatch, ReprogrammingEnv, VecReprogrammingEnv, _as_geometry, _obs_space
 from ..errors import InputError
@@ -251,15 +250,7 @@ class VecPersistentEnv(VecReprogrammingEnv):
         self.engine = engine
         self.batch = PersistentBatch(self.geometry, engine, n_envs, params, split=split, training=training,
                                      curriculum=curriculum, max_steps=max_steps, seed=seed)
-        space = persistent_obs_space(self.geometry, self.batch.n_actions, int(engine.n_regulators))
-        self.render_mode = None
-        VecEnv.__init__(self, n_envs, space, spaces.Discrete(self.batch.n_actions))
-        self._bufs = [{k: np.zeros((n_envs, *s.shape), np.int8 if k == "action_mask" else np.float32)
-                       for k, s in space.spaces.items()} for _ in range(2)]
-        self._buf_target = [np.full(n_envs, -1, np.int64) for _ in range(2)]
-        self._which = 0
-        self._actions: np.ndarray | None = None
-        self._pending_seed: int | None = seed
+        self._init_vec(persistent_obs_space(self.geometry, self.batch.n_actions, int(engine.n_regulators)), seed)
 
     def _fill(self, buf: dict[str, np.ndarray], idx: np.ndarray | None) -> None:
         super()._fill(buf, idx)
