@@ -153,20 +153,32 @@ def _read_10x_mtx(path: Path):
     return m.T.tocsr(), cells, genes, None
 
 
+def read_numeric_table(path: Path, sep: str, field: str, format_hint: str) -> pd.DataFrame:
+    """A delimited table with row names in its first column and numbers elsewhere; InputError (file, ``field``,
+    fix ending in ``format_hint``) when it is empty, unreadable or holds a non-numeric column."""
+    kind = "CSV" if sep == "," else "TSV"
+    try:
+        df = pd.read_csv(path, sep=sep, index_col=0)
+    except Exception as e:
+        raise InputError(f"cannot read as {kind} ({type(e).__name__}: {e})", path=path, field=field,
+                         fix=f"first column = row names, first row = column names, numbers elsewhere; {format_hint}"
+                         ) from e
+    if df.shape[0] == 0 or df.shape[1] == 0:
+        raise InputError(f"empty table ({df.shape[0]} rows x {df.shape[1]} columns)", path=path, field=field,
+                         fix=f"first column = row names, first row = column names; {format_hint}")
+    nonnum = [str(c) for c, t in df.dtypes.items() if not pd.api.types.is_numeric_dtype(t)]
+    if nonnum:
+        raise InputError(f"{len(nonnum)} non-numeric column(s), e.g. {nonnum[:3]}", path=path, field=field,
+                         fix=f"the first column must hold the row names and every other column numbers; {format_hint}")
+    return df
+
+
 def _read_delimited(path: Path, sep: str, genes_as_rows: bool | None):
     if genes_as_rows is None:
         raise InputError("genes_as_rows is not set", path=path, field="rna.genes_as_rows",
                          fix="declare the orientation: genes_as_rows: true (rows are genes) or false "
                              "(rows are cells)")
-    df = pd.read_csv(path, sep=sep, index_col=0)
-    if df.shape[0] == 0 or df.shape[1] == 0:
-        raise InputError(f"empty table ({df.shape[0]} rows x {df.shape[1]} columns)", path=path, field="rna.path",
-                         fix="check the file and rna.format (csv = comma, tsv = tab)")
-    nonnum = [c for c, t in df.dtypes.items() if not pd.api.types.is_numeric_dtype(t)]
-    if nonnum:
-        raise InputError(f"{len(nonnum)} non-numeric column(s), e.g. {nonnum[:3]}", path=path, field="rna.path",
-                         fix="the first column must hold the row names and every other column numbers; "
-                             "check rna.format (csv vs tsv)")
+    df = read_numeric_table(path, sep, "rna.path", "check rna.format (csv = comma, tsv = tab)")
     # pandas renames repeated column names (Sox2, Sox2.1) silently: restore them so that the repeats are
     # reported and made unique like repeated row names
     header = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0].tolist()

@@ -44,7 +44,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .errors import InputError
-from .ingest import GENE_SYMBOLS, normalise_symbols
+from .ingest import GENE_SYMBOLS, normalise_symbols, read_numeric_table
 
 MIN_GENE_FRACTION = 0.5
 N_NEAREST = 5
@@ -97,19 +97,7 @@ def _read_table(path: Path) -> tuple[Any, list[str], list[str]]:
     else:
         raise InputError(f"unknown file type {path.suffix!r}", path=path, field=_FIELD,
                          fix="give an .h5ad, .csv or .tsv/.txt file (optionally .gz)")
-    try:
-        df = pd.read_csv(path, sep=sep, index_col=0)
-    except Exception as e:
-        raise InputError(f"cannot read as {'CSV' if sep == ',' else 'TSV'} ({type(e).__name__}: {e})", path=path,
-                         field=_FIELD, fix="first column = row names, first row = column names, numbers elsewhere")
-    if df.shape[0] == 0 or df.shape[1] == 0:
-        raise InputError(f"empty table ({df.shape[0]} rows x {df.shape[1]} columns)", path=path, field=_FIELD,
-                         fix="first column = row names, first row = column names (csv: commas, tsv: tabs)")
-    nonnum = [str(c) for c, t in df.dtypes.items() if not pd.api.types.is_numeric_dtype(t)]
-    if nonnum:
-        raise InputError(f"{len(nonnum)} non-numeric column(s), e.g. {nonnum[:3]}", path=path, field=_FIELD,
-                         fix="the first column must hold the row names and every other column numbers "
-                             "(csv: commas, tsv/txt: tabs)")
+    df = read_numeric_table(path, sep, _FIELD, "csv: commas, tsv/txt: tabs")
     return df.to_numpy(dtype=np.float64), list(map(str, df.index)), list(map(str, df.columns))
 
 

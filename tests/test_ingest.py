@@ -177,6 +177,14 @@ def test_unreadable_file(tmp_path):
     assert "bad.h5ad" in msg and "rna.format" in msg
 
 
+def test_non_numeric_csv_names_the_file_field_and_format(tmp_path):
+    p = tmp_path / "semi.csv"
+    p.write_text("cell,Pou5f1,Nanog\nc1,1,high\n")
+    msg = _fails(tmp_path, {"path": str(p), "format": "csv", "expression": "counts", "genes_as_rows": False},
+                 "non-numeric column")
+    assert "semi.csv" in msg and "rna.path" in msg and "rna.format" in msg
+
+
 def test_empty_matrix(tmp_path):
     p = tmp_path / "empty.csv"
     p.write_text(",Pou5f1,Nanog\n")

@@ -172,6 +172,7 @@ def test_few_matching_genes_exit_2_with_json(folders, capsys, tmp_path):
     ("several cells, no --cell", [], "--cell"),
     ("negative values", ["--cell", "neg"], "--expression"),
     ("missing file", ["--cell", "s"], "--expression"),
+    ("non-numeric table", ["--cell", "s"], "--expression"),
     ("--cell without --expression", None, "--cell"),
 ])
 def test_bad_user_input_exits_2_with_json(folders, capsys, tmp_path, what, argv_tail, field):
@@ -185,6 +186,9 @@ def test_bad_user_input_exits_2_with_json(folders, capsys, tmp_path, what, argv_
         argv = ["--results", res, "--start", "T0", "--cell", "s", "--target", "T1", "--json"]
     else:
         f = tmp_path / "missing.csv" if what == "missing file" else p
+        if what == "non-numeric table":
+            f = tmp_path / "text.csv"
+            f.write_text("cell," + ",".join(genes) + "\ns," + ",".join(["high"] * len(genes)) + "\n")
         argv = ["--results", res, "--expression", str(f), *argv_tail, "--target", "T1", "--json"]
     code, out, err = run(capsys, *argv)
     assert code == EXIT_INPUT, err
