@@ -236,9 +236,8 @@ def plan_persistent(model: Any, agent: Any, c: int, how: str, t: int, params: An
     used when it was trained in persistent mode (its spaces fit); otherwise ``agent_note`` says why not."""
     import pandas as pd
 
-    from .agent_io import load_policy, read_train_summary
     from .persistent.engine import PersistentEngine
-    from .persistent.env import persistent_obs_space, set_labels
+    from .persistent.env import set_labels
     from .persistent.search import beam, rollout
     from .evaluate import agent_chooser
 
@@ -270,13 +269,8 @@ def plan_persistent(model: Any, agent: Any, c: int, how: str, t: int, params: An
     out["search"] = {"method": f"beam search (width {beam_width})", **described(b.plans[0], b.cells[0],
                                                                                  b.success[0])}
     if agent is not None and callable(agent) and not hasattr(agent, "predict"):
-        path = agent.args[0] if isinstance(agent, functools.partial) and agent.args else None
         try:
-            from gymnasium import spaces
-
-            train_cfg = read_train_summary(Path(path).parent / "train_summary.json").get("train") if path else None
-            agent = load_policy(path, train_cfg, persistent_obs_space(geo, hold + 1, engine.n_regulators),
-                                spaces.Discrete(hold + 1))
+            agent = agent(geo, hold + 1, engine=engine)  # e.g. cellrl.agent_io.load_agent: persistent spaces
         except (InputError, TypeError) as e:
             out["agent_note"] = f"the agent was not trained in persistent mode ({e}); only the search plan is shown"
             agent = None
