@@ -141,3 +141,22 @@ def test_persistent_evaluate_settings_are_validated(key, value, ok):
     else:
         with pytest.raises(ConfigError, match=f"evaluate.{key}"):
             load_config(extra=extra)
+
+
+def test_cellrl_plan_uses_the_persistent_agent_of_the_train_rule(run):
+    """`cellrl plan` in persistent mode loads the rule's persistent agent (persistent spaces, checked summary);
+    a table agent is not used there, and the note says why."""
+    import functools
+
+    from cellrl.agent_io import load_agent
+    from cellrl.cli import plan
+
+    d, m, geo = run
+    table = np.load(d / "table.npy")
+    start, target = str(geo.type_names[0]), str(geo.type_names[1])
+    p = plan(m, table, functools.partial(load_agent, d / "persistent" / "model.zip"), start, target, env=ENV,
+             transitions=ENGINE)
+    assert "agent_note" not in p and p["agent"]["length"] >= 1 and len(p["agent"]["set"]) <= ENV["max_set_size"]
+    p = plan(m, table, functools.partial(load_agent, d / "table_run" / "model.zip"), start, target, env=ENV,
+             transitions=ENGINE)
+    assert "agent" not in p and "env.perturbation_model: table" in p["agent_note"]
