@@ -100,9 +100,17 @@ def env_settings(train_summary: Path | None, results: str | Path | None, run: st
     return _config_section(results, run, "env") or {}
 
 
-def transition_settings(results: str | Path | None, run: str) -> dict[str, Any] | None:
-    """The dataset's ``transitions`` settings from config/config.yaml (the persistent engine's), else None
-    (the defaults)."""
+def transition_settings(results: str | Path | None, run: str,
+                        train_summary: Path | None = None) -> dict[str, Any] | None:
+    """The persistent engine's settings: those the agent trained with (train_summary.json ``transitions``, written
+    by the train rule in persistent mode), else the dataset's ``transitions`` settings from config/config.yaml,
+    else None (the defaults)."""
+    if train_summary is not None:
+        from .agent_io import read_train_summary
+
+        recorded = read_train_summary(train_summary).get("transitions")
+        if isinstance(recorded, dict):
+            return recorded
     return _config_section(results, run, "transitions")
 
 
@@ -423,7 +431,8 @@ def _plan_user_cell(args: argparse.Namespace, paths: Mapping[str, Path | None], 
     near = pl["nearest"][0]
     try:
         p = plan(model, table, agent, near["cell"], args.target, env=env, actions=acts,
-                 deterministic=not args.stochastic, max_steps=args.max_steps, geometry=geo)
+                 deterministic=not args.stochastic, max_steps=args.max_steps, geometry=geo,
+                 transitions=transition_settings(args.results, args.run, paths["train_summary"]))
     except UnreachableError as e:
         err: CellrlError = UnreachableError(f"{e} (the nearest table cell to {pl['cell']} of {pl['file']})")
         err.placement = pl  # type: ignore[attr-defined]
@@ -472,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.expression is None:
             p = plan(model, table, agent, args.start, args.target, env=env, actions=acts,
                      deterministic=not args.stochastic, max_steps=args.max_steps,
-                     transitions=transition_settings(args.results, args.run))
+                     transitions=transition_settings(args.results, args.run, paths["train_summary"]))
         else:
             p = _plan_user_cell(args, paths, model, table, agent, env, acts)
     except UnreachableError as e:

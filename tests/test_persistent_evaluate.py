@@ -160,3 +160,18 @@ def test_cellrl_plan_uses_the_persistent_agent_of_the_train_rule(run):
     p = plan(m, table, functools.partial(load_agent, d / "table_run" / "model.zip"), start, target, env=ENV,
              transitions=ENGINE)
     assert "agent" not in p and "env.perturbation_model: table" in p["agent_note"]
+
+
+def test_cellrl_plan_command_takes_mode_and_engine_settings_from_the_run(run, capsys):
+    """`cellrl plan --agent <persistent run>`: the run's train_summary.json gives the mode (env) and the engine
+    settings it trained with (transitions), so the agent plans over sets without further flags."""
+    from cellrl.cli import main
+
+    d, m, geo = run
+    code = main(["plan", "--model", str(d / "model.npz"), "--table", str(d / "table.npy"), "--agent",
+                 str(d / "persistent" / "model.zip"), "--start", str(geo.type_names[0]), "--target",
+                 str(geo.type_names[1]), "--json"])
+    p = json.loads(capsys.readouterr().out)
+    assert p.get("perturbation_model") == "persistent", p
+    assert "agent" in p and "agent_note" not in p
+    assert code == (0 if p["agent"]["success"] else 1)
