@@ -20,8 +20,8 @@ cloned policy before PPO), PPO then at learning_rate x warm_start_ppo_lr_scale).
 (:func:`cellrl.evaluate.evaluate`): ``bfs``, ``greedy`` and the pipeline's trained agent.
 
 Per method: success, success within ``--max-genes`` steps, mean plan length of the successes, and the planted
-recipe check of :func:`cellrl.evaluate.ground_truth_check` (a plan *agrees* when its set holds >= 1 planted
-action and no master TF in the wrong direction): ``agree`` over successful plans, ``agree_all`` over every
+recipe check of :func:`cellrl.persistent.evaluate.planted_agreement` (a plan *agrees* when its set holds >= 1
+planted action and no master TF in the wrong direction): ``agree`` over successful plans, ``agree_all`` over every
 non-empty plan, the chance level, and the per-pair table. Goals (issue 14): persistent plans agree in >= 90%
 of test plans; agent success >= 95% of exact search's.
 
@@ -49,10 +49,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from cellrl.bfs import eval_allowed_mask  # noqa: E402
 from cellrl.config import dataset_config, load_config  # noqa: E402
 from cellrl.env import EnvParams  # noqa: E402
-from cellrl.evaluate import action_table, agent_chooser, eval_tasks, evaluate, ground_truth_check  # noqa: E402
+from cellrl.evaluate import action_table, agent_chooser, eval_tasks, evaluate  # noqa: E402
 from cellrl.io import write_json  # noqa: E402
 from cellrl.persistent.engine import PersistentEngine  # noqa: E402
 from cellrl.persistent.env import VecPersistentEnv  # noqa: E402
+from cellrl.persistent.evaluate import (planted_agreement, plan_frame, score_plans, success_vs_exact,  # noqa: E402
+                                        task_subset)
 from cellrl.persistent.search import SearchResult, beam, exact, greedy, rollout  # noqa: E402
 from cellrl.persistent.warmstart import STARTS_PER_TYPE, warm_start_persistent  # noqa: E402
 from cellrl.tasks import TaskGeometry  # noqa: E402
@@ -66,56 +68,6 @@ def demo_settings() -> dict[str, Any]:
     s = dataset_config(load_config(), "demo")
     s["train"].update(device="cpu", wandb={"mode": "disabled"}, warm_start="none")
     return s
-
-
-def task_subset(geo: TaskGeometry, starts: np.ndarray, n_starts: int | None) -> np.ndarray:
-    """(N,) bool: the tasks of ``n_starts`` start cells per start type, evenly spread over each type's cells
-    (all tasks when None)."""
-    if n_starts is None:
-        return np.ones(len(starts), bool)
-    keep = []
-    for t in range(geo.n_types):
-        cells = np.unique(starts[geo.type_ids[starts] == t])
-        k = min(n_starts, len(cells))
-        keep += cells[np.linspace(0, len(cells) - 1, k).round().astype(int)].tolist() if k else []
-    return np.isin(starts, keep)
-
-
-def plan_frame(policy: str, starts: np.ndarray, targets: np.ndarray, success: np.ndarray, plans: list,
-               geo: TaskGeometry) -> pd.DataFrame:
-    """The episode/BFS-frame columns :func:`ground_truth_check` reads, one row per task."""
-    tn = np.asarray(geo.type_names).astype(str)
-    return pd.DataFrame({"policy": policy, "start_cell": starts, "cell": starts,
-                         "start_type": tn[geo.type_ids[starts]], "target_type": tn[targets],
-                         "success": np.asarray(success, bool), "actions": [list(map(int, p)) for p in plans],
-                         "length": [len(p) for p in plans]})
-
-
-def recipe(truth: dict, frame: pd.DataFrame, geo: TaskGeometry, acts: pd.DataFrame, table: np.ndarray,
-           allowed: np.ndarray) -> dict[str, Any]:
-    """Planted-recipe agreement of one method's plans (``ground_truth_check`` with them in both slots)."""
-    ep = frame.assign(policy="agent")
-    gt = ground_truth_check(truth, ep, frame, acts, geo, table, allowed, model=None)
-    wrong = [p["bfs_wrong"] for p in gt["pairs"] if p["bfs_wrong"] is not None]
-    return {"agree": gt["agent_agreement"], "agree_all": gt["bfs_agreement"], "chance": gt["chance_agreement"],
-            "n_success_plans": gt["agent_plans"], "n_plans": gt["bfs_plans"],
-            "pairs_agree": gt["agent_pairs_agree"], "wrong_direction": float(np.mean(wrong)) if wrong else None,
-            "pairs": [{k: p[k] for k in ("start", "target", "planted", "n_agent", "agent_agree", "agent_recall")}
-                      for p in gt["pairs"]]}
-
-
-def method_stats(frame: pd.DataFrame, n_genes_actions: int) -> dict[str, Any]:
-    """Success, plan lengths (steps), set sizes (distinct genes; actions >= ``n_genes_actions`` are HOLD) and
-    the plans that use a gene twice (KO/OE of one gene or one action repeated)."""
-    ok = frame.success.to_numpy()
-    ln = frame.length.to_numpy()
-    genes = [[a % (n_genes_actions // 2) for a in p if a < n_genes_actions] for p in frame.actions]
-    size = np.array([len(set(g)) for g in genes])
-    return {"success": float(ok.mean()),
-            "mean_success_length": float(ln[ok].mean()) if ok.any() else None,
-            "max_success_length": int(ln[ok].max()) if ok.any() else None,
-            "mean_success_set_size": float(size[ok].mean()) if ok.any() else None,
-            "repeats_a_gene": int(sum(len(set(g)) != len(g) for g in genes))}
 
 
 def planted_recipe_rollout(engine: PersistentEngine, geo: TaskGeometry, truth: dict, acts: pd.DataFrame,
@@ -244,15 +196,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def score(frame: pd.DataFrame, n_gene_actions: int) -> dict[str, Any]:
         """Stats and recipe check on the exact-search tasks and (when run on them) on all test tasks."""
-        res = {}
-        for scope, m in (("exact_tasks", sub), ("all_tasks", np.ones(len(starts), bool))):
-            f = frame[m[:len(frame)]] if len(frame) == len(starts) else (frame if scope == "exact_tasks" else None)
-            if f is None or (scope == "all_tasks" and sub.all()):
-                continue
-            res[scope] = {**method_stats(f, n_gene_actions), "recipe": recipe(truth, f, geo, acts, table, allowed)}
-            log(scope, {k: v for k, v in res[scope].items() if k != "recipe"},
-                "agree", res[scope]["recipe"]["agree"], "chance", res[scope]["recipe"]["chance"])
-        return res
+        return score_plans(frame, sub, n_gene_actions,
+                           lambda f: planted_agreement(truth, f, geo, acts, table, allowed))
 
     t0 = time.perf_counter()
     engine = PersistentEngine.from_model(model, s["transitions"])
@@ -276,14 +221,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log("planted recipe applied then held: success", pr["success"], "mean length", pr["mean_success_length"])
 
     steps = int(s["train"]["total_timesteps"] if args.agent_steps is None else args.agent_steps)
-    ex = out["persistent"]["exact"]["exact_tasks"]["success"]
 
     def score_agent(agent: Any, name: str) -> dict[str, Any]:
         r = rollout(geo, engine, params, starts, targets, agent_chooser(agent, deterministic=True),
                     max_steps=max_steps)
         f = plan_frame(name, starts, targets, r.success, r.plans, geo)
         res = {**score(f, engine.n_actions), "eval_wall_s": round(r.wall_s, 2)}
-        res["success_vs_exact"] = res["exact_tasks"]["success"] / ex if ex else None
+        res["success_vs_exact"] = success_vs_exact(res, out["persistent"]["exact"])
         log(name, "success / exact", res["success_vs_exact"])
         return res
 

@@ -9,8 +9,8 @@ and ``transitions/stats.json`` under ``--results-root/<dataset>``; settings: ``c
 (``stats.json`` ``settings``, next_cell ``pca_direction``), so both modes share one next-cell model.
 
 Tasks: the evaluation protocol's (test cell x every other type, :func:`cellrl.evaluate.eval_tasks`) restricted to
-``--n-starts`` test cells per start type (:func:`persistent_demo.task_subset`), plus, for the curated recipe pairs,
-``--recipe-starts`` test cells of the recipe's start type (default: the same sample). Per dataset:
+``--n-starts`` test cells per start type (:func:`cellrl.persistent.evaluate.task_subset`), plus, for the curated
+recipe pairs, ``--recipe-starts`` test cells of the recipe's start type (default: the same sample). Per dataset:
 
 * reachability: share of tasks solved (and of (start type, target type) pairs with >= 1 solved task) by table
   BFS (:func:`cellrl.evaluate.evaluate`, the exact table optimum) and by persistent ``exact`` (every set of up to
@@ -41,12 +41,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from persistent_demo import machine, method_stats, plan_frame, save_result, task_subset  # noqa: E402
+from persistent_demo import machine, save_result  # noqa: E402
 
 from cellrl.config import dataset_config, load_config  # noqa: E402
 from cellrl.env import EnvParams  # noqa: E402
 from cellrl.evaluate import action_table, eval_tasks, evaluate, recipe_check  # noqa: E402
 from cellrl.persistent.engine import PersistentEngine  # noqa: E402
+from cellrl.persistent.evaluate import method_stats, plan_frame, task_subset  # noqa: E402
 from cellrl.persistent.search import beam, exact, greedy  # noqa: E402
 from cellrl.recipes import read_recipes  # noqa: E402
 from cellrl.tasks import TaskGeometry  # noqa: E402

@@ -128,12 +128,31 @@ def read_train_summary(path: str | Path) -> dict[str, Any]:
     return doc
 
 
+def perturbation_model_of(summary: Mapping[str, Any]) -> str:
+    """The perturbation model an agent was trained with, from its train_summary.json (table when unrecorded)."""
+    return str(summary.get("perturbation_model") or (summary.get("env") or {}).get("perturbation_model") or "table")
+
+
+def check_perturbation_model(summary: Mapping[str, Any], wanted: str, path: str | Path) -> None:
+    """InputError naming ``env.perturbation_model`` when the agent of ``path`` was trained in another mode than
+    ``wanted`` (its observations and actions differ: a persistent agent also sees the applied set and can HOLD)."""
+    trained = perturbation_model_of(summary)
+    if trained != wanted:
+        raise InputError(f"the agent was trained with env.perturbation_model: {trained}, but is used with "
+                         f"{wanted}", path=path, field="env.perturbation_model",
+                         fix=f"set env.perturbation_model: {trained} where the agent is used (the same dataset/run "
+                             f"overrides it was trained with), or retrain it with {wanted}")
+
+
 def load_agent(path: str | Path, geometry: Any, n_actions: int, trust_pickled: bool = False,
-               device: str = "cpu") -> Any:
-    """The agent of ``path`` (a MaskablePPO zip) for a model's ``geometry`` and a table of ``n_actions`` actions.
+               device: str = "cpu", engine: Any = None) -> Any:
+    """The agent of ``path`` (a MaskablePPO zip) for a model's ``geometry`` and a table of ``n_actions`` actions;
+    with ``engine`` (:class:`cellrl.persistent.engine.PersistentEngine`) the persistent-mode agent, whose
+    ``n_actions`` include HOLD.
 
     Checks the zip against ``model_zip_sha256`` of the ``train_summary.json`` next to it (skipped with a log line
-    when there is none), then loads it with :func:`load_policy` and that summary's ``train`` settings. With
+    when there is none) and the perturbation model it records (:func:`check_perturbation_model`), then loads it
+    with :func:`load_policy` and that summary's ``train`` settings. With
     ``trust_pickled`` it uses SB3's ``MaskablePPO.load`` instead, which unpickles the zip's ``data``: arbitrary
     code execution for a crafted zip, so only for zips you made yourself. InputError naming the file on failure.
     """
@@ -141,6 +160,9 @@ def load_agent(path: str | Path, geometry: Any, n_actions: int, trust_pickled: b
     if not path.exists():
         raise InputError("agent not found", path=path, fix="train it first (rule train -> models/{run}/model.zip)")
     verify_artifact(path, "agent")
+    summary_path = path.parent / "train_summary.json"
+    summary = read_train_summary(summary_path)
+    check_perturbation_model(summary, "table" if engine is None else "persistent", path)
     if trust_pickled:
         from sb3_contrib import MaskablePPO
 
@@ -150,11 +172,18 @@ def load_agent(path: str | Path, geometry: Any, n_actions: int, trust_pickled: b
         except Exception as e:  # corrupt zip, incompatible versions
             raise InputError(f"cannot load the agent ({type(e).__name__}: {e})", path=path,
                              fix="retrain with the installed stable-baselines3/sb3-contrib versions") from e
-    summary_path = path.parent / "train_summary.json"
-    train_cfg = read_train_summary(summary_path).get("train")
+    train_cfg = summary.get("train")
     if not isinstance(train_cfg, Mapping):
         log.info("%s: no train settings in %s; rebuilding the network with the default train settings", path,
                  summary_path)
         train_cfg = None
-    obs_space, act_space = agent_spaces(geometry, n_actions)
+    if engine is None:
+        obs_space, act_space = agent_spaces(geometry, n_actions)
+    else:
+        from gymnasium import spaces
+
+        from .persistent.env import persistent_obs_space
+
+        obs_space = persistent_obs_space(geometry, int(n_actions), engine.n_regulators)
+        act_space = spaces.Discrete(int(n_actions))
     return load_policy(path, train_cfg, obs_space, act_space, device=device)

@@ -100,9 +100,17 @@ def env_settings(train_summary: Path | None, results: str | Path | None, run: st
     return _config_section(results, run, "env") or {}
 
 
-def transition_settings(results: str | Path | None, run: str) -> dict[str, Any] | None:
-    """The dataset's ``transitions`` settings from config/config.yaml (the persistent engine's), else None
-    (the defaults)."""
+def transition_settings(results: str | Path | None, run: str,
+                        train_summary: Path | None = None) -> dict[str, Any] | None:
+    """The persistent engine's settings: those the agent trained with (train_summary.json ``transitions``, written
+    by the train rule in persistent mode), else the dataset's ``transitions`` settings from config/config.yaml,
+    else None (the defaults)."""
+    if train_summary is not None:
+        from .agent_io import read_train_summary
+
+        recorded = read_train_summary(train_summary).get("transitions")
+        if isinstance(recorded, dict):
+            return recorded
     return _config_section(results, run, "transitions")
 
 
@@ -236,9 +244,8 @@ def plan_persistent(model: Any, agent: Any, c: int, how: str, t: int, params: An
     used when it was trained in persistent mode (its spaces fit); otherwise ``agent_note`` says why not."""
     import pandas as pd
 
-    from .agent_io import load_policy, read_train_summary
     from .persistent.engine import PersistentEngine
-    from .persistent.env import persistent_obs_space, set_labels
+    from .persistent.env import set_labels
     from .persistent.search import beam, rollout
     from .evaluate import agent_chooser
 
@@ -270,13 +277,8 @@ def plan_persistent(model: Any, agent: Any, c: int, how: str, t: int, params: An
     out["search"] = {"method": f"beam search (width {beam_width})", **described(b.plans[0], b.cells[0],
                                                                                  b.success[0])}
     if agent is not None and callable(agent) and not hasattr(agent, "predict"):
-        path = agent.args[0] if isinstance(agent, functools.partial) and agent.args else None
         try:
-            from gymnasium import spaces
-
-            train_cfg = read_train_summary(Path(path).parent / "train_summary.json").get("train") if path else None
-            agent = load_policy(path, train_cfg, persistent_obs_space(geo, hold + 1, engine.n_regulators),
-                                spaces.Discrete(hold + 1))
+            agent = agent(geo, hold + 1, engine=engine)  # e.g. cellrl.agent_io.load_agent: persistent spaces
         except (InputError, TypeError) as e:
             out["agent_note"] = f"the agent was not trained in persistent mode ({e}); only the search plan is shown"
             agent = None
@@ -429,7 +431,8 @@ def _plan_user_cell(args: argparse.Namespace, paths: Mapping[str, Path | None], 
     near = pl["nearest"][0]
     try:
         p = plan(model, table, agent, near["cell"], args.target, env=env, actions=acts,
-                 deterministic=not args.stochastic, max_steps=args.max_steps, geometry=geo)
+                 deterministic=not args.stochastic, max_steps=args.max_steps, geometry=geo,
+                 transitions=transition_settings(args.results, args.run, paths["train_summary"]))
     except UnreachableError as e:
         err: CellrlError = UnreachableError(f"{e} (the nearest table cell to {pl['cell']} of {pl['file']})")
         err.placement = pl  # type: ignore[attr-defined]
@@ -478,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.expression is None:
             p = plan(model, table, agent, args.start, args.target, env=env, actions=acts,
                      deterministic=not args.stochastic, max_steps=args.max_steps,
-                     transitions=transition_settings(args.results, args.run))
+                     transitions=transition_settings(args.results, args.run, paths["train_summary"]))
         else:
             p = _plan_user_cell(args, paths, model, table, agent, env, acts)
     except UnreachableError as e:

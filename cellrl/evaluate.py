@@ -577,8 +577,7 @@ def make_plots(plots_dir: str | Path, ep: pd.DataFrame, per_target: pd.DataFrame
         files.append(plots.action_usage(seqs, genes, d / f"{name}.png",
                                         title=f"{title}: action usage (OE fraction "
                                               f"{'n/a' if frac is None else f'{100 * frac:.1f}%'})"))
-    if recipes is not None and not recipes.empty and "auc" in recipes and recipes.auc.notna().any():
-        files.append(plots.recipe_metrics(recipes, d / "recipe_metrics.png"))
+    files += _recipe_plot(recipes, d)
     return [Path(f).name for f in files]
 
 
@@ -702,11 +701,12 @@ def evaluate(model: Any, table: np.ndarray, agent: Any | None, env: Mapping[str,
 
 def recipe_check(recipes: pd.DataFrame, ep: pd.DataFrame, acts: pd.DataFrame, geometry: Any, model: Any,
                  transition_settings: Mapping[str, Any] | None, n_perm: int = 1000, seed: int = 0,
-                 max_values: float = 2e8, source: object = "recipes") -> tuple[dict[str, Any], pd.DataFrame]:
+                 max_values: float = 2e8, source: object = "recipes",
+                 policies: Sequence[str] | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
     """The known-recipe benchmark of this evaluation (:func:`cellrl.recipes.recipe_benchmark`): the episodes'
     plans, the linear expression baseline and, when the data are small enough, CellOracle's perturbation score
-    from the table's own simulator."""
-    from .recipes import check_recipe_types, recipe_benchmark
+    from the table's own simulator. ``policies``: the episodes' policies to score (None: the table mode's)."""
+    from .recipes import ROLLOUT_POLICIES, check_recipe_types, recipe_benchmark
 
     recipes = check_recipe_types(recipes, geometry.type_names, source)
     gidx = {str(g): j for j, g in enumerate(np.asarray(model.gene_names).astype(str))}
@@ -718,7 +718,7 @@ def recipe_check(recipes: pd.DataFrame, ep: pd.DataFrame, acts: pd.DataFrame, ge
     shift, status = simulated_shifts(model, transition_settings, len(acts), max_values=max_values)
     out, df = recipe_benchmark(recipes, ep, acts, geometry, np.array([gidx[g] for g in acts.gene]), shift=shift,
                                embedding=np.asarray(model.embedding, dtype=np.float64), n_perm=n_perm, seed=seed,
-                               score_status=status)
+                               score_status=status, policies=policies or ROLLOUT_POLICIES)
     out["source"] = str(source)
     for p, m in out["policies"].items():
         log.info("recipes %-18s: AUC %s, precision@1 %s, recall@5 %s, %d/%d pairs p < 0.05", p,
@@ -755,24 +755,32 @@ def evaluate_files(model: str | Path, table: str | Path, actions: str | Path | N
                    env: Mapping[str, Any] | None = None, n_episodes: int = 2000, seed: int = 0,
                    deterministic: bool = True, transition_stats: str | Path | None = None,
                    recipes: str | Path | None = None, recipes_out: str | Path | None = None,
-                   recipe_permutations: int = 1000, recipe_score_max_values: float = 2e8) -> dict[str, Any]:
+                   recipe_permutations: int = 1000, recipe_score_max_values: float = 2e8,
+                   transitions: Mapping[str, Any] | None = None, persistent_exact_starts: int = 2,
+                   persistent_exact_max_genes: int | None = None, beam_width: int = 8) -> dict[str, Any]:
     """Rule ``evaluate``: write ``episodes.parquet``, ``summary.json``, ``plots/`` and (``recipes_out``) the
     per-(pair, policy) recipe metrics as TSV (header only when no recipe table is set) for one run.
 
     ``transition_stats`` (the transitions rule's stats.json) supplies the simulator settings for the
     ground-truth check's simulator level; without it that level is skipped. The agent is loaded without
     unpickling (:func:`cellrl.agent_io.load_agent`: checked against its train_summary.json, network rebuilt from it).
+    With ``env.perturbation_model: persistent`` the agent is scored against exact, beam and greedy search over sets
+    instead (:func:`cellrl.persistent.evaluate.evaluate_persistent`: ``transitions`` are the engine's settings;
+    exact search on ``persistent_exact_starts`` test cells per start type, sets of up to
+    ``persistent_exact_max_genes`` genes (None: env.max_set_size); beam width ``beam_width``); ``bfs`` is unused.
     """
     import json
 
+    from .env import EnvParams
     from .io import write_json, write_table
     from .model import load_model
 
+    persistent = EnvParams.from_config(env).perturbation_model == "persistent"
     m = load_model(model)
     tab = load_table(table, m.n_cells)
     acts = action_table(tab.shape[1], m.regulators, actions)
     ag = functools.partial(load_agent, agent)  # loaded by evaluate() once the run's geometry is known
-    bfs_df = read_bfs_table(bfs) if bfs is not None and Path(bfs).exists() else None
+    bfs_df = read_bfs_table(bfs) if bfs is not None and Path(bfs).exists() and not persistent else None
     tr = json.loads(Path(truth).read_text()) if truth else None
     tset = None
     if transition_stats is not None and Path(transition_stats).exists():
@@ -780,10 +788,20 @@ def evaluate_files(model: str | Path, table: str | Path, actions: str | Path | N
     from .recipes import RECIPE_COLUMNS, read_recipes
 
     rec = read_recipes(recipes) if recipes else None
-    ev = evaluate(m, tab, ag, env=env, actions=acts, n_episodes=n_episodes, seed=seed,
-                  deterministic=deterministic, bfs_df=bfs_df, truth=tr, progress=progress,
-                  transition_settings=tset, recipes=rec, recipe_permutations=recipe_permutations,
-                  recipe_score_max_values=recipe_score_max_values, recipes_source=recipes)
+    if persistent:
+        from .persistent.evaluate import evaluate_persistent
+
+        ev = evaluate_persistent(m, tab, ag, env, transitions, actions=acts, n_episodes=n_episodes, seed=seed,
+                                 deterministic=deterministic, exact_starts=persistent_exact_starts,
+                                 exact_max_genes=persistent_exact_max_genes, beam_width=beam_width, truth=tr,
+                                 recipes=rec, recipe_permutations=recipe_permutations,
+                                 recipe_score_max_values=recipe_score_max_values, recipes_source=recipes,
+                                 transition_settings=tset, progress=progress)
+    else:
+        ev = evaluate(m, tab, ag, env=env, actions=acts, n_episodes=n_episodes, seed=seed,
+                      deterministic=deterministic, bfs_df=bfs_df, truth=tr, progress=progress,
+                      transition_settings=tset, recipes=rec, recipe_permutations=recipe_permutations,
+                      recipe_score_max_values=recipe_score_max_values, recipes_source=recipes)
     ep, summary, geo = ev.episodes, ev.summary, ev.geometry
     summary["dataset"] = m.meta.get("dataset")
     summary["run"] = Path(episodes_out).parent.name
@@ -791,16 +809,46 @@ def evaluate_files(model: str | Path, table: str | Path, actions: str | Path | N
     from .report import git_state
 
     summary["git"] = git_state()  # the code that produced these numbers (the report may be rebuilt later)
-    per_target = pd.DataFrame(summary["per_target"])
-    summary["plots"] = make_plots(plots_dir, ep, per_target, m, geo, acts, progress, recipes=ev.recipes)
+    if persistent:
+        summary["plots"] = persistent_plots(plots_dir, summary, progress, ev.recipes)
+    else:
+        per_target = pd.DataFrame(summary["per_target"])
+        summary["plots"] = make_plots(plots_dir, ep, per_target, m, geo, acts, progress, recipes=ev.recipes)
     write_table(episodes_out, ep, index=False)
     if recipes_out is not None:
         write_table(recipes_out, ev.recipes if ev.recipes is not None
                     else pd.DataFrame(columns=[*RECIPE_COLUMNS[:2], "policy"]))
     write_json(summary_out, summary)
+    if persistent:
+        log.info("summary (persistent): %s", ", ".join(
+            f"{k} {100 * v['exact_tasks']['success']:.1f}% on the exact tasks" for k, v in summary["methods"].items()))
+        return summary
     pol = summary["policies"]
     log.info("summary: agent %.1f%%, greedy %.1f%%, random %.1f%%, BFS-reachable %.1f%%, length ratio %s",
              100 * pol.get("agent", {}).get("success", float("nan")), 100 * pol["greedy"]["success"],
              100 * pol["random"]["success"], 100 * summary["bfs_reachable_within_max_steps_frac"],
              summary["length_ratio_agent_bfs"])
     return summary
+
+
+def _recipe_plot(recipes: pd.DataFrame | None, d: Path) -> list[Path]:
+    """The recipe-metrics figure when some pair has an AUC (else none)."""
+    from . import plots
+
+    if recipes is not None and not recipes.empty and "auc" in recipes and recipes.auc.notna().any():
+        return [plots.recipe_metrics(recipes, d / "recipe_metrics.png")]
+    return []
+
+
+def persistent_plots(plots_dir: str | Path, summary: Mapping[str, Any], progress: str | Path | None,
+                     recipes: pd.DataFrame | None = None) -> list[str]:
+    """Persistent mode's figures in ``plots_dir``: success per method, the learning curve and (with a recipe
+    table) the recipe metrics per method; returns their file names."""
+    from . import plots
+
+    d = Path(plots_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    files = [plots.method_success(summary["methods"], d / "method_success.png"),
+             plots.learning_curve(progress, d / "learning_curve.png")]
+    files += _recipe_plot(recipes, d)
+    return [Path(f).name for f in files]

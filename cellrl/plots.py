@@ -131,6 +131,25 @@ def success_by_target(per_target: pd.DataFrame, out: str | Path) -> Path:
     return _save(fig, out)
 
 
+def method_success(methods: dict, out: str | Path) -> Path:
+    """Persistent mode: success of each method (agent, exact, beam, greedy) on the exact-search tasks and on all
+    test tasks (exact search runs on its subset only). ``methods``: summary.json's ``methods``."""
+    names = list(methods)
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(names) + 2), 4))
+    x = np.arange(len(names))
+    for i, (scope, color) in enumerate((("exact_tasks", "#2ca02c"), ("all_tasks", "#1f77b4"))):
+        vals = [(methods[n].get(scope) or {}).get("success", np.nan) for n in names]
+        ax.bar(x + (i - 0.5) * 0.38, vals, 0.38, color=color,
+               label="exact-search tasks" if scope == "exact_tasks" else "all test tasks")
+    ax.set_xticks(x)
+    ax.set_xticklabels(names)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("success rate")
+    ax.set_title("Persistent perturbations: agent vs search over sets")
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
 def length_hist(agent_lengths: np.ndarray, bfs_lengths: np.ndarray, out: str | Path,
                 other: dict[str, np.ndarray] | None = None) -> Path:
     """Side-by-side bars per path length: successful agent (and baseline) episodes vs BFS optimal lengths."""

@@ -215,13 +215,15 @@ def perturbation_scores(shift: np.ndarray, embedding: np.ndarray, type_ids: np.n
 def recipe_benchmark(recipes: pd.DataFrame, episodes: pd.DataFrame, actions: pd.DataFrame, geometry: Any,
                      regulator_genes: np.ndarray, shift: np.ndarray | None = None, embedding: np.ndarray | None = None,
                      n_perm: int = 1000, seed: int = 0, ks: Sequence[int] = KS,
-                     score_status: str = "computed") -> tuple[dict[str, Any], pd.DataFrame]:
+                     score_status: str = "computed",
+                     policies: Sequence[str] = ROLLOUT_POLICIES) -> tuple[dict[str, Any], pd.DataFrame]:
     """Score every policy against ``recipes`` (validated, type names as in ``geometry``) per (start, target).
 
     ``episodes``: the evaluation episodes (policy, start_type, target_type, actions, success); ``actions``: the
     action table (gene, kind); ``regulator_genes``: (A,) gene column of each action's gene in ``geometry.z``;
     ``shift``: (A, cells, 2) simulated embedding shifts for the perturbation-score baseline (None: skipped, with
-    ``score_status`` saying why). Returns the JSON-ready summary and one row per (pair, policy).
+    ``score_status`` saying why); ``policies``: the episodes' policies to score, in this order. Returns the
+    JSON-ready summary and one row per (pair, policy).
     """
     key = {(k, g.lower()): i for i, (k, g) in enumerate(zip(actions.kind, actions.gene.astype(str)))}
     genes_l = set(actions.gene.astype(str).str.lower())
@@ -241,7 +243,7 @@ def recipe_benchmark(recipes: pd.DataFrame, episodes: pd.DataFrame, actions: pd.
                     not_in_action_space=" ".join(sorted(set(rec.gene[~rec.gene.str.lower().isin(genes_l)]))))
         rng_seed = seed + pair_no  # one permutation null per pair, shared by its policies
         ep = episodes[(episodes.start_type == s) & (episodes.target_type == t)]
-        for pol in ROLLOUT_POLICIES:
+        for pol in policies:
             d = ep[ep.policy == pol]
             if d.empty:
                 continue

@@ -38,6 +38,8 @@ PLOT_CAPTIONS: dict[str, str] = {
                       "steps; dotted lines mark curriculum phase changes.",
     "action_usage": "Which regulators the agent perturbs in all its test episodes, knockout vs overexpression.",
     "action_usage_bfs": "The same for the BFS-optimal plans (what the simulator rewards).",
+    "method_success": "Persistent perturbations: success of the agent and of exact, beam and greedy search over "
+                      "sets, on the exact-search tasks and on all test tasks (exact search runs on its subset).",
     "recipe_metrics": "Known-recipe benchmark. Left: mean over (start, target) pairs of the share of recipe "
                       "perturbations among a plan's (or ranking's) first k distinct actions, and of the recipe "
                       "recovered in the first 5. Right: normalised area under the rank-recall curve per pair "
@@ -293,7 +295,8 @@ def _warm_start_section(train: Mapping[str, Any] | None) -> str:
     rows = [{"stage": stage, **ws[key]} for stage, key in (("warm start only (before PPO)", "val_before_ppo"),
                                                            ("after PPO", "val_after_ppo")) if ws.get(key)]
     what = {"none": "none (PPO from random weights)", "bfs": "behaviour cloning of BFS next hops (training graph)",
-            "dagger": "behaviour cloning + DAgger rounds on the agent's own training-graph states"}
+            "dagger": "behaviour cloning + DAgger rounds on the agent's own training-graph states",
+            "exact": "behaviour cloning of exact-search plans over sets from training cells (persistent mode)"}
     note = (f"<p class='note'>Warm start: {_e(what.get(ws.get('method'), ws.get('method')))}"
             + (f"; {_fmt(ws.get('samples'))} samples, {_fmt(ws.get('epochs'))} epochs, accuracy "
                f"{_fmt(ws.get('accuracy'), True)}, {_fmt(ws.get('env_steps'))} environment steps, "
@@ -306,12 +309,88 @@ def _warm_start_section(train: Mapping[str, Any] | None) -> str:
                  "length_ratio": "length / BFS"})
 
 
-def _run_section(run: str, s: Mapping[str, Any], plot_dir: Path | None) -> str:
-    parts = [f"<h2>Run <code>{_e(run)}</code>: evaluation</h2>"]
+def _run_head(run: str, s: Mapping[str, Any], what: str = "evaluation") -> list[str]:
+    """A run section's title and the commit it was evaluated at."""
+    parts = [f"<h2>Run <code>{_e(run)}</code>: {what}</h2>"]
     git = s.get("git") or {}
     if git.get("commit"):
         parts.append(f"<p class='note'>Evaluated at commit <code>{_e(git['commit'][:12])}</code>"
                      f"{' (with uncommitted changes)' if git.get('dirty') else ''}.</p>")
+    return parts
+
+
+def _run_tail(s: Mapping[str, Any], plot_dir: Path | None) -> list[str]:
+    """A run section's known recipes, training log, warm start and figures."""
+    parts = [_recipe_section(s.get("recipes") or {})]
+    train = s.get("training") or {}
+    if train:
+        parts.append("<h3>Training log</h3>" + kv_table(train))
+    parts.append(_warm_start_section(s.get("train_summary")))
+    if plot_dir is not None and plot_dir.is_dir():
+        pngs = {p.stem: p for p in sorted(plot_dir.glob("*.png"))}
+        order = [k for k in PLOT_CAPTIONS if k in pngs] + [k for k in pngs if k not in PLOT_CAPTIONS]
+        if order:
+            parts.append(f"<h3>Figures</h3>")
+        for k in order:
+            parts.append(_img(pngs[k], PLOT_CAPTIONS.get(k, "")))
+    return parts
+
+
+PERSISTENT_COLUMNS = ["method", "exact_success", "all_success", "success_vs_exact", "mean_success_length",
+                      "mean_success_set_size", "repeats_a_gene", "agree", "chance", "wall_s"]
+PERSISTENT_HEADERS = {"exact_success": "success (exact-search tasks)", "all_success": "success (all test tasks)",
+                      "success_vs_exact": "success / exact", "mean_success_length": "mean length (successes)",
+                      "mean_success_set_size": "mean set size (successes)",
+                      "repeats_a_gene": "plans repeating a gene", "agree": "planted recipe: agree",
+                      "chance": "chance", "wall_s": "wall s"}
+
+
+def persistent_rows(s: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per method of a persistent-mode summary (``methods``): success on the exact-search tasks and
+    on all tasks, plan length, set size, plans repeating a gene, planted-recipe agreement on the exact tasks."""
+    rows = []
+    for name, m in (s.get("methods") or {}).items():
+        ex, al = m.get("exact_tasks") or {}, m.get("all_tasks") or {}
+        sc = al or ex
+        rec = ex.get("recipe") or {}
+        rows.append({"method": name, "exact_success": ex.get("success"), "all_success": al.get("success"),
+                     "success_vs_exact": m.get("success_vs_exact"),
+                     "mean_success_length": sc.get("mean_success_length"),
+                     "mean_success_set_size": sc.get("mean_success_set_size"),
+                     "repeats_a_gene": sc.get("repeats_a_gene"),
+                     "agree": rec.get("agree"), "chance": rec.get("chance"), "wall_s": m.get("wall_s")})
+    return rows
+
+
+def _persistent_section(run: str, s: Mapping[str, Any], plot_dir: Path | None) -> str:
+    """A persistent-mode run (summary.json of cellrl.persistent.evaluate): the agent against exact, beam and
+    greedy search over sets."""
+    parts = _run_head(run, s, "evaluation with persistent perturbations")
+    p = s.get("protocol", {})
+    parts.append(
+        "<p class='note'>Persistent perturbations (<code>env.perturbation_model: persistent</code>): a plan is a "
+        f"set of knockouts and overexpressions (at most {_fmt(p.get('max_set_size'))} genes) that stay applied; "
+        "each step simulates the whole set from the current cell; HOLD adds nothing. Test protocol: start from "
+        f"test cells, target = every other cell type; {_fmt(p.get('n_episodes'))} tasks, at most "
+        f"{_fmt(p.get('max_steps'))} steps. <i>exact</i>: every set of up to {_fmt(p.get('exact_max_genes'))} genes "
+        f"in every order (the optimum; exponential, so run on the {_fmt(p.get('n_exact_tasks'))} tasks of "
+        f"{_fmt(p.get('n_exact_start_cells'))} test cells, {_fmt(p.get('exact_starts_per_type'))} per start type); "
+        f"<i>beam</i>: beam search over sets, width {_fmt(p.get('beam_width'))}; <i>greedy</i>: the one-step best "
+        "move; <i>agent</i>: the trained policy, "
+        f"{'deterministic' if p.get('deterministic') else 'stochastic'}. <i>success / exact</i>: success on the "
+        "exact-search tasks over exact search's. <i>planted recipe</i> (synthetic data): share of successful "
+        "plans on the exact-search tasks whose set holds a planted action and no master TF in the wrong "
+        f"direction. No plan repeats a gene: <b>{'yes' if s.get('no_plan_repeats_a_gene') else 'NO'}</b>.</p>")
+    parts.append(html_table(persistent_rows(s), PERSISTENT_COLUMNS,
+                            pct=["exact_success", "all_success", "success_vs_exact", "agree", "chance"],
+                            left=["method"], headers=PERSISTENT_HEADERS))
+    return "\n".join(parts + _run_tail(s, plot_dir))
+
+
+def _run_section(run: str, s: Mapping[str, Any], plot_dir: Path | None) -> str:
+    if s.get("perturbation_model") == "persistent":
+        return _persistent_section(run, s, plot_dir)
+    parts = _run_head(run, s)
     proto = s.get("protocol", {})
     parts.append(
         "<p class='note'>Test protocol: start from test cells, target = every other cell type"
@@ -370,19 +449,7 @@ def _run_section(run: str, s: Mapping[str, Any], plot_dir: Path | None) -> str:
                                          "agent_agree": "agent agree", "agent_recall": "agent recall",
                                          "grn_toward": "GRN", "shift_toward": "shift",
                                          "planted_rank": "table rank"}))
-    parts.append(_recipe_section(s.get("recipes") or {}))
-    train = s.get("training") or {}
-    if train:
-        parts.append("<h3>Training log</h3>" + kv_table(train))
-    parts.append(_warm_start_section(s.get("train_summary")))
-    if plot_dir is not None and plot_dir.is_dir():
-        pngs = {p.stem: p for p in sorted(plot_dir.glob("*.png"))}
-        order = [k for k in PLOT_CAPTIONS if k in pngs] + [k for k in pngs if k not in PLOT_CAPTIONS]
-        if order:
-            parts.append(f"<h3>Figures</h3>")
-        for k in order:
-            parts.append(_img(pngs[k], PLOT_CAPTIONS.get(k, "")))
-    return "\n".join(parts)
+    return "\n".join(parts + _run_tail(s, plot_dir))
 
 
 def render_report(dataset: str, runs: Sequence[tuple[str, Mapping[str, Any], Path | None]],
@@ -405,6 +472,11 @@ def render_report(dataset: str, runs: Sequence[tuple[str, Mapping[str, Any], Pat
     for run, s, _ in runs:
         pol = s.get("policies", {})
         gt = s.get("ground_truth") or {}
+        if s.get("perturbation_model") == "persistent":  # agent and greedy over sets, on all test tasks
+            pol = {k: {"success": (m.get("all_tasks") or m.get("exact_tasks") or {}).get("success")}
+                   for k, m in (s.get("methods") or {}).items()}
+            agree = (((s.get("methods") or {}).get("agent") or {}).get("exact_tasks") or {}).get("recipe") or {}
+            gt = {"agent_agreement": agree.get("agree")}
         rows.append({"run": run, "agent": pol.get("agent", {}).get("success"),
                      "agent_reachable": pol.get("agent", {}).get("success_reachable"),
                      "greedy": pol.get("greedy", {}).get("success"), "random": pol.get("random", {}).get("success"),

@@ -292,7 +292,10 @@ class _Run:
         self.wandb_run = None
         self._tick = 0
         self.val_split = "val" if (geo.split == "val").any() else "train"
-        self.fingerprint = ckpts.fingerprint(params, cfg, geo, table)
+        # persistent mode: the engine's settings shape the env too (a checkpoint made under others is not resumed)
+        fp_cfg = cfg if engine is None or not hasattr(engine, "settings") else \
+            {**cfg, "persistent_engine": dataclasses.asdict(engine.settings)}
+        self.fingerprint = ckpts.fingerprint(params, fp_cfg, geo, table)
 
     def boundary(self, agent: MaskablePPO, final: bool = False) -> None:
         ts = int(agent.num_timesteps)
@@ -541,31 +544,44 @@ def merge_hpo_params(env_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any],
 
 def train_files(model_path: str | Path, table_path: str | Path, out_dir: str | Path,
                 env: Mapping[str, Any], train: Mapping[str, Any], hpo_params: str | Path | None = None,
-                resume: bool = True, progress: bool = True, threads: int | None = None) -> dict[str, Any]:
+                resume: bool = True, progress: bool = True, threads: int | None = None,
+                transitions: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Rule ``train``: files in, ``out_dir/{model.zip, train_summary.json, progress.csv, checkpoints/}`` out.
 
     ``hpo_params``: best_params.yaml of the HPO stage, merged over ``env``/``train``. With ``resume`` (the
-    default) a run in ``out_dir`` continues from its newest checkpoint with the same fingerprint.
+    default) a run in ``out_dir`` continues from its newest checkpoint with the same fingerprint. With
+    ``env.perturbation_model: persistent`` the agent trains on sets simulated on the fly by the persistent engine
+    of ``model_path`` with the ``transitions`` settings (:mod:`cellrl.persistent`; ``train.warm_start: exact``
+    clones exact plans first); train_summary.json records the perturbation model (checked where it is loaded,
+    :func:`cellrl.agent_io.load_agent`) and those settings.
     """
     env_cfg, train_cfg = merge_hpo_params(env, train, hpo_params)
-    if str(env_cfg.get("perturbation_model", "table")) != "table":
-        # the evaluate and report rules score table-mode agents only: refuse rather than train a table agent
-        raise InputError("the pipeline trains table-mode agents only; env.perturbation_model: "
-                         f"{env_cfg.get('perturbation_model')!r} is not wired into the train/evaluate rules",
-                         field="env.perturbation_model",
-                         fix="set env.perturbation_model: table for the pipeline; persistent mode runs in "
-                             "benchmarks/persistent_demo.py / benchmarks/persistent_real.py and "
-                             "`cellrl plan --perturbation-model persistent`")
+    mode = EnvParams.from_config(env_cfg).perturbation_model
     model, table = load_inputs(model_path, table_path)
+    engine = persistent_engine(model, table, transitions) if mode == "persistent" else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _, summary = train_agent(model, table, env_cfg, train_cfg, out_dir=out, resume=resume, progress=progress,
-                             threads=threads)
+                             threads=threads, engine=engine)
+    extra = {"transitions": dict(transitions or {})} if engine is not None else {}
     write_json(out / "train_summary.json", {**summary, "inputs": {"model": str(model_path),
                                                                   "table": str(table_path),
                                                                   "hpo_params": str(hpo_params) if hpo_params else None},
-                                            "env": env_cfg, "train": train_cfg})
+                                            "perturbation_model": mode, **extra, "env": env_cfg, "train": train_cfg})
     return summary
+
+
+def persistent_engine(model: OracleModel, table: np.ndarray, transitions: Mapping[str, Any] | None) -> Any:
+    """The persistent-mode engine of ``model`` with the ``transitions`` settings; InputError when its actions are
+    not the table's (the table and the engine must describe the same action space)."""
+    from .persistent.engine import PersistentEngine
+
+    engine = PersistentEngine.from_model(model, dict(transitions or {}))
+    if engine.n_actions != table.shape[1]:
+        raise InputError(f"the persistent engine has {engine.n_actions} actions, the transition table "
+                         f"{table.shape[1]}", field="transitions.actions",
+                         fix="rerun the transitions rule with the current transitions settings")
+    return engine
 
 
 def _wandb_init(out_dir: Path, cfg: Mapping[str, Any], params: EnvParams, mode: str, state: RunState):

@@ -34,6 +34,13 @@ def settings(stage, run=False):
     return _get
 
 
+def engine_settings(wildcards):
+    """params function: the transitions settings of the persistent engine for a run with
+    env.perturbation_model: persistent; None for table runs (a setting the table does not use reruns nothing)."""
+    s = dataset_config(config, wildcards.dataset, wildcards.run)
+    return s["transitions"] if s["env"]["perturbation_model"] == "persistent" else None
+
+
 def dataset_entry(key):
     """params function: a dataset's own entry (rna / base_grn) from `datasets:`."""
     return lambda wildcards: config["datasets"][wildcards.dataset][key]

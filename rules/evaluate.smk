@@ -20,6 +20,7 @@ rule evaluate:
     params:
         env=settings("env", run=True),
         settings=settings("evaluate", run=True),
+        transitions=engine_settings,
         code=code_version("evaluate"),
     log:
         "results/{dataset}/logs/evaluate_{run}.log",

@@ -11,6 +11,7 @@ rule train:
     params:
         env=settings("env", run=True),
         train=settings("train", run=True),
+        transitions=engine_settings,
         out_dir=lambda w: f"results/{w.dataset}/models/{w.run}",
         code=code_version("train"),
     threads: 1  # torch intra-op threads: one, so training does not compete with other jobs on small machines

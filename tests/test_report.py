@@ -126,3 +126,44 @@ def test_repel_labels_separates_close_labels():
     assert abs(out[0, 1] - out[1, 1]) >= 0.04 * 10 * 0.99  # overlapping boxes end one label height apart
     np.testing.assert_allclose(out[2:], pts[2:], atol=1e-6)  # far labels stay put
     np.testing.assert_allclose(plots.repel_labels(pts[:1], labels[:1]), pts[:1])
+
+
+def persistent_summary_fixture() -> dict:
+    def sc(s, agree=None):
+        return {"success": s, "mean_success_length": 4.0, "mean_success_set_size": 2.5, "repeats_a_gene": 0,
+                **({"recipe": {"agree": agree, "chance": 0.1}} if agree is not None else {})}
+    return {"perturbation_model": "persistent", "no_plan_repeats_a_gene": True,
+            "protocol": {"n_episodes": 600, "max_steps": 20, "max_set_size": 3, "exact_max_genes": 3,
+                         "n_exact_tasks": 30, "n_exact_start_cells": 6, "exact_starts_per_type": 1,
+                         "beam_width": 8, "deterministic": True},
+            "methods": {"agent": {"exact_tasks": sc(0.7, 0.55), "all_tasks": sc(0.66), "success_vs_exact": 0.7 / 0.9,
+                                  "wall_s": 1.0},
+                        "exact": {"exact_tasks": sc(0.9, 0.5), "wall_s": 80.0},
+                        "beam8": {"exact_tasks": sc(0.65), "all_tasks": sc(0.59), "success_vs_exact": 0.65 / 0.9},
+                        "greedy": {"exact_tasks": sc(0.4), "all_tasks": sc(0.35), "success_vs_exact": 0.4 / 0.9}},
+            "ground_truth": {"available": True}, "recipes": {"available": False, "reason": "no recipe table"}}
+
+
+def test_report_persistent_run_beside_a_table_run(tmp_path):
+    """A persistent-mode run gets its own section (agent vs exact / beam / greedy over sets, with its figure);
+    the table run's section is the table mode's."""
+    runs = {"default": summary_fixture(), "persistent": persistent_summary_fixture()}
+    paths, dirs = [], []
+    for run, s in runs.items():
+        d = tmp_path / run
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps(s))
+        paths.append(d / "summary.json")
+        dirs.append(d / "plots")
+    plots.method_success(runs["persistent"]["methods"], dirs[1] / "method_success.png")
+    html = write_report(tmp_path / "r.html", "demo", paths, dirs).read_text()
+    table_part, pers_part = html.split("Run <code>persistent</code>")
+    assert "evaluation with persistent perturbations" in pers_part and "BFS-reachable pairs" in table_part
+    assert "BFS-reachable pairs" not in pers_part and "persistent" not in table_part.split("Run <code>default")[1]
+    for needle in ("success (exact-search tasks)", "success / exact", "plans repeating a gene", "beam8",
+                   "77.8%", "90.0%", "59.0%", "No plan repeats a gene: <b>yes</b>", "6 test cells",
+                   "Persistent perturbations: success of the agent"):
+        assert needle in pers_part, needle
+    assert len(re.findall(r"src='data:image/png;base64,", pers_part)) == 1
+    head = html.split("<h2>Summary</h2>")[1].split("Run <code>")[0]
+    assert "66.0%" in head and "35.0%" in head and "55.0%" in head   # persistent agent, greedy, planted agree

@@ -269,17 +269,46 @@ def test_short_run_warns_when_it_never_reaches_the_last_phase(tmp_path, small):
     assert any("curriculum phase 1 of 2" in w for w in s["warnings"])
 
 
-def test_train_rule_refuses_persistent_mode(tmp_path, small):
-    """The pipeline's train rule would otherwise train a table agent under env.perturbation_model: persistent."""
+PERSISTENT_ENV = {"max_steps": 5, "perturbation_model": "persistent", "max_set_size": 2}
+ENGINE_SETTINGS = {"n_neighbors": 30}  # the persistent engine's transitions settings (200 cells)
+
+
+def test_train_rule_trains_a_persistent_agent(tmp_path, small):
+    """env.perturbation_model: persistent: the rule builds the engine from model.npz + the transitions settings,
+    clones exact plans (warm_start: exact) and trains on sets; the summary records the mode and the engine
+    settings, and only a persistent load of the agent accepts it."""
+    from cellrl.agent_io import load_agent
+    from cellrl.persistent.engine import PersistentEngine
+
     m, table = small
     m.save(tmp_path / "model.npz")
     np.save(tmp_path / "table.npy", table)
     out = tmp_path / "run"
-    with pytest.raises(InputError, match="env.perturbation_model") as e:
-        train_files(tmp_path / "model.npz", tmp_path / "table.npy", out,
-                    env={"max_steps": 5, "perturbation_model": "persistent"}, train={**TINY, "total_timesteps": 128},
+    train = {**TINY, "total_timesteps": 256, "warm_start": "exact", "warm_start_starts_per_type": 2,
+             "warm_start_epochs": 3}
+    summary = train_files(tmp_path / "model.npz", tmp_path / "table.npy", out, env=PERSISTENT_ENV, train=train,
+                          transitions=ENGINE_SETTINGS, progress=False, threads=1)
+    saved = json.loads((out / "train_summary.json").read_text())
+    assert saved["perturbation_model"] == "persistent" and saved["transitions"] == ENGINE_SETTINGS
+    assert summary["timesteps"] == 256 and saved["warm_start"]["method"] == "exact"
+    assert saved["warm_start"]["start_cells"] == 2 * 3 and saved["warm_start"]["samples"] > 0
+    eng = PersistentEngine.from_model(m, ENGINE_SETTINGS)
+    geo = TaskGeometry.from_model(m)
+    agent = load_agent(out / "model.zip", geo, eng.n_actions + 1, engine=eng)
+    assert agent.action_space.n == m.n_actions + 1 and "applied" in agent.observation_space.spaces
+    with pytest.raises(InputError, match="trained with env.perturbation_model: persistent") as e:
+        load_agent(out / "model.zip", geo, m.n_actions)           # a table-mode evaluation or plan
+    assert e.value.field == "env.perturbation_model" and "set env.perturbation_model: persistent" in e.value.fix
+
+
+def test_train_rule_refuses_an_engine_that_does_not_fit_the_table(tmp_path, small):
+    m, table = small
+    m.save(tmp_path / "model.npz")
+    np.save(tmp_path / "table.npy", table)
+    with pytest.raises(InputError, match="persistent engine has 4 actions, the transition table 8"):
+        train_files(tmp_path / "model.npz", tmp_path / "table.npy", tmp_path / "run", env=PERSISTENT_ENV,
+                    train={**TINY, "total_timesteps": 64}, transitions={**ENGINE_SETTINGS, "actions": "ko"},
                     progress=False, threads=1)
-    assert "persistent_demo.py" in str(e.value) and not out.exists()
 
 
 def test_train_files_outputs(tmp_path, small):
@@ -300,6 +329,7 @@ def test_train_files_outputs(tmp_path, small):
     assert len(list((out / "checkpoints").glob("ckpt_*.json"))) == 1
     from sb3_contrib import MaskablePPO
 
+    assert saved["perturbation_model"] == "table" and "transitions" not in saved
     agent = MaskablePPO.load(out / "model.zip", device="cpu")
     assert agent.learning_rate == pytest.approx(0.0005 * TRAIN_DEFAULTS["warm_start_ppo_lr_scale"])  # bfs warm start
     assert type(agent.policy.optimizer) is th.optim.Adam                    # no cellrl-private optimizer class

@@ -295,3 +295,31 @@ def test_kill_9_mid_training_then_rerun(run, tmp_path):
     rows = _progress_rows(run.workdir / killed / "progress.csv")
     assert rows == _progress_rows(ref / "progress.csv") and int(rows[-1]["timesteps"]) >= 16384
 
+
+
+@pytest.mark.slow
+def test_persistent_run_trains_and_evaluates(run):
+    """config/examples/demo_persistent.yaml (budget shrunk to the tiny demo) adds a persistent run: the train rule
+    trains on sets (exact-plan warm start), the evaluate rule scores it against exact, beam and greedy search and
+    no plan repeats a gene; the table run's outputs are untouched."""
+    from cellrl.config import deep_merge
+
+    overlay = deep_merge(yaml.safe_load((ROOT / "config" / "examples" / "demo_persistent.yaml").read_text()),
+                         {"runs": {"persistent": {"overrides": {"train": {"total_timesteps": 1024,
+                                                                          "warm_start_starts_per_type": 1,
+                                                                          "warm_start_epochs": 5}}}}})
+    path = run.workdir / "config" / "persistent_overlay.yaml"
+    path.write_text(yaml.safe_dump(overlay))
+    res = run.workdir / "results" / "demo"
+    before = (res / "benchmark" / "default" / "summary.json").stat().st_mtime_ns
+    out = snakemake(run.workdir, "results/demo/benchmark/persistent/summary.json", "--profile", "profiles/local",
+                    "--cores", "1", "--configfile", str(path), timeout=600)  # targets first: --configfile takes many
+    assert "rule train:" in out.stdout + out.stderr or "localrule train:" in out.stdout + out.stderr
+    train = json.loads((res / "models" / "persistent" / "train_summary.json").read_text())
+    assert train["perturbation_model"] == "persistent" and train["warm_start"]["method"] == "exact"
+    s = json.loads((res / "benchmark" / "persistent" / "summary.json").read_text())
+    assert s["perturbation_model"] == "persistent" and set(s["methods"]) == {"agent", "exact", "beam8", "greedy"}
+    assert s["protocol"]["n_exact_start_cells"] == s["protocol"]["n_types"] and s["no_plan_repeats_a_gene"]
+    assert s["methods"]["exact"]["exact_tasks"]["success"] >= s["methods"]["agent"]["exact_tasks"]["success"]
+    assert s["ground_truth"]["available"] and "agree" in s["methods"]["exact"]["exact_tasks"]["recipe"]
+    assert (res / "benchmark" / "default" / "summary.json").stat().st_mtime_ns == before

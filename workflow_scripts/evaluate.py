@@ -1,4 +1,5 @@
-"""Rule evaluate: agent vs greedy vs random vs BFS on the test protocol, with plots."""
+"""Rule evaluate: agent vs greedy vs random vs BFS on the test protocol, with plots (persistent mode: agent vs
+exact, beam and greedy search over sets)."""
 from cellrl.evaluate import evaluate_files
 from cellrl.smk import log_to
 
@@ -10,4 +11,4 @@ with log_to(snakemake.log[0]):
                    plots_dir=snakemake.output.plots, transition_stats=snakemake.input.transition_stats,
                    recipes=snakemake.input.recipes[0] if snakemake.input.recipes else None,
                    recipes_out=snakemake.output.recipes,
-                   env=snakemake.params.env, **snakemake.params.settings)
+                   env=snakemake.params.env, transitions=snakemake.params.transitions, **snakemake.params.settings)
