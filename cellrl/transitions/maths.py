@@ -213,22 +213,23 @@ class ClusterLinear:
 
 
 def cluster_linear(xp: ModuleType, X: Any, plan: ClusterPlan, n_actions: int, hops: int,
-                   block: int = 8192, loadings: Any = None) -> ClusterLinear:
+                   block: int = 8192, loadings: Any = None, with_q: bool = True) -> ClusterLinear:
     """:class:`ClusterLinear` of one cluster; ``Q`` in row blocks of ``block`` cells (dense BLAS product, or a
-    sparse one when each action reaches few of the genes in ``U``); ``RL`` when ``loadings`` (G, d) are given."""
+    sparse one when each action reaches few of the genes in ``U``; None unless ``with_q``: only the correlation
+    needs it); ``RL`` when ``loadings`` (G, d) are given."""
     r = unit_response(xp, plan, hops)
     nU = int(plan.genes.size)
     r_norm = xp.sqrt(plan.seg @ (r * r))
     U = xp.asarray(plan.genes)
     N = X.shape[0]
-    Q = xp.empty((N, n_actions))
     sparse = plan.n_rows < SPARSE_Q_BELOW * n_actions * nU
     if sparse:
         R = _sparse_module(xp).csr_matrix((r, (plan.act_of, plan.gene_pos)), shape=(n_actions, nU))
     else:
         R = xp.zeros((n_actions, nU))
         R[plan.act_of, plan.gene_pos] = r
-    for s in range(0, N, block):
+    Q = xp.empty((N, n_actions)) if with_q else None
+    for s in range(0, N if with_q else 0, block):
         XU = xp.take(X[s:s + block], U, axis=1)
         Q[s:s + block] = (R @ XU.T).T if sparse else XU @ R.T
     RL = None if loadings is None else xp.asarray(R @ xp.take(loadings, U, axis=0))
@@ -246,6 +247,63 @@ class ChunkCorrelation:
     n_clipped: int
 
 
+@dataclass
+class LinearSplit:
+    """A chunk's packed delta split as ``d = c r + e`` (:func:`linear_split`): ``c`` (A, n) the inputs (0 for tiny
+    pairs), ``e`` (T, n) the exact remainder, kept only at the entries ``(kt, ki)`` (packed row, chunk cell)."""
+
+    c: Any
+    e: Any
+    kt: Any
+    ki: Any
+
+    def n_clipped(self, xp: ModuleType, plan: ClusterPlan, n_actions: int) -> int:
+        """(cell, action) pairs with at least one kept entry (clipping or a tiny input: exact corrections)."""
+        return int(xp.unique(self.ki * n_actions + plan.act_of[self.kt]).shape[0])
+
+
+def linear_split(xp: ModuleType, sqsum: Any, cells: Any, plan: ClusterPlan, lin: ClusterLinear, d: Any, XT: Any,
+                 values: Any) -> LinearSplit:
+    """Step 2: ``d = c r + e``, the linear part (``c = value - X_ig`` per cell and action) and the exact remainder
+    ``e``, which is rounding noise unless clipping acted; pairs with a tiny input are kept whole in ``e``
+    (``c := 0``). ``sqsum`` (N,) squared norms of the cells, ``d`` (T, n) packed delta, ``XT`` its packed
+    expression."""
+    c = perturbation_input(XT, plan, values)  # (A, n)
+    xnorm = xp.sqrt(sqsum[cells])  # (n,)
+    tiny = xp.abs(c) * lin.r_norm[:, None] < TINY_INPUT * xnorm[None, :]
+    c = xp.where(tiny, 0.0, c)
+    e = d - lin.r[:, None] * c[plan.act_of]  # (T, n)
+    keep = xp.abs(e) > ROUNDING_TOL * (xp.abs(XT) + xp.abs(d))
+    keep |= tiny[plan.act_of] & (d != 0)
+    kt, ki = xp.nonzero(keep)
+    return LinearSplit(c=c, e=e, kt=kt, ki=ki)
+
+
+def _corrections(xp: ModuleType, split: LinearSplit, plan: ClusterPlan, n: int, n_actions: int):
+    """Batches (``CORRECTION_BATCH`` kept entries each, bounding the (entries, k) gathers) of the kept remainder:
+    ``(bi, g, S)`` with ``bi`` the chunk cell and ``g`` the gene of each entry, ``S`` the (n A, entries) sparse
+    matrix that sums entries into their (cell, action) row, weighted by ``e``."""
+    genes_x = xp.asarray(plan.genes)
+    kt, ki, e = split.kt, split.ki, split.e
+    for b0 in range(0, int(kt.shape[0]), CORRECTION_BATCH):
+        bt, bi = kt[b0:b0 + CORRECTION_BATCH], ki[b0:b0 + CORRECTION_BATCH]
+        g = genes_x[plan.gene_pos[bt]]  # gene of each kept entry
+        S = _sparse_module(xp).csr_matrix((e[bt, bi], (bi * n_actions + plan.act_of[bt], xp.arange(bt.shape[0]))),
+                                          shape=(n * n_actions, int(bt.shape[0])))
+        yield bi, g, S
+
+
+def pca_displacement(xp: ModuleType, split: LinearSplit, plan: ClusterPlan, lin: ClusterLinear,
+                     loadings: Any) -> Any:
+    """(n, A, d) ``s = d L = c RL + sum_{kept} e L_g``: the delta's PCA displacement alone, the same float
+    operations as inside :func:`correlation` (for the next-cell models that need no correlation)."""
+    n, A = int(split.c.shape[1]), int(split.c.shape[0])
+    disp = split.c.T[:, :, None] * lin.RL[None]  # (n, A, d)
+    for _, g, S in _corrections(xp, split, plan, n, A):
+        disp += (S @ loadings[g]).reshape(n, A, -1)
+    return disp
+
+
 def correlation(xp: ModuleType, X: Any, rowsum: Any, sqsum: Any, cells: Any, Xc: Any, nbr: Any, plan: ClusterPlan,
                 lin: ClusterLinear, d: Any, XT: Any, values: Any, knn_random: bool,
                 loadings: Any = None) -> ChunkCorrelation:
@@ -258,29 +316,17 @@ def correlation(xp: ModuleType, X: Any, rowsum: Any, sqsum: Any, cells: Any, Xc:
     n = int(cells.shape[0])
     k = int(nbr.shape[1])
     genes_x = xp.asarray(plan.genes)
-    ci = cells
 
-    # 2. d = c r + e: the linear part (c = value - X_ig per cell and action) and the exact remainder e, which is
-    #    rounding noise unless clipping acted; pairs with a tiny input are kept whole in e (c := 0)
-    c = perturbation_input(XT, plan, values)  # (A, n)
-    xnorm = xp.sqrt(sqsum[cells])  # (n,)
-    tiny = xp.abs(c) * lin.r_norm[:, None] < TINY_INPUT * xnorm[None, :]
-    c = xp.where(tiny, 0.0, c)
-    e = d - lin.r[:, None] * c[plan.act_of]  # (T, n)
-    keep = xp.abs(e) > ROUNDING_TOL * (xp.abs(XT) + xp.abs(d))
-    keep |= tiny[plan.act_of] & (d != 0)
-    kt, ki = xp.nonzero(keep)
+    # 2. d = c r + e (linear_split)
+    split = linear_split(xp, sqsum, cells, plan, lin, d, XT, values)
+    c = split.c
 
     # 3. numerator sum_S d (X_j - X_i) = c (Q_j - Q_i) + sum_{kept} e (X_j,g - X_i,g); for the next-cell models
-    #    that need it, the PCA displacement s = d L = c RL + sum_{kept} e L_g the same way
+    #    that need it, the PCA displacement s = d L = c RL + sum_{kept} e L_g the same way (pca_displacement)
     num = c.T[:, :, None] * (xp.take(lin.Q, nbr, axis=0).transpose(0, 2, 1) - lin.Q[cells][:, :, None])  # (n, A, k)
     disp = None if lin.RL is None else c.T[:, :, None] * lin.RL[None]  # (n, A, d)
-    for b0 in range(0, int(kt.shape[0]), CORRECTION_BATCH):  # batches bound the (entries, k) gather
-        bt, bi = kt[b0:b0 + CORRECTION_BATCH], ki[b0:b0 + CORRECTION_BATCH]
-        g = genes_x[plan.gene_pos[bt]]  # gene of each kept entry
+    for bi, g, S in _corrections(xp, split, plan, n, A):
         Dg = X[nbr[bi], g[:, None]] - Xc[bi, g][:, None]  # (entries, k)
-        S = _sparse_module(xp).csr_matrix((e[bt, bi], (bi * A + plan.act_of[bt], xp.arange(bt.shape[0]))),
-                                          shape=(n * A, int(bt.shape[0])))
         num += (S @ Dg).reshape(n, A, k)
         if disp is not None:
             disp += (S @ loadings[g]).reshape(n, A, -1)
@@ -321,7 +367,7 @@ def correlation(xp: ModuleType, X: Any, rowsum: Any, sqsum: Any, cells: Any, Xc:
         corr = num * inv_a[:, None, :] * inv_b[:, :, None]
     if knn_random:  # CellOracle fixes NaNs only in knn_random mode
         corr = xp.where(xp.isnan(corr), 1.0, corr)
-    return ChunkCorrelation(corr=corr, disp=disp, n_clipped=int(xp.unique(ki * A + plan.act_of[kt]).shape[0]))
+    return ChunkCorrelation(corr=corr, disp=disp, n_clipped=split.n_clipped(xp, plan, A))
 
 
 def transition_probabilities(xp: ModuleType, corr: Any, sigma_corr: float) -> Any:
