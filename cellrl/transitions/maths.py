@@ -281,16 +281,19 @@ def linear_split(xp: ModuleType, sqsum: Any, cells: Any, plan: ClusterPlan, lin:
 
 def _corrections(xp: ModuleType, split: LinearSplit, plan: ClusterPlan, n: int, n_actions: int):
     """Batches (``CORRECTION_BATCH`` kept entries each, bounding the (entries, k) gathers) of the kept remainder:
-    ``(bi, g, S)`` with ``bi`` the chunk cell and ``g`` the gene of each entry, ``S`` the (n A, entries) sparse
-    matrix that sums entries into their (cell, action) row, weighted by ``e``."""
+    ``(bi, g, row, e)`` with ``bi`` the chunk cell, ``g`` the gene, ``row`` the (cell, action) row ``bi A + a``
+    and ``e`` the remainder of each entry (an action's entries come in ascending gene order)."""
     genes_x = xp.asarray(plan.genes)
-    kt, ki, e = split.kt, split.ki, split.e
+    kt, ki = split.kt, split.ki
     for b0 in range(0, int(kt.shape[0]), CORRECTION_BATCH):
         bt, bi = kt[b0:b0 + CORRECTION_BATCH], ki[b0:b0 + CORRECTION_BATCH]
-        g = genes_x[plan.gene_pos[bt]]  # gene of each kept entry
-        S = _sparse_module(xp).csr_matrix((e[bt, bi], (bi * n_actions + plan.act_of[bt], xp.arange(bt.shape[0]))),
-                                          shape=(n * n_actions, int(bt.shape[0])))
-        yield bi, g, S
+        yield bi, genes_x[plan.gene_pos[bt]], bi * n_actions + plan.act_of[bt], split.e[bt, bi]
+
+
+def _projected(xp: ModuleType, row: Any, g: Any, e: Any, shape: tuple[int, int], loadings: Any) -> Any:
+    """(rows, d) ``sum_{entries} e L_g`` per (cell, action) row: a (rows x genes) sparse matrix times ``L`` (the
+    same sums, in the same ascending-gene order, as one matrix per entry times the gathered ``L[g]``)."""
+    return _sparse_module(xp).csr_matrix((e, (row, g)), shape=shape) @ loadings
 
 
 def pca_displacement(xp: ModuleType, split: LinearSplit, plan: ClusterPlan, lin: ClusterLinear,
@@ -299,8 +302,8 @@ def pca_displacement(xp: ModuleType, split: LinearSplit, plan: ClusterPlan, lin:
     operations as inside :func:`correlation` (for the next-cell models that need no correlation)."""
     n, A = int(split.c.shape[1]), int(split.c.shape[0])
     disp = split.c.T[:, :, None] * lin.RL[None]  # (n, A, d)
-    for _, g, S in _corrections(xp, split, plan, n, A):
-        disp += (S @ loadings[g]).reshape(n, A, -1)
+    for _, g, row, e in _corrections(xp, split, plan, n, A):
+        disp += _projected(xp, row, g, e, (n * A, int(loadings.shape[0])), loadings).reshape(n, A, -1)
     return disp
 
 
@@ -325,11 +328,12 @@ def correlation(xp: ModuleType, X: Any, rowsum: Any, sqsum: Any, cells: Any, Xc:
     #    that need it, the PCA displacement s = d L = c RL + sum_{kept} e L_g the same way (pca_displacement)
     num = c.T[:, :, None] * (xp.take(lin.Q, nbr, axis=0).transpose(0, 2, 1) - lin.Q[cells][:, :, None])  # (n, A, k)
     disp = None if lin.RL is None else c.T[:, :, None] * lin.RL[None]  # (n, A, d)
-    for bi, g, S in _corrections(xp, split, plan, n, A):
+    for bi, g, row, e in _corrections(xp, split, plan, n, A):
         Dg = X[nbr[bi], g[:, None]] - Xc[bi, g][:, None]  # (entries, k)
+        S = _sparse_module(xp).csr_matrix((e, (row, xp.arange(g.shape[0]))), shape=(n * A, int(g.shape[0])))
         num += (S @ Dg).reshape(n, A, k)
         if disp is not None:
-            disp += (S @ loadings[g]).reshape(n, A, -1)
+            disp += _projected(xp, row, g, e, (n * A, G), loadings).reshape(n, A, -1)
 
     # 4. neighbour displacement statistics over all G genes (action-independent): sum_g D = rowsum_j - rowsum_i,
     #    sum_g D^2 = |X_j|^2 + |X_i|^2 - 2 X_i.X_j with X_i.X_j from one Gram product per block of cells against

@@ -126,10 +126,35 @@ def n_pcs_of(setting: int | None, meta: dict[str, Any] | None) -> int:
 
 
 def candidate_offsets(xp: ModuleType, scores: Any, cells: Any, candidates: Any) -> Any:
-    """(n, K, d) ``p_j - p_i`` for the candidates ``j`` of each of ``cells`` (one gather, subtracted in place)."""
+    """(n, K, d) ``p_j - p_i`` for the candidates ``j`` of each of ``cells``: one pass of a numba kernel on CPU
+    (the same subtractions, ~2x faster), else one gather subtracted in place."""
+    if xp is np and _offsets_numba is not None and scores.dtype == np.float64:
+        n, K = candidates.shape
+        return _offsets_numba(np.ascontiguousarray(scores), np.ascontiguousarray(cells, dtype=np.int64),
+                              np.ascontiguousarray(candidates, dtype=np.int64),
+                              np.empty((n, K, scores.shape[1])))
     D = xp.take(scores, candidates, axis=0)
     D -= scores[cells][:, None, :]
     return D
+
+
+def _offsets(scores, cells, candidates, out):  # pragma: no cover - compiled by numba
+    """``out[i, k] = scores[candidates[i, k]] - scores[cells[i]]``."""
+    for i in range(candidates.shape[0]):
+        c = cells[i]
+        for k in range(candidates.shape[1]):
+            j = candidates[i, k]
+            for t in range(scores.shape[1]):
+                out[i, k, t] = scores[j, t] - scores[c, t]
+    return out
+
+
+try:  # numba comes with celloracle; compiled once and cached next to this file (as cellrl.transitions.neighbors)
+    import numba as _numba
+
+    _offsets_numba: Any = _numba.njit(cache=True, nogil=True)(_offsets)
+except Exception:  # pragma: no cover
+    _offsets_numba = None
 
 
 def pca_nearest(xp: ModuleType, s: Any, scores: Any, cells: Any, candidates: Any, radius: Any,
