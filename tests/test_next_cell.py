@@ -52,6 +52,15 @@ def test_pca_space_is_the_data_and_its_neighbours():
     assert (sp_.candidates != np.arange(5)[:, None]).all()
 
 
+def test_pca_space_with_duplicate_cells():
+    """A cell listed after its duplicate (or not at all) is still dropped from its own candidates."""
+    X = np.vstack([SCORES, SCORES[1], SCORES[1]])  # cells 5 and 6 duplicate cell 1
+    sp_ = nc.pca_space(X - X.mean(axis=0), 2, 3)
+    assert (sp_.candidates != np.arange(7)[:, None]).all() and sp_.candidates.shape == (7, 3)
+    assert {5, 6} <= set(sp_.candidates[1]) and {1, 6} <= set(sp_.candidates[5])
+    assert sp_.half_gap[[1, 5, 6]].tolist() == [0.0, 0.0, 0.0] and sp_.half_gap[0] == pytest.approx(0.5)
+
+
 def test_pca_nearest_known_answers():
     s = [[0.0, 0.0], [0.4, 0.0], [0.6, 0.0], [1.9, 0.1], [0.0, 2.0], [-5.0, 0.0], [9.0, 0.0]]
     # zero and small (< half the gap to cell 1) changes stay; 0.6 reaches past the midpoint to cell 1; (1.9, 0.1)

@@ -88,11 +88,14 @@ def pca_space(X: np.ndarray, n_pcs: int, n_candidates: int) -> PcaSpace:
     tree = cKDTree(scores)
     dist, ind = tree.query(scores, k=K + 1, workers=-1)
     dist, ind = dist.reshape(N, K + 1), ind.reshape(N, K + 1)
-    own = ind == np.arange(N)[:, None]
-    own[~own.any(axis=1), K] = True  # the cell itself not listed (duplicates): drop the farthest instead
-    keep = ~own
-    cand = ind[keep].reshape(N, K).astype(np.int64)
-    gaps = dist[keep].reshape(N, K)
+    if (ind[:, 0] == np.arange(N)).all():  # every cell its own nearest (no duplicates): drop the first column
+        cand, gaps = ind[:, 1:].astype(np.int64), np.ascontiguousarray(dist[:, 1:])
+    else:
+        own = ind == np.arange(N)[:, None]
+        own[~own.any(axis=1), K] = True  # the cell itself not listed (duplicates): drop the farthest instead
+        keep = ~own
+        cand = ind[keep].reshape(N, K).astype(np.int64)
+        gaps = dist[keep].reshape(N, K)
     return PcaSpace(scores=scores, loadings=np.ascontiguousarray(L), candidates=cand, half_gap=gaps[:, 0] / 2.0,
                     radius=gaps[:, -1], tree=tree)
 
