@@ -81,9 +81,17 @@ class ClusterPlan:
 
 
 def reachable_sets(W: sp.csr_matrix, starts: np.ndarray, hops: int) -> sp.csc_matrix:
-    """Boolean (genes x len(starts)) sparse matrix: column j = :func:`reachable` from ``starts[j]``."""
+    """Boolean (genes x len(starts)) sparse matrix: column j = :func:`reachable` from ``starts[j]`` (a numba
+    breadth-first search per start; sparse products without numba)."""
     G = W.shape[0]
-    A = (sp.csr_matrix(W) != 0).astype(np.int8).T.tocsr()  # target x regulator
+    W = sp.csr_matrix(W)
+    if _reach_numba is not None:
+        mark = _reach_numba(W.indptr.astype(np.int64), W.indices.astype(np.int64), W.data,
+                            np.asarray(starts, dtype=np.int64), int(hops), np.zeros((len(starts), G), dtype=bool))
+        _, genes = np.nonzero(mark)  # start by start, genes ascending
+        indptr = np.concatenate([[0], np.cumsum(mark.sum(axis=1))]).astype(np.int64)
+        return sp.csc_matrix((np.ones(genes.size, dtype=np.int8), genes, indptr), shape=(G, len(starts)))
+    A = (W != 0).astype(np.int8).T.tocsr()  # target x regulator
     F = sp.csc_matrix((np.ones(len(starts), dtype=np.int8), (starts, np.arange(len(starts)))),
                       shape=(G, len(starts)))
     R = F.copy()
@@ -92,6 +100,40 @@ def reachable_sets(W: sp.csr_matrix, starts: np.ndarray, hops: int) -> sp.csc_ma
         R = ((R + F) > 0).astype(np.int8)
     R.sort_indices()
     return R.tocsc()
+
+
+def _reach_marks(indptr, indices, data, starts, hops, mark):  # pragma: no cover - compiled by numba
+    """``mark[a, t]``: gene ``t`` is within ``hops`` edges (``W[r, t] != 0``: r -> t) of ``starts[a]``."""
+    G = mark.shape[1]
+    frontier = np.empty(G, dtype=np.int64)
+    found = np.empty(G, dtype=np.int64)
+    for a in range(starts.shape[0]):
+        mark[a, starts[a]] = True
+        frontier[0] = starts[a]
+        n_front = 1
+        for _ in range(hops):
+            n_found = 0
+            for f in range(n_front):
+                r = frontier[f]
+                for q in range(indptr[r], indptr[r + 1]):
+                    t = indices[q]
+                    if data[q] != 0 and not mark[a, t]:
+                        mark[a, t] = True
+                        found[n_found] = t
+                        n_found += 1
+            if n_found == 0:
+                break
+            frontier[:n_found] = found[:n_found]
+            n_front = n_found
+    return mark
+
+
+try:  # numba comes with celloracle; compiled once and cached next to this file
+    import numba as _numba
+
+    _reach_numba: Any = _numba.njit(cache=True, nogil=True)(_reach_marks)
+except Exception:  # pragma: no cover
+    _reach_numba = None
 
 
 def plan_cluster(xp: ModuleType, W: sp.csr_matrix, actions: Actions, hops: int, all_genes: bool) -> ClusterPlan:
