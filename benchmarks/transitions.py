@@ -18,8 +18,11 @@ CellOracle's ``knn_imputation`` and coefficients by CellOracle's ``fit_GRN_for_s
     python benchmarks/transitions.py --sets paul15,demo3000,demo10000,demo30000 --summary   # the reported run
     python benchmarks/transitions.py --sets demo30000 --celloracle-actions 0
     python benchmarks/transitions.py --summary                # also write benchmarks/results/transitions.json
+    python benchmarks/transitions.py --sets paul15 --next-cell pca_direction --summary   # its next_cell_runs entry
 
-Results: printed, and saved as JSON under benchmarks/out/ (git-ignored).
+Results: printed, and saved as JSON under benchmarks/out/ (git-ignored). ``--summary`` with the default
+``--next-cell celloracle`` rewrites benchmarks/results/transitions.json; with another next-cell model it only
+replaces that model's run under ``next_cell_runs`` there (the other entries keep their numbers).
 """
 
 from __future__ import annotations
@@ -380,6 +383,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"CellOracle out of memory: {res['celloracle_out_of_memory']}")
     if a.summary:
         SUMMARY.parent.mkdir(parents=True, exist_ok=True)
+        if a.next_cell != "celloracle":  # one model's run, next to the reference run's entries
+            old = json.loads(SUMMARY.read_text()) if SUMMARY.exists() else {}
+            res = {**old, "next_cell_runs": {**old.get("next_cell_runs", {}), a.next_cell: res}}
         SUMMARY.write_text(json.dumps(res, indent=1, default=float) + "\n")
         print(f"saved {SUMMARY}")
 

@@ -52,6 +52,15 @@ def test_pca_space_is_the_data_and_its_neighbours():
     assert (sp_.candidates != np.arange(5)[:, None]).all()
 
 
+def test_pca_space_with_duplicate_cells():
+    """A cell listed after its duplicate (or not at all) is still dropped from its own candidates."""
+    X = np.vstack([SCORES, SCORES[1], SCORES[1]])  # cells 5 and 6 duplicate cell 1
+    sp_ = nc.pca_space(X - X.mean(axis=0), 2, 3)
+    assert (sp_.candidates != np.arange(7)[:, None]).all() and sp_.candidates.shape == (7, 3)
+    assert {5, 6} <= set(sp_.candidates[1]) and {1, 6} <= set(sp_.candidates[5])
+    assert sp_.half_gap[[1, 5, 6]].tolist() == [0.0, 0.0, 0.0] and sp_.half_gap[0] == pytest.approx(0.5)
+
+
 def test_pca_nearest_known_answers():
     s = [[0.0, 0.0], [0.4, 0.0], [0.6, 0.0], [1.9, 0.1], [0.0, 2.0], [-5.0, 0.0], [9.0, 0.0]]
     # zero and small (< half the gap to cell 1) changes stay; 0.6 reaches past the midpoint to cell 1; (1.9, 0.1)
@@ -176,3 +185,40 @@ def test_pca_space_matches_svd(shape):
     L = L * np.where(L[np.abs(L).argmax(axis=0), np.arange(4)] < 0, -1.0, 1.0)
     np.testing.assert_allclose(sp_.loadings, L, atol=1e-9)
     np.testing.assert_allclose(sp_.scores, Xc @ L, atol=1e-9)
+
+
+@pytest.mark.parametrize("which", ("pca", "pca_step", "pca_direction"))
+def test_pca_models_skip_the_embedding_path_with_the_same_table(model, which, monkeypatch):
+    """pca / pca_step / pca_direction read only the PCA displacement: the table runner samples no embedding
+    neighbours and computes no correlation, probabilities or shift for them, and the table is the one the full
+    CellOracle path gives (simulate_actions always runs it: its next cells are the pre-skip table)."""
+    from cellrl.transitions import runner
+
+    s = dict(SETTINGS, next_cell=which, chunk_cells=41)
+    full = T.simulate_actions(model, s)
+    assert np.abs(full["shift"]).sum() > 0  # the embedding path ran there
+
+    def banned(*a, **k):
+        raise AssertionError("embedding path computed for a PCA next-cell model")
+
+    for name in ("sample_neighbors", "correlation", "transition_probabilities", "embedding_shift", "unit_vectors"):
+        monkeypatch.setattr(runner, name, banned)
+    table, _, stats = T.compute_table(model, s, progress=False, threads=2)
+    np.testing.assert_array_equal(table, full["next_cell"].T)
+    assert stats["mean_shift"] is None and "mean_shift_per_action" not in stats
+    assert stats["n_neighbors_sampled"] is None and stats["clipped_pair_fraction"] > 0
+
+
+@pytest.mark.parametrize("which", ("celloracle", "prob_max"))
+def test_embedding_models_keep_the_shift_statistics(model, which):
+    _, acts, stats = T.compute_table(model, dict(SETTINGS, next_cell=which), progress=False)
+    assert stats["mean_shift"] > 0 and stats["n_neighbors_sampled"] == int(0.3 * 21)
+    assert len(stats["mean_shift_per_action"]) == len(acts)
+
+
+def test_pca_models_still_check_n_neighbors():
+    from cellrl.errors import InputError
+
+    m = random_model(n_cells=50, n_genes=20, n_types=2, n_regulators=2)
+    with pytest.raises(InputError, match="n_neighbors"):
+        T.compute_table(m, dict(SETTINGS, n_neighbors=200, next_cell="pca_direction"), progress=False)

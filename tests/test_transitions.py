@@ -437,3 +437,23 @@ def test_equal_to_celloracle_demo(demo_fitted):
     oracle, model = _unpack(demo_fitted)
     report = _check_against_celloracle(oracle, model, n_regulators=3)
     assert len(report) >= 6
+
+
+@pytest.mark.parametrize("hops", [1, 3, 5])
+def test_reachable_sets_search_equals_sparse_products(hops, monkeypatch):
+    """The numba breadth-first search gives the sparse-product fallback's sets (and reachable()'s), explicit
+    zeros in W being no edges."""
+    from cellrl.transitions import maths
+
+    m = random_model(n_cells=60, n_genes=50, n_types=2, n_regulators=8, seed=5)
+    W = sp.csr_matrix(m.coefs[0])
+    W.data[::7] = 0.0  # explicit zeros
+    starts = np.asarray(m.regulator_idx, dtype=np.int64)
+    fast = maths.reachable_sets(W, starts, hops)
+    monkeypatch.setattr(maths, "_reach_numba", None)
+    slow = maths.reachable_sets(W, starts, hops)
+    assert np.array_equal(fast.indptr, slow.indptr) and np.array_equal(fast.indices, slow.indices)
+    W.eliminate_zeros()  # reachable() follows every stored entry
+    for j, g in enumerate(starts):
+        assert fast.indices[fast.indptr[j]:fast.indptr[j + 1]].tolist() == maths.reachable(W, int(g), hops).tolist()
+    assert fast.indptr[-1] > len(starts)  # the sets reach beyond the start genes

@@ -40,8 +40,10 @@ Per cell ``i`` (cluster ``c``) and action ``a`` = (gene ``g``, value ``v``):
    ``u_ij`` the unit vector from ``E_i`` to ``E_j`` (in float32 when ``model.meta["embedding_dtype"]`` says
    CellOracle had a float32 ``obsm`` embedding, as it then computes them in float32).
 5. Next cell (``transitions.next_cell: celloracle``): the cell nearest to ``E_i + shift_i`` (scipy cKDTree; the
-   cell itself included; a stagnation when it is ``i``). The other next-cell models (``pca``, ``pca_direction``,
-   ``prob_max``) skip the embedding and work in the PCA space of ``X`` (:mod:`.next_cell`).
+   cell itself included; a stagnation when it is ``i``). The other next-cell models (``pca``, ``pca_step``,
+   ``pca_direction``, ``prob_max``) work in the PCA space of ``X`` (:mod:`.next_cell`); ``pca``, ``pca_step`` and
+   ``pca_direction`` read only the PCA displacement ``delta L``, so for them steps 2-4 are skipped (no embedding
+   neighbours, correlation, ``P`` or shift; ``delta L`` comes from the same linear split as in step 3).
 
 Memory: O(chunk x (sum_a |S_a| + A x k)) per chunk plus bounded Gram blocks and correction batches, O(cells x k)
 for the neighbour lists, one copy of ``X`` and one (cells x A) ``Q`` per worker thread; never cells x cells.

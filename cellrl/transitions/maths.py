@@ -81,9 +81,17 @@ class ClusterPlan:
 
 
 def reachable_sets(W: sp.csr_matrix, starts: np.ndarray, hops: int) -> sp.csc_matrix:
-    """Boolean (genes x len(starts)) sparse matrix: column j = :func:`reachable` from ``starts[j]``."""
+    """Boolean (genes x len(starts)) sparse matrix: column j = :func:`reachable` from ``starts[j]`` (a numba
+    breadth-first search per start; sparse products without numba)."""
     G = W.shape[0]
-    A = (sp.csr_matrix(W) != 0).astype(np.int8).T.tocsr()  # target x regulator
+    W = sp.csr_matrix(W)
+    if _reach_numba is not None:
+        mark = _reach_numba(W.indptr.astype(np.int64), W.indices.astype(np.int64), W.data,
+                            np.asarray(starts, dtype=np.int64), int(hops), np.zeros((len(starts), G), dtype=bool))
+        _, genes = np.nonzero(mark)  # start by start, genes ascending
+        indptr = np.concatenate([[0], np.cumsum(mark.sum(axis=1))]).astype(np.int64)
+        return sp.csc_matrix((np.ones(genes.size, dtype=np.int8), genes, indptr), shape=(G, len(starts)))
+    A = (W != 0).astype(np.int8).T.tocsr()  # target x regulator
     F = sp.csc_matrix((np.ones(len(starts), dtype=np.int8), (starts, np.arange(len(starts)))),
                       shape=(G, len(starts)))
     R = F.copy()
@@ -92,6 +100,40 @@ def reachable_sets(W: sp.csr_matrix, starts: np.ndarray, hops: int) -> sp.csc_ma
         R = ((R + F) > 0).astype(np.int8)
     R.sort_indices()
     return R.tocsc()
+
+
+def _reach_marks(indptr, indices, data, starts, hops, mark):  # pragma: no cover - compiled by numba
+    """``mark[a, t]``: gene ``t`` is within ``hops`` edges (``W[r, t] != 0``: r -> t) of ``starts[a]``."""
+    G = mark.shape[1]
+    frontier = np.empty(G, dtype=np.int64)
+    found = np.empty(G, dtype=np.int64)
+    for a in range(starts.shape[0]):
+        mark[a, starts[a]] = True
+        frontier[0] = starts[a]
+        n_front = 1
+        for _ in range(hops):
+            n_found = 0
+            for f in range(n_front):
+                r = frontier[f]
+                for q in range(indptr[r], indptr[r + 1]):
+                    t = indices[q]
+                    if data[q] != 0 and not mark[a, t]:
+                        mark[a, t] = True
+                        found[n_found] = t
+                        n_found += 1
+            if n_found == 0:
+                break
+            frontier[:n_found] = found[:n_found]
+            n_front = n_found
+    return mark
+
+
+try:  # numba comes with celloracle; compiled once and cached next to this file
+    import numba as _numba
+
+    _reach_numba: Any = _numba.njit(cache=True, nogil=True)(_reach_marks)
+except Exception:  # pragma: no cover
+    _reach_numba = None
 
 
 def plan_cluster(xp: ModuleType, W: sp.csr_matrix, actions: Actions, hops: int, all_genes: bool) -> ClusterPlan:
@@ -213,22 +255,23 @@ class ClusterLinear:
 
 
 def cluster_linear(xp: ModuleType, X: Any, plan: ClusterPlan, n_actions: int, hops: int,
-                   block: int = 8192, loadings: Any = None) -> ClusterLinear:
+                   block: int = 8192, loadings: Any = None, with_q: bool = True) -> ClusterLinear:
     """:class:`ClusterLinear` of one cluster; ``Q`` in row blocks of ``block`` cells (dense BLAS product, or a
-    sparse one when each action reaches few of the genes in ``U``); ``RL`` when ``loadings`` (G, d) are given."""
+    sparse one when each action reaches few of the genes in ``U``; None unless ``with_q``: only the correlation
+    needs it); ``RL`` when ``loadings`` (G, d) are given."""
     r = unit_response(xp, plan, hops)
     nU = int(plan.genes.size)
     r_norm = xp.sqrt(plan.seg @ (r * r))
     U = xp.asarray(plan.genes)
     N = X.shape[0]
-    Q = xp.empty((N, n_actions))
     sparse = plan.n_rows < SPARSE_Q_BELOW * n_actions * nU
     if sparse:
         R = _sparse_module(xp).csr_matrix((r, (plan.act_of, plan.gene_pos)), shape=(n_actions, nU))
     else:
         R = xp.zeros((n_actions, nU))
         R[plan.act_of, plan.gene_pos] = r
-    for s in range(0, N, block):
+    Q = xp.empty((N, n_actions)) if with_q else None
+    for s in range(0, N if with_q else 0, block):
         XU = xp.take(X[s:s + block], U, axis=1)
         Q[s:s + block] = (R @ XU.T).T if sparse else XU @ R.T
     RL = None if loadings is None else xp.asarray(R @ xp.take(loadings, U, axis=0))
@@ -246,6 +289,66 @@ class ChunkCorrelation:
     n_clipped: int
 
 
+@dataclass
+class LinearSplit:
+    """A chunk's packed delta split as ``d = c r + e`` (:func:`linear_split`): ``c`` (A, n) the inputs (0 for tiny
+    pairs), ``e`` (T, n) the exact remainder, kept only at the entries ``(kt, ki)`` (packed row, chunk cell)."""
+
+    c: Any
+    e: Any
+    kt: Any
+    ki: Any
+
+    def n_clipped(self, xp: ModuleType, plan: ClusterPlan, n_actions: int) -> int:
+        """(cell, action) pairs with at least one kept entry (clipping or a tiny input: exact corrections)."""
+        return int(xp.unique(self.ki * n_actions + plan.act_of[self.kt]).shape[0])
+
+
+def linear_split(xp: ModuleType, sqsum: Any, cells: Any, plan: ClusterPlan, lin: ClusterLinear, d: Any, XT: Any,
+                 values: Any) -> LinearSplit:
+    """Step 2: ``d = c r + e``, the linear part (``c = value - X_ig`` per cell and action) and the exact remainder
+    ``e``, which is rounding noise unless clipping acted; pairs with a tiny input are kept whole in ``e``
+    (``c := 0``). ``sqsum`` (N,) squared norms of the cells, ``d`` (T, n) packed delta, ``XT`` its packed
+    expression."""
+    c = perturbation_input(XT, plan, values)  # (A, n)
+    xnorm = xp.sqrt(sqsum[cells])  # (n,)
+    tiny = xp.abs(c) * lin.r_norm[:, None] < TINY_INPUT * xnorm[None, :]
+    c = xp.where(tiny, 0.0, c)
+    e = d - lin.r[:, None] * c[plan.act_of]  # (T, n)
+    keep = xp.abs(e) > ROUNDING_TOL * (xp.abs(XT) + xp.abs(d))
+    keep |= tiny[plan.act_of] & (d != 0)
+    kt, ki = xp.nonzero(keep)
+    return LinearSplit(c=c, e=e, kt=kt, ki=ki)
+
+
+def _corrections(xp: ModuleType, split: LinearSplit, plan: ClusterPlan, n: int, n_actions: int):
+    """Batches (``CORRECTION_BATCH`` kept entries each, bounding the (entries, k) gathers) of the kept remainder:
+    ``(bi, g, row, e)`` with ``bi`` the chunk cell, ``g`` the gene, ``row`` the (cell, action) row ``bi A + a``
+    and ``e`` the remainder of each entry (an action's entries come in ascending gene order)."""
+    genes_x = xp.asarray(plan.genes)
+    kt, ki = split.kt, split.ki
+    for b0 in range(0, int(kt.shape[0]), CORRECTION_BATCH):
+        bt, bi = kt[b0:b0 + CORRECTION_BATCH], ki[b0:b0 + CORRECTION_BATCH]
+        yield bi, genes_x[plan.gene_pos[bt]], bi * n_actions + plan.act_of[bt], split.e[bt, bi]
+
+
+def _projected(xp: ModuleType, row: Any, g: Any, e: Any, shape: tuple[int, int], loadings: Any) -> Any:
+    """(rows, d) ``sum_{entries} e L_g`` per (cell, action) row: a (rows x genes) sparse matrix times ``L`` (the
+    same sums, in the same ascending-gene order, as one matrix per entry times the gathered ``L[g]``)."""
+    return _sparse_module(xp).csr_matrix((e, (row, g)), shape=shape) @ loadings
+
+
+def pca_displacement(xp: ModuleType, split: LinearSplit, plan: ClusterPlan, lin: ClusterLinear,
+                     loadings: Any) -> Any:
+    """(n, A, d) ``s = d L = c RL + sum_{kept} e L_g``: the delta's PCA displacement alone, the same float
+    operations as inside :func:`correlation` (for the next-cell models that need no correlation)."""
+    n, A = int(split.c.shape[1]), int(split.c.shape[0])
+    disp = split.c.T[:, :, None] * lin.RL[None]  # (n, A, d)
+    for _, g, row, e in _corrections(xp, split, plan, n, A):
+        disp += _projected(xp, row, g, e, (n * A, int(loadings.shape[0])), loadings).reshape(n, A, -1)
+    return disp
+
+
 def correlation(xp: ModuleType, X: Any, rowsum: Any, sqsum: Any, cells: Any, Xc: Any, nbr: Any, plan: ClusterPlan,
                 lin: ClusterLinear, d: Any, XT: Any, values: Any, knn_random: bool,
                 loadings: Any = None) -> ChunkCorrelation:
@@ -258,32 +361,21 @@ def correlation(xp: ModuleType, X: Any, rowsum: Any, sqsum: Any, cells: Any, Xc:
     n = int(cells.shape[0])
     k = int(nbr.shape[1])
     genes_x = xp.asarray(plan.genes)
-    ci = cells
 
-    # 2. d = c r + e: the linear part (c = value - X_ig per cell and action) and the exact remainder e, which is
-    #    rounding noise unless clipping acted; pairs with a tiny input are kept whole in e (c := 0)
-    c = perturbation_input(XT, plan, values)  # (A, n)
-    xnorm = xp.sqrt(sqsum[cells])  # (n,)
-    tiny = xp.abs(c) * lin.r_norm[:, None] < TINY_INPUT * xnorm[None, :]
-    c = xp.where(tiny, 0.0, c)
-    e = d - lin.r[:, None] * c[plan.act_of]  # (T, n)
-    keep = xp.abs(e) > ROUNDING_TOL * (xp.abs(XT) + xp.abs(d))
-    keep |= tiny[plan.act_of] & (d != 0)
-    kt, ki = xp.nonzero(keep)
+    # 2. d = c r + e (linear_split)
+    split = linear_split(xp, sqsum, cells, plan, lin, d, XT, values)
+    c = split.c
 
     # 3. numerator sum_S d (X_j - X_i) = c (Q_j - Q_i) + sum_{kept} e (X_j,g - X_i,g); for the next-cell models
-    #    that need it, the PCA displacement s = d L = c RL + sum_{kept} e L_g the same way
+    #    that need it, the PCA displacement s = d L = c RL + sum_{kept} e L_g the same way (pca_displacement)
     num = c.T[:, :, None] * (xp.take(lin.Q, nbr, axis=0).transpose(0, 2, 1) - lin.Q[cells][:, :, None])  # (n, A, k)
     disp = None if lin.RL is None else c.T[:, :, None] * lin.RL[None]  # (n, A, d)
-    for b0 in range(0, int(kt.shape[0]), CORRECTION_BATCH):  # batches bound the (entries, k) gather
-        bt, bi = kt[b0:b0 + CORRECTION_BATCH], ki[b0:b0 + CORRECTION_BATCH]
-        g = genes_x[plan.gene_pos[bt]]  # gene of each kept entry
+    for bi, g, row, e in _corrections(xp, split, plan, n, A):
         Dg = X[nbr[bi], g[:, None]] - Xc[bi, g][:, None]  # (entries, k)
-        S = _sparse_module(xp).csr_matrix((e[bt, bi], (bi * A + plan.act_of[bt], xp.arange(bt.shape[0]))),
-                                          shape=(n * A, int(bt.shape[0])))
+        S = _sparse_module(xp).csr_matrix((e, (row, xp.arange(g.shape[0]))), shape=(n * A, int(g.shape[0])))
         num += (S @ Dg).reshape(n, A, k)
         if disp is not None:
-            disp += (S @ loadings[g]).reshape(n, A, -1)
+            disp += _projected(xp, row, g, e, (n * A, G), loadings).reshape(n, A, -1)
 
     # 4. neighbour displacement statistics over all G genes (action-independent): sum_g D = rowsum_j - rowsum_i,
     #    sum_g D^2 = |X_j|^2 + |X_i|^2 - 2 X_i.X_j with X_i.X_j from one Gram product per block of cells against
@@ -321,7 +413,7 @@ def correlation(xp: ModuleType, X: Any, rowsum: Any, sqsum: Any, cells: Any, Xc:
         corr = num * inv_a[:, None, :] * inv_b[:, :, None]
     if knn_random:  # CellOracle fixes NaNs only in knn_random mode
         corr = xp.where(xp.isnan(corr), 1.0, corr)
-    return ChunkCorrelation(corr=corr, disp=disp, n_clipped=int(xp.unique(ki * A + plan.act_of[kt]).shape[0]))
+    return ChunkCorrelation(corr=corr, disp=disp, n_clipped=split.n_clipped(xp, plan, A))
 
 
 def transition_probabilities(xp: ModuleType, corr: Any, sigma_corr: float) -> Any:

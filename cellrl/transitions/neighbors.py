@@ -21,9 +21,7 @@ def sample_neighbors(embedding: np.ndarray, n_neighbors: int = 200, sampled_frac
     for the random stream, so this runs once over all cells (O(cells x n_neighbors) memory).
     """
     n = embedding.shape[0]
-    if n_neighbors + 1 > n - 1:
-        raise InputError(f"n_neighbors + 1 = {n_neighbors + 1} neighbours requested but only {n} cells",
-                         field="transitions.n_neighbors", fix=f"set transitions.n_neighbors <= {n - 2}")
+    check_n_neighbors(n, n_neighbors)
     neigh = knn_like_sklearn(embedding, n_neighbors + 1)  # (n, n_neighbors + 1), distance order, self excluded
     if not knn_random:
         return neigh.astype(np.int64)
@@ -33,6 +31,14 @@ def sample_neighbors(embedding: np.ndarray, n_neighbors: int = 200, sampled_frac
     size = int(sampled_fraction * (n_neighbors + 1))
     pick = weighted_choice_rows(np.random.RandomState(seed), n, m, size, p)
     return neigh[np.arange(n)[:, None], pick].astype(np.int64)
+
+
+def check_n_neighbors(n_cells: int, n_neighbors: int) -> None:
+    """InputError unless ``n_cells`` hold the ``n_neighbors + 1`` neighbours CellOracle searches per cell (checked
+    for every next-cell model, also those that sample no embedding neighbours)."""
+    if n_neighbors + 1 > n_cells - 1:
+        raise InputError(f"n_neighbors + 1 = {n_neighbors + 1} neighbours requested but only {n_cells} cells",
+                         field="transitions.n_neighbors", fix=f"set transitions.n_neighbors <= {n_cells - 2}")
 
 
 def knn_like_sklearn(embedding: np.ndarray, n_neighbors: int, tie_rtol: float = 1e-12) -> np.ndarray:

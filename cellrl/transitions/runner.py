@@ -26,9 +26,10 @@ from ..model import OracleModel, load_model
 from ..progress import Progress, note
 from ..xp import blas_threads, cupy_available, get_xp, to_numpy
 from .maths import (ClusterLinear, ClusterPlan, cluster_linear, correlation, embedding_float32, embedding_shift,
-                    packed_expression, plan_cluster, propagate, transition_probabilities, unit_vectors, unpack)
+                    linear_split, packed_expression, pca_displacement, plan_cluster, propagate,
+                    transition_probabilities, unit_vectors, unpack)
 from . import next_cell as nc
-from .neighbors import sample_neighbors
+from .neighbors import check_n_neighbors, sample_neighbors
 from .settings import Actions, TransitionSettings, build_actions
 
 log = logging.getLogger("cellrl.transitions")
@@ -37,7 +38,9 @@ log = logging.getLogger("cellrl.transitions")
 # ------------------------------------------------------------------------------------------------ one chunk
 @dataclass
 class Context:
-    """Everything a chunk needs, prepared once (on the backend)."""
+    """Everything a chunk needs, prepared once (on the backend). Without ``embedding`` (the PCA next-cell models,
+    which use only the PCA displacement) the embedding fields ``E``, ``nbr``, ``u``, ``ubar`` and ``tree`` are
+    None: no neighbour sampling, correlation, transition probabilities or embedding shift."""
 
     xp: ModuleType
     settings: TransitionSettings
@@ -51,8 +54,9 @@ class Context:
     ubar: Any  # (N, 2)
     values: Any  # (A,)
     plans: list[ClusterPlan]
-    tree: Any  # scipy cKDTree on E (CPU)
+    tree: Any  # scipy cKDTree on E (CPU; the celloracle model only)
     n_genes: int
+    embedding: bool = True  # the embedding path (correlation, probabilities, shift) is computed
     pca: nc.PcaSpace | None = None  # PCA space of X (next-cell models other than celloracle), numpy
     scores: Any = None  # (N, d) pca.scores on the backend
     loadings: Any = None  # (G, d)
@@ -70,7 +74,7 @@ class Context:
             hit = self._lin_cache.pop(cluster, None)
             if hit is None:
                 hit = cluster_linear(self.xp, self.X, self.plans[cluster], len(self.actions),
-                                     self.settings.n_propagation, loadings=self.loadings)
+                                     self.settings.n_propagation, loadings=self.loadings, with_q=self.embedding)
             while len(self._lin_cache) >= max(1, self.lin_cache_size):
                 self._lin_cache.pop(next(iter(self._lin_cache)))
             self._lin_cache[cluster] = hit  # most recent last
@@ -78,33 +82,41 @@ class Context:
 
 
 def prepare(model: OracleModel, settings: TransitionSettings, xp: ModuleType,
-            nbr: np.ndarray | None = None) -> Context:
-    """Neighbours, unit vectors, per-cluster propagation plans and the KD-tree: the action-independent part."""
+            nbr: np.ndarray | None = None, embedding: bool | None = None) -> Context:
+    """Neighbours, unit vectors, per-cluster propagation plans, the PCA space and the KD-tree: the
+    action-independent part. ``embedding``: compute the embedding path (default: only where the next-cell model
+    needs it, :func:`cellrl.transitions.next_cell.needs_embedding`)."""
     from scipy.spatial import cKDTree
 
+    if embedding is None:
+        embedding = nc.needs_embedding(settings.next_cell)
     acts = build_actions(model, settings.actions)
     X = np.ascontiguousarray(model.X, dtype=np.float64)
     all_genes = bool(X.min() < 0)  # clipping can then move genes the network does not reach
-    with ThreadPoolExecutor(1, thread_name_prefix="cellrl-plans") as pool:  # overlaps the neighbour search
+    check_n_neighbors(model.n_cells, settings.n_neighbors)
+    pca = None
+    with ThreadPoolExecutor(1, thread_name_prefix="cellrl-plans") as pool:  # overlaps the neighbour/PCA search
         plans_f = pool.submit(lambda: [plan_cluster(xp, W, acts, settings.n_propagation, all_genes)
                                        for W in model.coefs])
-        if nbr is None:
+        if nbr is None and embedding:
             nbr = sample_neighbors(model.embedding, settings.n_neighbors, settings.sampled_fraction,
                                    settings.knn_random, settings.seed)
+        if settings.next_cell != "celloracle":
+            pca = nc.pca_space(X, nc.n_pcs_of(settings.n_pcs, model.meta), settings.n_neighbors)
         plans = plans_f.result()
-    E = np.asarray(model.embedding, dtype=np.float64)
-    Ex = xp.asarray(E)
-    nbr_x = xp.asarray(nbr)
-    u, ubar = unit_vectors(xp, Ex, nbr_x, embedding_float32(model))
+    E = Ex = nbr_x = u = ubar = tree = None
+    if embedding:
+        E = np.asarray(model.embedding, dtype=np.float64)
+        Ex = xp.asarray(E)
+        nbr_x = xp.asarray(nbr)
+        u, ubar = unit_vectors(xp, Ex, nbr_x, embedding_float32(model))
+        tree = cKDTree(E) if settings.next_cell == "celloracle" else None
     Xx = xp.asarray(X)
-    pca = None
-    if settings.next_cell != "celloracle":
-        pca = nc.pca_space(X, nc.n_pcs_of(settings.n_pcs, model.meta), settings.n_neighbors)
     on = (lambda a: None if pca is None else xp.asarray(a))
     return Context(xp=xp, settings=settings, actions=acts, X=Xx, rowsum=Xx.sum(axis=1),
                    sqsum=xp.einsum("ng,ng->n", Xx, Xx), E=Ex, nbr=nbr_x, u=u, ubar=ubar,
-                   values=xp.asarray(acts.values), plans=plans, tree=cKDTree(E), n_genes=X.shape[1], pca=pca,
-                   scores=on(pca and pca.scores), loadings=on(pca and pca.loadings),
+                   values=xp.asarray(acts.values), plans=plans, tree=tree, n_genes=X.shape[1], embedding=embedding,
+                   pca=pca, scores=on(pca and pca.scores), loadings=on(pca and pca.loadings),
                    candidates=on(pca and pca.candidates), half_gap=on(pca and pca.half_gap),
                    radius=on(pca and pca.radius))
 
@@ -112,7 +124,7 @@ def prepare(model: OracleModel, settings: TransitionSettings, xp: ModuleType,
 @dataclass
 class ChunkResult:
     next_cell: np.ndarray  # (n, A) int32
-    shift: Any  # (n, A, 2) on the backend
+    shift: Any  # (n, A, 2) on the backend; None without the embedding path
     delta: Any | None = None  # (n, A, |U|) when asked for
     n_clipped: int = 0  # (cell, action) pairs whose propagation clipped (or had a tiny input): exact corrections
 
@@ -126,30 +138,35 @@ def run_chunk(ctx: Context, cells: np.ndarray, cluster: int, keep_delta: bool = 
     ci = xp.asarray(cells)
     Xc = ctx.X[ci]  # (n, G)
     XcU = xp.take(Xc, xp.asarray(plan.genes), axis=1)  # (n, |U|)
-    nbr = ctx.nbr[ci]  # (n, k)
 
     # 1. exact propagation on each action's reachable genes, all actions at once (packed rows)
     XT = packed_expression(xp, XcU, plan)  # (T, n)
     d = propagate(xp, XcU, plan, ctx.values, ctx.settings.n_propagation, XT=XT)  # (T, n)
-
-    # 2-5. correlation of delta with every sampled neighbour's displacement (and the PCA displacement)
-    cc = correlation(xp, ctx.X, ctx.rowsum, ctx.sqsum, ci, Xc, nbr, plan, lin, d, XT, ctx.values,
-                     ctx.settings.knn_random, ctx.loadings)
     delta = unpack(xp, d, plan, A) if keep_delta else None
-
-    # 6. transition probabilities and embedding shift
-    P = transition_probabilities(xp, cc.corr, ctx.settings.sigma_corr)
-    shift = embedding_shift(xp, P, ctx.u[ci], ctx.ubar[ci])  # (n, A, 2)
+    P = shift = nbr = None
+    if ctx.embedding:
+        # 2-5. correlation of delta with every sampled neighbour's displacement (and the PCA displacement)
+        nbr = ctx.nbr[ci]  # (n, k)
+        cc = correlation(xp, ctx.X, ctx.rowsum, ctx.sqsum, ci, Xc, nbr, plan, lin, d, XT, ctx.values,
+                         ctx.settings.knn_random, ctx.loadings)
+        disp, n_clipped = cc.disp, cc.n_clipped
+        # 6. transition probabilities and embedding shift
+        P = transition_probabilities(xp, cc.corr, ctx.settings.sigma_corr)
+        shift = embedding_shift(xp, P, ctx.u[ci], ctx.ubar[ci])  # (n, A, 2)
+    else:  # 2-3. the PCA displacement alone (same operations as inside correlation)
+        split = linear_split(xp, ctx.sqsum, ci, plan, lin, d, XT, ctx.values)
+        disp, n_clipped = pca_displacement(xp, split, plan, lin, ctx.loadings), split.n_clipped(xp, plan, A)
 
     # 7. next cell (cellrl.transitions.next_cell)
     model = ctx.settings.next_cell
     if model in ("pca", "pca_step"):
-        disp = cc.disp if model == "pca" else cc.disp * float(ctx.settings.step_gain)
-        nxt = nc.pca_nearest(xp, disp, ctx.scores, ci, ctx.candidates[ci], ctx.radius[ci], ctx.pca.tree)
+        step = disp if model == "pca" else disp * float(ctx.settings.step_gain)
+        nxt = nc.pca_nearest(xp, step, ctx.scores, ci, ctx.candidates[ci], ctx.radius[ci], ctx.pca.tree)
     elif model == "pca_direction":
-        nxt = to_numpy(nc.pca_direction(xp, cc.disp, ctx.scores, ci, ctx.candidates[ci], ctx.half_gap[ci]))
+        nxt = to_numpy(nc.pca_direction(xp, disp, ctx.scores, ci, ctx.candidates[ci], ctx.half_gap[ci],
+                                        block=nc.CPU_BLOCK if xp is np else None))
     elif model == "prob_max":
-        nxt = to_numpy(nc.prob_max(xp, P, cc.disp, ci, nbr, ctx.half_gap[ci]))
+        nxt = to_numpy(nc.prob_max(xp, P, disp, ci, nbr, ctx.half_gap[ci]))
     else:  # celloracle: nearest cell to the shifted point (CPU KD-tree; NaN shift = no move)
         target = to_numpy(ctx.E[ci][:, None, :] + shift).reshape(-1, 2)
         ok = np.isfinite(target).all(axis=1)
@@ -158,7 +175,7 @@ def run_chunk(ctx: Context, cells: np.ndarray, cluster: int, keep_delta: bool = 
             _, idx = ctx.tree.query(target[ok], k=1, workers=-1 if ok.sum() > 50_000 else 1)
             nxt[ok] = idx
     return ChunkResult(next_cell=nxt.reshape(len(cells), -1).astype(np.int32), shift=shift,
-                       delta=delta, n_clipped=cc.n_clipped)
+                       delta=delta, n_clipped=n_clipped)
 
 
 # --------------------------------------------------------------------------------------------- whole table
@@ -346,7 +363,7 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
     ctx = prepare(model, settings, xp)
     t_prep = time.time() - t0
     A, N, G = len(ctx.actions), model.n_cells, model.n_genes
-    k = int(ctx.nbr.shape[1])
+    k = int(ctx.nbr.shape[1]) if ctx.embedding else 0
     max_u = max(int(p.genes.size) for p in ctx.plans)
     per_cell = max(bytes_per_cell(G, int(p.genes.size), A, k, p.n_rows) for p in ctx.plans)
     if ctx.pca is not None:
@@ -381,6 +398,8 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
     chunks = chunk_plan(np.asarray(model.cluster_ids), chunk, model.embedding)
     sampled = (f"{k} of n_neighbors + 1 = {settings.n_neighbors + 1} embedding neighbours sampled per cell"
                if settings.knn_random else f"all n_neighbors + 1 = {k} embedding neighbours per cell")
+    if not ctx.embedding:
+        sampled = f"no embedding neighbours (next_cell {settings.next_cell} uses the PCA displacement only)"
     log.info("%d cells x %d actions, %d genes, %s, |U| <= %d; %d chunks of <= %d cells (%s)",
              N, A, G, sampled, max_u, len(chunks), chunk, chunk_why)
 
@@ -408,7 +427,8 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
     def work(i: int) -> tuple[int, np.ndarray, np.ndarray, int]:
         c, cells = chunks[i]
         r = run_chunk(ctx, cells, c)
-        return i, r.next_cell, to_numpy(xp.sqrt((r.shift ** 2).sum(axis=2)).sum(axis=0)), r.n_clipped
+        sn = np.full(A, np.nan) if r.shift is None else to_numpy(xp.sqrt((r.shift ** 2).sum(axis=2)).sum(axis=0))
+        return i, r.next_cell, sn, r.n_clipped
 
     # counted in cell-actions (chunks differ in size); chunks reused from chunk_dir count as done before the start
     bar = Progress(N * A, tag, unit="cell-action", log=log, enabled=progress, initial=reused_cells * A)
@@ -437,7 +457,7 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
     elapsed = t_chunks_done - t0
     self_frac = (table == np.arange(N, dtype=np.int32)[:, None]).mean(axis=0)
     stats = {
-        "n_cells": N, "n_genes": G, "n_actions": A, "n_neighbors_sampled": k,
+        "n_cells": N, "n_genes": G, "n_actions": A, "n_neighbors_sampled": k if ctx.embedding else None,
         "next_cell": settings.next_cell,
         "pca_components": None if ctx.pca is None else int(ctx.pca.scores.shape[1]),
         "settings": dataclasses.asdict(settings),
@@ -450,9 +470,11 @@ def compute_table(model: OracleModel, settings: TransitionSettings | dict | None
         "self_transition_fraction": float(self_frac.mean()),
         "self_transition_fraction_per_action": {f"{kd}:{g}": float(v) for kd, g, v in
                                                 zip(ctx.actions.kinds, ctx.actions.genes, self_frac)},
-        "mean_shift": float(shift_norm_sum.sum() / (N * A)) if A else 0.0,
-        "mean_shift_per_action": {f"{kd}:{g}": float(v / N) for kd, g, v in
-                                  zip(ctx.actions.kinds, ctx.actions.genes, shift_norm_sum)},
+        # mean |embedding shift|; None (no per-action entry) where the next-cell model computes no shift
+        "mean_shift": (float(shift_norm_sum.sum() / (N * A)) if A else 0.0) if ctx.embedding else None,
+        **({"mean_shift_per_action": {f"{kd}:{g}": float(v / N) for kd, g, v in
+                                      zip(ctx.actions.kinds, ctx.actions.genes, shift_norm_sum)}}
+           if ctx.embedding else {}),
         "time_s": round(elapsed, 3), "prepare_s": round(t_prep, 3), "chunks_s": round(t_chunks_done - t_chunks, 3),
         "cell_actions_per_s": (N * A) / elapsed if elapsed > 0 else None,
         "peak_rss_bytes": _peak_rss_bytes(), "peak_gpu_pool_bytes": gpu_peak,
@@ -492,11 +514,12 @@ def simulate_actions(model: OracleModel, settings: TransitionSettings | dict | N
                      action_ids: Sequence[int] | None = None, xp: ModuleType | None = None,
                      chunk_cells: int = 512) -> dict[str, np.ndarray]:
     """Dense per-action outputs for checks against CellOracle (small data only): delta (A', N, G), shift
-    (A', N, 2) and next cell (A', N), computed by the same chunk code as the table."""
+    (A', N, 2) and next cell (A', N), computed by the same chunk code as the table (with the embedding path for
+    every next-cell model: the shift is always returned)."""
     if not isinstance(settings, TransitionSettings):
         settings = TransitionSettings.from_dict(settings)
     xp = xp or select_backend(settings.backend)[0]
-    ctx = prepare(model, settings, xp)
+    ctx = prepare(model, settings, xp, embedding=True)
     ids = np.arange(len(ctx.actions)) if action_ids is None else np.asarray(action_ids)
     N, G = model.n_cells, model.n_genes
     delta = np.zeros((len(ids), N, G))
