@@ -64,7 +64,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "checkpoint_every": 100_000, "keep_checkpoints": 2, "eval_every": 20_000, "eval_episodes": 200,
     "device": "auto", "seed": 77, "use_hpo": False, "warm_start": "bfs", "warm_start_epochs": 60,
     "warm_start_ppo_lr_scale": 0.03, "warm_start_dagger_rounds": 2,
-    "warm_start_dagger_episodes": 2000, "warm_start_starts_per_type": 10,
+    "warm_start_dagger_episodes": 2000, "warm_start_starts_per_type": 20, "persistent_total_timesteps": None,
     "wandb": {"mode": "offline", "project": "cellrl"},
 }
 
@@ -401,7 +401,8 @@ def train_agent(model: OracleModel | TaskGeometry, table: np.ndarray, env_cfg: M
     ``out_dir`` is given (``model.zip`` only at the end). Returns the agent and the summary dict (also
     ``train_summary.json``): timesteps, wall_s, steps_per_s, final validation success, random baseline.
     ``engine``: train in persistent-perturbation mode (:mod:`cellrl.persistent`); its warm start is
-    ``train.warm_start: exact`` (:mod:`cellrl.persistent.warmstart`), bfs/dagger there mean none.
+    ``train.warm_start: exact`` (:mod:`cellrl.persistent.warmstart`), bfs/dagger there mean none; it trains
+    ``train.persistent_total_timesteps`` steps when set (else ``total_timesteps``).
     """
     cfg = train_config(train_cfg)
     if engine is not None and str(cfg["warm_start"]) in ("bfs", "dagger"):
@@ -410,6 +411,8 @@ def train_agent(model: OracleModel | TaskGeometry, table: np.ndarray, env_cfg: M
         log.info("train.warm_start %s is the table mode's; persistent mode trains from scratch (use exact)",
                  cfg["warm_start"])
         cfg["warm_start"] = "none"
+    if engine is not None and cfg.get("persistent_total_timesteps"):  # persistent mode's own PPO budget
+        cfg["total_timesteps"] = int(cfg["persistent_total_timesteps"])
     threads = set_torch_threads(threads)
     device = resolve_device(cfg["device"])
     total = int(cfg["total_timesteps"])

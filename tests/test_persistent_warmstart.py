@@ -69,7 +69,8 @@ def test_behaviour_cloning_fits_the_plans(problem):
 
 def test_train_agent_exact_warm_start_in_persistent_mode(problem, tmp_path):
     """train.warm_start exact clones exact plans before PPO (PPO then at the scaled learning rate); the table
-    warm starts (bfs) leave the persistent agent at the from-scratch rate; exact in table mode is refused."""
+    warm starts (bfs) leave the persistent agent at the from-scratch rate; train.persistent_total_timesteps
+    replaces total_timesteps in persistent mode; exact in table mode is refused."""
     from cellrl.errors import InputError
     from cellrl.train import train_agent
 
@@ -84,9 +85,12 @@ def test_train_agent_exact_warm_start_in_persistent_mode(problem, tmp_path):
     ws = summary["warm_start"]
     assert ws["method"] == "exact" and ws["samples"] > 0 and ws["start_cells"] == 2 * geo.n_types
     assert agent.learning_rate == pytest.approx(1e-3 * 0.03)
-    agent, summary = train_agent(geo, dummy, env, dict(train, warm_start="bfs"), out_dir=tmp_path / "b",
-                                 progress=False, engine=eng)
+    assert summary["timesteps"] == 32
+    # train.persistent_total_timesteps: the persistent run's own PPO budget (total_timesteps then unused)
+    agent, summary = train_agent(geo, dummy, env, dict(train, warm_start="bfs", persistent_total_timesteps=64),
+                                 out_dir=tmp_path / "b", progress=False, engine=eng)
     assert not summary["warm_start"] and agent.learning_rate == pytest.approx(1e-3)
+    assert summary["timesteps"] == 64
     with pytest.raises(InputError, match="persistent mode only"):
         train_agent(geo, dummy, {"max_steps": 6}, train, out_dir=None, progress=False)
 
