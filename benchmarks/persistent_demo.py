@@ -2,8 +2,9 @@
 the table mode's numbers for the same tasks side by side.
 
     .venv/bin/python benchmarks/persistent_demo.py [--results results/demo] [--truth resources/demo/ground_truth.json]
-        [--n-starts N] [--beam-width 8] [--max-genes 3] [--agent-steps 100000] [--next-cell pca_direction]
-        [--warm-start none|exact] [--bc-starts 10] [--bc-epochs 60] [--bc-dagger 0] [--torch-threads N] [--quick]
+        [--n-starts N] [--beam-width 8] [--max-genes 3] [--agent-steps 200000] [--next-cell pca_direction]
+        [--warm-start none|exact] [--bc-starts 20] [--bc-epochs 60] [--bc-dagger 0] [--plans-cache DIR]
+        [--torch-threads N] [--quick]
 
 Needs the demo's ``oracle/model.npz``, ``transitions/table.npy`` and (for the table agent)
 ``models/default/model.zip`` under ``--results``, and the demo's planted ground truth. Settings:
@@ -13,9 +14,10 @@ Tasks: the evaluation protocol's (every test cell x every other cell type; ``--n
 cells, evenly spread, for a shorter run). Persistent mode (:mod:`cellrl.persistent`): ``exact`` (every set of up
 to ``--max-genes`` genes in every order: the ground truth), ``beam`` (width ``--beam-width``), ``greedy``
 (one-step best cosine gain), ``agent`` (MaskablePPO trained in persistent mode with the demo's train settings,
-``--agent-steps`` env steps: from scratch, or with ``--warm-start exact`` after behaviour cloning of exact plans
-from ``--bc-starts`` TRAINING cells per type (:mod:`cellrl.persistent.warmstart`; ``agent_bc_only`` scores the
-cloned policy before PPO), PPO then at learning_rate x warm_start_ppo_lr_scale). ``--next-cell`` overrides
+``--agent-steps`` env steps, default the ``total_timesteps`` of config/examples/demo_persistent.yaml's run: from scratch, or with
+``--warm-start exact`` after behaviour cloning of exact plans from ``--bc-starts`` TRAINING cells per type (default
+``train.warm_start_starts_per_type``; :mod:`cellrl.persistent.warmstart`; ``--plans-cache`` keeps their exact plans
+between runs; ``agent_bc_only`` scores the cloned policy before PPO), PPO then at learning_rate x warm_start_ppo_lr_scale). ``--next-cell`` overrides
 ``transitions.next_cell`` for the persistent engine (the table results keep theirs). Table mode
 (:func:`cellrl.evaluate.evaluate`): ``bfs``, ``greedy`` and the pipeline's trained agent.
 
@@ -32,8 +34,10 @@ benchmarks/results/persistent_demo.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -50,22 +54,29 @@ from cellrl.bfs import eval_allowed_mask  # noqa: E402
 from cellrl.config import dataset_config, load_config  # noqa: E402
 from cellrl.env import EnvParams  # noqa: E402
 from cellrl.evaluate import action_table, agent_chooser, eval_tasks, evaluate  # noqa: E402
-from cellrl.io import write_json  # noqa: E402
+from cellrl.io import sha256_file, write_json  # noqa: E402
 from cellrl.persistent.engine import PersistentEngine  # noqa: E402
 from cellrl.persistent.env import VecPersistentEnv  # noqa: E402
 from cellrl.persistent.evaluate import (planted_agreement, plan_frame, score_plans, success_vs_exact,  # noqa: E402
                                         task_subset)
 from cellrl.persistent.search import SearchResult, beam, exact, greedy, rollout  # noqa: E402
-from cellrl.persistent.warmstart import STARTS_PER_TYPE, warm_start_persistent  # noqa: E402
+from cellrl.persistent.warmstart import (STARTS_PER_TYPE, training_plans, training_starts,  # noqa: E402
+                                        warm_start_persistent)
 from cellrl.tasks import TaskGeometry  # noqa: E402
 from cellrl.train import (build_agent, fit_curriculum, load_inputs, quiet_numerics, set_torch_threads,  # noqa: E402
                           train_config)
 from cellrl.warmstart import BC_EPOCHS, ppo_config  # noqa: E402
 
 
+OVERLAY = ROOT / "config" / "examples" / "demo_persistent.yaml"  # the pipeline's persistent run on the demo
+
+
 def demo_settings() -> dict[str, Any]:
-    """The demo's stage settings (config.yaml + datasets.demo.overrides)."""
-    s = dataset_config(load_config(), "demo")
+    """The settings of the pipeline's persistent run on the demo: config.yaml + datasets.demo.overrides + the
+    ``persistent`` run of config/examples/demo_persistent.yaml (its PPO budget, warm-start starts)."""
+    import yaml
+
+    s = dataset_config(load_config(extra=yaml.safe_load(OVERLAY.read_text())), "demo", "persistent")
     s["train"].update(device="cpu", wandb={"mode": "disabled"}, warm_start="none")
     return s
 
@@ -114,11 +125,13 @@ def planted_recipe_rollout(engine: PersistentEngine, geo: TaskGeometry, truth: d
 def train_persistent_agent(geo: TaskGeometry, engine: PersistentEngine, env_cfg: dict, train_cfg: dict,
                            steps: int, warm: str = "none", bc_starts: int = STARTS_PER_TYPE,
                            bc_epochs: int = BC_EPOCHS, threads: int | None = None,
-                           after_bc: Any = None, dagger_rounds: int = 0) -> tuple[Any, dict[str, Any]]:
+                           after_bc: Any = None, dagger_rounds: int = 0,
+                           plans: SearchResult | None = None) -> tuple[Any, dict[str, Any]]:
     """MaskablePPO (reference network, demo train settings) on the persistent env: from scratch (``warm``
     none), or after behaviour cloning of exact plans from ``bc_starts`` training cells per type (``warm`` exact,
     :mod:`cellrl.persistent.warmstart`; PPO then at learning_rate x warm_start_ppo_lr_scale, as in table mode).
-    ``after_bc(agent)`` is called between the two (to score the cloned policy)."""
+    ``after_bc(agent)`` is called between the two (to score the cloned policy); ``plans``: the training plans
+    already searched (:func:`cached_training_plans`)."""
     cfg = train_config({**train_cfg, "total_timesteps": int(steps), "warm_start": "none" if warm == "none" else "bfs"})
     threads = set_torch_threads(threads)
     params, warnings = fit_curriculum(EnvParams.from_config(env_cfg), geo.n_types, int(steps))
@@ -128,7 +141,8 @@ def train_persistent_agent(geo: TaskGeometry, engine: PersistentEngine, env_cfg:
     rec: dict[str, Any] = {"warm_start": {"method": "none"}}
     if warm == "exact":
         ws, _, _ = warm_start_persistent(agent, engine, geo, params, float(cfg["gamma"]), per_type=bc_starts,
-                                         epochs=bc_epochs, seed=int(cfg["seed"]), dagger_rounds=dagger_rounds)
+                                         epochs=bc_epochs, seed=int(cfg["seed"]), dagger_rounds=dagger_rounds,
+                                         plans=plans)
         rec["warm_start"] = {k: v for k, v in ws.items() if k != "loss_per_epoch"}
         rec["warm_start"]["loss_last"] = ws["loss_per_epoch"][-1] if ws["loss_per_epoch"] else None
         print("warm start", rec["warm_start"], flush=True)
@@ -145,6 +159,26 @@ def train_persistent_agent(geo: TaskGeometry, engine: PersistentEngine, env_cfg:
                    "warnings": warnings, "n_envs": int(cfg["n_envs"]), "learning_rate": agent.learning_rate}
 
 
+def cached_training_plans(cache_dir: Path, model_path: Path, engine: PersistentEngine, geo: TaskGeometry,
+                          settings: dict[str, Any], per_type: int, max_genes: int,
+                          max_steps: int) -> tuple[SearchResult, str]:
+    """The warm start's exact plans (:func:`cellrl.persistent.warmstart.training_plans`, the expensive part),
+    kept in ``cache_dir`` under a key of everything they depend on (the oracle model's bytes, the env and
+    transitions settings, starts per type, set size, steps), so reruns and probes search once. Returns the
+    plans and ``computed`` or ``cache``."""
+    key = hashlib.sha256(json.dumps({"model": sha256_file(model_path), "env": settings["env"],
+                                     "transitions": settings["transitions"], "per_type": int(per_type),
+                                     "max_genes": int(max_genes), "max_steps": int(max_steps)},
+                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"persistent_plans_{per_type}_{key}.pkl"
+    if path.exists():
+        return pickle.loads(path.read_bytes()), "cache"
+    plans = training_plans(engine, geo, training_starts(geo, per_type), max_genes, max_steps)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(plans))
+    return plans, "computed"
+
+
 def machine() -> dict[str, Any]:
     """benchmarks/env_throughput.py's machine record (CPU model, ISA, cores, versions; 1 thread) + load average."""
     from env_throughput import machine_info
@@ -159,13 +193,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--n-starts", type=int, default=None, help="test cells to use (default: all)")
     ap.add_argument("--beam-width", type=int, default=8)
     ap.add_argument("--max-genes", type=int, default=None, help="exact search's set size (default env.max_set_size)")
-    ap.add_argument("--agent-steps", type=int, default=None, help="default: the demo's train.total_timesteps")
+    ap.add_argument("--agent-steps", type=int, default=None, help="default: total_timesteps of the persistent run in config/examples/demo_persistent.yaml")
     ap.add_argument("--next-cell", default=None, help="transitions.next_cell of the persistent engine "
                     "(default: the demo's, pca_direction)")
     ap.add_argument("--warm-start", choices=("none", "exact"), default="none",
                     help="exact: behaviour cloning of exact plans from training cells before PPO")
-    ap.add_argument("--bc-starts", type=int, default=STARTS_PER_TYPE, help="training start cells per type")
-    ap.add_argument("--bc-epochs", type=int, default=BC_EPOCHS)
+    ap.add_argument("--bc-starts", type=int, default=None,
+                    help="training start cells per type (default: train.warm_start_starts_per_type)")
+    ap.add_argument("--bc-epochs", type=int, default=None, help="default: train.warm_start_epochs")
+    ap.add_argument("--plans-cache", default=None, help="folder keeping the warm start's exact training plans "
+                    "(searched once per settings; default: none, search every run)")
     ap.add_argument("--bc-dagger", type=int, default=0, help="DAgger rounds after cloning (exact labels)")
     ap.add_argument("--torch-threads", type=int, default=None)
     ap.add_argument("--no-table", action="store_true", help="skip the table-mode evaluation")
@@ -174,6 +211,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     res_dir = Path(args.results)
     s = demo_settings()
+    args.bc_starts = int(args.bc_starts or s["train"].get("warm_start_starts_per_type", STARTS_PER_TYPE))
+    args.bc_epochs = int(args.bc_epochs or s["train"].get("warm_start_epochs", BC_EPOCHS))
     if args.next_cell:
         s["transitions"]["next_cell"] = args.next_cell
     truth = json.loads(Path(args.truth).read_text())
@@ -233,9 +272,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if steps > 0 or args.warm_start != "none":
         after_bc = (lambda ag: score_agent(ag, "agent_bc_only")) if args.warm_start != "none" else None
+        plans, plans_from = None, None
+        if args.warm_start == "exact" and args.plans_cache:
+            plans, plans_from = cached_training_plans(Path(args.plans_cache), res_dir / "oracle" / "model.npz", engine,
+                                                      geo, s, args.bc_starts, params.max_set_size, max_steps)
         agent, train_rec = train_persistent_agent(geo, engine, s["env"], s["train"], steps, args.warm_start,
                                                   args.bc_starts, args.bc_epochs, args.torch_threads, after_bc,
-                                                  args.bc_dagger)
+                                                  args.bc_dagger, plans)
+        if plans_from:  # exact_seconds is then the search time of the run that filled the cache
+            train_rec["warm_start"]["plans_from"] = plans_from
         if "after_bc" in train_rec:
             out["persistent"]["agent_bc_only"] = train_rec.pop("after_bc")
         log("agent trained", train_rec)

@@ -64,7 +64,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "checkpoint_every": 100_000, "keep_checkpoints": 2, "eval_every": 20_000, "eval_episodes": 200,
     "device": "auto", "seed": 77, "use_hpo": False, "warm_start": "bfs", "warm_start_epochs": 60,
     "warm_start_ppo_lr_scale": 0.03, "warm_start_dagger_rounds": 2,
-    "warm_start_dagger_episodes": 2000, "warm_start_starts_per_type": 10,
+    "warm_start_dagger_episodes": 2000, "warm_start_starts_per_type": 20,
     "wandb": {"mode": "offline", "project": "cellrl"},
 }
 

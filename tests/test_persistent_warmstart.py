@@ -84,9 +84,11 @@ def test_train_agent_exact_warm_start_in_persistent_mode(problem, tmp_path):
     ws = summary["warm_start"]
     assert ws["method"] == "exact" and ws["samples"] > 0 and ws["start_cells"] == 2 * geo.n_types
     assert agent.learning_rate == pytest.approx(1e-3 * 0.03)
-    agent, summary = train_agent(geo, dummy, env, dict(train, warm_start="bfs"), out_dir=tmp_path / "b",
-                                 progress=False, engine=eng)
+    assert summary["timesteps"] == 32
+    agent, summary = train_agent(geo, dummy, env, dict(train, warm_start="bfs", total_timesteps=64),
+                                 out_dir=tmp_path / "b", progress=False, engine=eng)
     assert not summary["warm_start"] and agent.learning_rate == pytest.approx(1e-3)
+    assert summary["timesteps"] == 64
     with pytest.raises(InputError, match="persistent mode only"):
         train_agent(geo, dummy, {"max_steps": 6}, train, out_dir=None, progress=False)
 
@@ -110,3 +112,29 @@ def test_dagger_labels_the_policys_own_states_on_training_cells(problem):
     rec, data2, _ = warm_start_persistent(agent, eng, geo, params, 0.98, per_type=3, epochs=3, dagger_rounds=1,
                                           plans=plans)
     assert rec["env_steps"] > 0 and len(data2) == len(data) + rec["dagger_rounds"][0]["new_samples"]
+
+
+def test_benchmark_plan_cache_searches_once_per_settings(problem, tmp_path, monkeypatch):
+    """benchmarks/persistent_demo.py --plans-cache: the warm start's exact plans are searched once per settings
+    and read back equal; other settings (starts per type) get their own entry."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "persistent_demo", Path(__file__).resolve().parent.parent / "benchmarks" / "persistent_demo.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    m, eng, geo, params = problem
+    model_file = tmp_path / "model.npz"
+    model_file.write_bytes(b"model")
+    settings = {"env": {"max_set_size": 2}, "transitions": {"next_cell": "pca_direction"}}
+    steps = params.eval_max_steps(geo.n_types)
+    p1, how1 = bench.cached_training_plans(tmp_path / "c", model_file, eng, geo, settings, 2, 2, steps)
+    monkeypatch.setattr(bench, "training_plans", lambda *a, **k: pytest.fail("searched again"))
+    p2, how2 = bench.cached_training_plans(tmp_path / "c", model_file, eng, geo, settings, 2, 2, steps)
+    assert (how1, how2) == ("computed", "cache")
+    assert (p1.starts == p2.starts).all() and p1.plans == p2.plans and (p1.success == p2.success).all()
+    assert (p1.starts == np.repeat(training_starts(geo, 2), geo.n_types - 1)).all()
+    with pytest.raises(pytest.fail.Exception, match="searched again"):
+        bench.cached_training_plans(tmp_path / "c", model_file, eng, geo, settings, 3, 2, steps)
+    assert len(list((tmp_path / "c").iterdir())) == 1

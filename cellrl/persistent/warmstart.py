@@ -43,7 +43,7 @@ from .env import Engine, PersistentBatch, applied_obs, hold_action
 from .search import SearchResult, exact
 
 #: Training start cells per cell type (default).
-STARTS_PER_TYPE = 10
+STARTS_PER_TYPE = 20
 
 
 def training_starts(geo: TaskGeometry, per_type: int) -> np.ndarray:
