@@ -84,12 +84,18 @@ def planted_agreement(truth: Mapping[str, Any], frame: pd.DataFrame, geo: TaskGe
                       for p in gt["pairs"]]}
 
 
+def plan_genes(plan: list[int], n_gene_actions: int) -> list[int]:
+    """The gene of each gene action of a plan, in order (KO ``r`` and OE ``R + r`` are gene ``r``; actions >=
+    ``n_gene_actions`` are HOLD and dropped)."""
+    return [a % (n_gene_actions // 2) for a in plan if a < n_gene_actions]
+
+
 def method_stats(frame: pd.DataFrame, n_genes_actions: int) -> dict[str, Any]:
     """Success, plan lengths (steps), set sizes (distinct genes; actions >= ``n_genes_actions`` are HOLD) and
     the plans that use a gene twice (KO/OE of one gene or one action repeated)."""
     ok = frame.success.to_numpy()
     ln = frame.length.to_numpy()
-    genes = [[a % (n_genes_actions // 2) for a in p if a < n_genes_actions] for p in frame.actions]
+    genes = [plan_genes(p, n_genes_actions) for p in frame.actions]
     size = np.array([len(set(g)) for g in genes])
     return {"success": float(ok.mean()),
             "mean_success_length": float(ln[ok].mean()) if ok.any() else None,
@@ -189,7 +195,7 @@ def evaluate_persistent(model: Any, table: np.ndarray, agent: Any | None, env: M
         if name != "exact":
             m["success_vs_exact"] = success_vs_exact(m, methods["exact"])
     ep = pd.concat(frames, ignore_index=True)
-    ep["set_size"] = [len({a % (hold // 2) for a in p if a < hold}) for p in ep.actions]
+    ep["set_size"] = [len(set(plan_genes(p, hold))) for p in ep.actions]
 
     summary: dict[str, Any] = {
         "perturbation_model": "persistent",
