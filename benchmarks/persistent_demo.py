@@ -57,9 +57,9 @@ from cellrl.evaluate import action_table, agent_chooser, eval_tasks, evaluate  #
 from cellrl.io import sha256_file, write_json  # noqa: E402
 from cellrl.persistent.engine import PersistentEngine  # noqa: E402
 from cellrl.persistent.env import VecPersistentEnv  # noqa: E402
-from cellrl.persistent.evaluate import (planted_agreement, plan_frame, score_plans, success_vs_exact,  # noqa: E402
-                                        task_subset)
-from cellrl.persistent.search import SearchResult, beam, exact, greedy, rollout  # noqa: E402
+from cellrl.persistent.evaluate import (planted_agreement, plan_frame, score_plans, search_runs,  # noqa: E402
+                                        success_vs_exact, task_subset)
+from cellrl.persistent.search import SearchResult, rollout  # noqa: E402
 from cellrl.persistent.warmstart import (STARTS_PER_TYPE, training_plans, training_starts,  # noqa: E402
                                         warm_start_persistent)
 from cellrl.tasks import TaskGeometry  # noqa: E402
@@ -241,13 +241,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     engine = PersistentEngine.from_model(model, s["transitions"])
     out["engine_build_s"] = round(time.perf_counter() - t0, 2)
-    runs: list[tuple[str, Any]] = [
-        ("exact", lambda: exact(engine, geo, starts[sub], targets[sub], args.max_genes, max_steps)),
-        (f"beam{args.beam_width}", lambda: beam(engine, geo, starts, targets, args.beam_width, max_steps,
-                                                params.max_set_size)),
-        ("greedy", lambda: greedy(engine, geo, starts, targets, max_steps, params.max_set_size)),
-    ]
-    for name, fn in runs:
+    for name, fn in search_runs(engine, geo, starts, targets, sub, args.max_genes, args.beam_width, max_steps,
+                                params.max_set_size):
         r: SearchResult = fn()
         log(name, f"{r.wall_s:.1f} s, {r.engine_rows} engine rows")
         f = plan_frame(name, r.starts, r.targets, r.success, r.plans, geo)

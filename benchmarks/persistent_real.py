@@ -47,8 +47,7 @@ from cellrl.config import dataset_config, load_config  # noqa: E402
 from cellrl.env import EnvParams  # noqa: E402
 from cellrl.evaluate import action_table, eval_tasks, evaluate, recipe_check  # noqa: E402
 from cellrl.persistent.engine import PersistentEngine  # noqa: E402
-from cellrl.persistent.evaluate import method_stats, plan_frame, task_subset  # noqa: E402
-from cellrl.persistent.search import beam, exact, greedy  # noqa: E402
+from cellrl.persistent.evaluate import method_stats, plan_frame, search_runs, task_subset  # noqa: E402
 from cellrl.recipes import read_recipes  # noqa: E402
 from cellrl.tasks import TaskGeometry  # noqa: E402
 from cellrl.train import load_inputs  # noqa: E402
@@ -146,9 +145,8 @@ def run_dataset(name: str, root: Path, n_starts: int, beam_width: int, max_genes
     out["engine_build_s"] = round(time.perf_counter() - t0, 2)
     if engine.n_actions != table.shape[1]:
         raise RuntimeError(f"engine has {engine.n_actions} actions, table {table.shape[1]}")
-    for meth, fn in (("exact", lambda: exact(engine, geo, S, T, max_genes, max_steps)),
-                     (f"beam{beam_width}", lambda: beam(engine, geo, S, T, beam_width, max_steps, max_genes)),
-                     ("greedy", lambda: greedy(engine, geo, S, T, max_steps, max_genes))):
+    for meth, fn in search_runs(engine, geo, S, T, np.ones(len(S), bool), max_genes, beam_width, max_steps,
+                                max_genes):
         r = fn()
         record(f"persistent_{meth}", plan_frame(meth, r.starts, r.targets, r.success, r.plans, geo),
                engine.n_actions, {"wall_s": round(r.wall_s, 2), "engine_rows": int(r.engine_rows)})

@@ -127,6 +127,18 @@ def score_plans(frame: pd.DataFrame, exact_mask: np.ndarray, n_gene_actions: int
     return res
 
 
+def search_runs(engine: Any, geo: TaskGeometry, starts: np.ndarray, targets: np.ndarray, exact_mask: np.ndarray,
+                max_genes: int, beam_width: int, max_steps: int, max_set_size: int
+                ) -> list[tuple[str, Callable[[], Any]]]:
+    """The search baselines as (name, run) pairs, run on demand (:mod:`cellrl.persistent.search`): ``exact`` over
+    sets of <= ``max_genes`` genes on the ``exact_mask`` tasks, ``beam<width>`` and ``greedy`` on every task."""
+    from .search import beam, exact, greedy
+
+    return [("exact", lambda: exact(engine, geo, starts[exact_mask], targets[exact_mask], max_genes, max_steps)),
+            (f"beam{beam_width}", lambda: beam(engine, geo, starts, targets, beam_width, max_steps, max_set_size)),
+            ("greedy", lambda: greedy(engine, geo, starts, targets, max_steps, max_set_size))]
+
+
 def success_vs_exact(scores: Mapping[str, Any], exact_scores: Mapping[str, Any]) -> float | None:
     """A method's success on the exact-search tasks over exact search's (None when exact solves none)."""
     ex = exact_scores["exact_tasks"]["success"]
@@ -150,7 +162,7 @@ def evaluate_persistent(model: Any, table: np.ndarray, agent: Any | None, env: M
     from ..env import EnvParams
     from ..evaluate import action_table, agent_chooser, eval_tasks, recipe_check, training_summary
     from ..train import persistent_engine
-    from .search import beam, exact, greedy, rollout
+    from .search import rollout
 
     params = EnvParams.from_config(env)
     if params.perturbation_model != "persistent":
@@ -176,10 +188,7 @@ def evaluate_persistent(model: Any, table: np.ndarray, agent: Any | None, env: M
     if agent is not None:
         runs.append(("agent", lambda: rollout(geo, engine, params, starts, targets,
                                               agent_chooser(agent, deterministic), max_steps=max_steps, seed=seed)))
-    runs += [("exact", lambda: exact(engine, geo, starts[sub], targets[sub], max_genes, max_steps)),
-             (f"beam{beam_width}", lambda: beam(engine, geo, starts, targets, beam_width, max_steps,
-                                                params.max_set_size)),
-             ("greedy", lambda: greedy(engine, geo, starts, targets, max_steps, params.max_set_size))]
+    runs += search_runs(engine, geo, starts, targets, sub, max_genes, beam_width, max_steps, params.max_set_size)
     methods: dict[str, dict[str, Any]] = {}
     frames = []
     for name, fn in runs:
