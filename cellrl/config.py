@@ -103,6 +103,24 @@ def validate_config(cfg: Mapping[str, Any], source: str | Path = "config",
         head = ", ".join(blamed) if blamed else str(source)
         raise ConfigError(f"{head}: invalid configuration (see config/schema.yaml and config/README.md):\n"
                           + "\n".join(lines))
+    lines = combination_problems(cfg)
+    if lines:
+        raise ConfigError(f"{source}: invalid combination of settings (see config/README.md):\n" + "\n".join(lines))
+
+
+def combination_problems(cfg: Mapping[str, Any]) -> list[str]:
+    """Settings the schema accepts one by one but not together, per dataset and run (after overrides): the HPO
+    study tunes table-mode agents only, so a persistent run cannot take its parameters."""
+    out = []
+    for d in sorted(cfg.get("datasets") or {}):
+        for r in sorted(cfg.get("runs") or {}):
+            s = dataset_config(cfg, d, r)
+            if s.get("train", {}).get("use_hpo") and s.get("env", {}).get("perturbation_model") == "persistent":
+                out.append(f"  dataset {d!r}, run {r!r}: train.use_hpo: true with env.perturbation_model: "
+                           "persistent; the HPO study (cellrl.hpo) tunes table-mode agents, whose parameters do not "
+                           "carry over to sets simulated on the fly. Fix: set train.use_hpo: false in that run's "
+                           "overrides (runs.<run>.overrides.train) or use the table model for it")
+    return out
 
 
 def config_layers(base: str | Path, overlays: Sequence[str | Path] = (),

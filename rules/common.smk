@@ -99,6 +99,15 @@ def regulator_list(wildcards):
     return [path] if path else []
 
 
+def bfs_input(wildcards):
+    """Rule evaluate's BFS optimum and its checksum: table runs only (a persistent run is scored against exact
+    search over sets, so it neither needs nor waits for the BFS table)."""
+    if dataset_config(config, wildcards.dataset, wildcards.run)["env"]["perturbation_model"] == "persistent":
+        return {}
+    return {"bfs": f"results/{wildcards.dataset}/benchmark/bfs.parquet",
+            "bfs_stats": f"results/{wildcards.dataset}/benchmark/bfs_stats.json"}
+
+
 def recipes_input(wildcards):
     """Rule evaluate's recipe table (datasets.<name>.recipes), when the dataset sets one."""
     path = config["datasets"][wildcards.dataset].get("recipes")

@@ -1,6 +1,7 @@
 rule evaluate:
     """Test protocol: trained agent vs greedy, random and BFS optimum; episodes, summary and plots."""
     input:
+        unpack(bfs_input),  # table runs only
         model="results/{dataset}/oracle/model.npz",
         table="results/{dataset}/transitions/table.npy",
         actions="results/{dataset}/transitions/actions.tsv",
@@ -8,8 +9,6 @@ rule evaluate:
         agent="results/{dataset}/models/{run}/model.zip",
         train_summary="results/{dataset}/models/{run}/train_summary.json",
         progress="results/{dataset}/models/{run}/progress.csv",
-        bfs="results/{dataset}/benchmark/bfs.parquet",
-        bfs_stats="results/{dataset}/benchmark/bfs_stats.json",
         truth=truth_input,
         recipes=recipes_input,
     output:

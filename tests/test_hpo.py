@@ -132,6 +132,19 @@ def test_config_search_space_is_validated():
         H.search_space({"search_space": {"gamma": {"low": 0.99, "high": 0.9}}})
 
 
+def test_persistent_run_with_hpo_is_refused_naming_dataset_run_and_fix():
+    """The study tunes table-mode agents: a persistent run with use_hpo is refused at load, whether the run or
+    the dataset sets the perturbation model; each alone loads."""
+    per = {"env": {"perturbation_model": "persistent"}}
+    hpo = {"train": {"use_hpo": True}}
+    with pytest.raises(ConfigError, match=r"dataset 'demo', run 'p': train.use_hpo: true .*Fix: set train.use_hpo"):
+        load_config(extra={"runs": {"p": {"overrides": {**per, **hpo}}}})
+    with pytest.raises(ConfigError, match="run 'default'"):
+        load_config(extra={"datasets": {"demo": {"overrides": per}}, "train": {"use_hpo": True}})
+    load_config(extra={"runs": {"p": {"overrides": per}}, "train": {"use_hpo": False}})
+    load_config(extra={"runs": {"p": {"overrides": hpo}}})
+
+
 # ------------------------------------------------------------------------------------------------ studies
 def test_pruning_stops_trials_in_the_bad_region(inputs, tmp_path):
     """Half the log-range of learning rates is absurdly small (no learning in 1K steps): the median pruner

@@ -323,3 +323,8 @@ def test_persistent_run_trains_and_evaluates(run):
     assert s["methods"]["exact"]["exact_tasks"]["success"] >= s["methods"]["agent"]["exact_tasks"]["success"]
     assert s["ground_truth"]["available"] and "agree" in s["methods"]["exact"]["exact_tasks"]["recipe"]
     assert (res / "benchmark" / "default" / "summary.json").stat().st_mtime_ns == before
+    # the persistent run's evaluate neither needs nor waits for the BFS table; the table run's does
+    for target, wants_bfs in (("persistent", False), ("default", True)):
+        dry = snakemake(run.workdir, "-n", f"results/demo/benchmark/{target}/summary.json", "--forcerun", "bfs",
+                        "--cores", "1", "--configfile", str(path))
+        assert ("rule bfs:" in dry.stdout + dry.stderr) is wants_bfs, target

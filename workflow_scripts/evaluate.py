@@ -5,7 +5,7 @@ from cellrl.smk import log_to
 
 with log_to(snakemake.log[0]):
     evaluate_files(model=snakemake.input.model, table=snakemake.input.table, actions=snakemake.input.actions,
-                   agent=snakemake.input.agent, progress=snakemake.input.progress, bfs=snakemake.input.bfs,
+                   agent=snakemake.input.agent, progress=snakemake.input.progress, bfs=snakemake.input.get("bfs"),
                    truth=snakemake.input.truth[0] if snakemake.input.truth else None,
                    episodes_out=snakemake.output.episodes, summary_out=snakemake.output.summary,
                    plots_dir=snakemake.output.plots, transition_stats=snakemake.input.transition_stats,
