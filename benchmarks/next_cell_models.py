@@ -12,13 +12,18 @@ share of test cells that reach the target type) and the self-transition fraction
         [--configfile config/examples/mesc.yaml] [--threads 2]
         [--pipeline-summary results/demo/benchmark/default/summary.json]
 
-Needs results/{dataset}/oracle/model.npz (the pipeline's fit_oracle output). Writes the dataset's entry of
-benchmarks/results/next_cell_models.json (other datasets' entries are kept).
+Needs results/{dataset}/oracle/model.npz (the pipeline's fit_oracle output). ``--oe-value`` (default: the
+dataset's ``oracle.oe_value``): where the model was written with another rule, its overexpression values are
+recomputed from its imputed expression with :func:`cellrl.oracle.oe_values` (what fit_oracle writes with that
+setting; nothing else in model.npz depends on it). Writes the dataset's entry of
+benchmarks/results/next_cell_models.json (``<dataset>@oe_<value>`` when not the configured rule; other entries
+are kept).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -31,6 +36,7 @@ import numpy as np
 from cellrl.config import dataset_config, load_config
 from cellrl.evaluate import action_table, evaluate
 from cellrl.model import load_model
+from cellrl.oracle import oe_values
 from cellrl.transitions import NEXT_CELL_MODELS, compute_table
 
 HERE = Path(__file__).resolve().parent
@@ -95,6 +101,7 @@ def main() -> None:
     ap.add_argument("--configfile", default=None, help="overlay YAML (e.g. config/examples/mesc.yaml)")
     ap.add_argument("--models", default=",".join(NEXT_CELL_MODELS))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--oe-value", default=None, help="oracle.oe_value to measure (default: the dataset's)")
     ap.add_argument("--out", default=str(HERE / "results" / "next_cell_models.json"))
     ap.add_argument("--pipeline-summary", default=None,
                     help="the evaluate rule's summary.json of a pipeline run with the configured next_cell (trained "
@@ -109,6 +116,13 @@ def main() -> None:
     cfg = load_config(ROOT / "config" / "config.yaml", extra)
     dcfg = dataset_config(cfg, a.dataset, "default")
     model = load_model(ROOT / "results" / a.dataset / "oracle" / "model.npz")
+    configured = dcfg["oracle"].get("oe_value", "reference")
+    oe_value = a.oe_value or configured
+    written = model.meta.get("oe_value", "reference")  # models written before oracle.oe_value: the reference rule
+    if oe_value != written:
+        o = dcfg["oracle"]
+        model = dataclasses.replace(model, oe_values=oe_values(model.X[:, model.regulator_idx], o["oe_sd"],
+                                                               o["oe_iqr"], oe_value))
     truth_path = ROOT / "resources" / "demo" / "ground_truth.json"
     demo = str(cfg["datasets"][a.dataset]["rna"]["path"]).startswith("resources/demo/")
     truth = json.loads(truth_path.read_text()) if demo and truth_path.exists() else None
@@ -134,11 +148,13 @@ def main() -> None:
                 **{k: gt.get(k) for k in ("agent_agreement", "agent_pairs_agree", "bfs_agreement", "mean_planted_rank")}}
     out = Path(a.out)
     record = json.loads(out.read_text()) if out.exists() else {}
-    record[a.dataset] = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu_model": cpu_model(),
-                         "cores": len(os.sched_getaffinity(0)), "threads": a.threads,
-                         "note": "shared machine (timings distorted by other jobs)",
-                         "transitions": {k: v for k, v in base.items() if k != "next_cell"},
-                         "n_cells": model.n_cells, "n_actions": model.n_actions, "models": rows}
+    key = a.dataset if oe_value == configured else f"{a.dataset}@oe_{oe_value}"
+    record[key] = {"oe_value": oe_value, "oe_values_recomputed": oe_value != written,
+                   "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu_model": cpu_model(),
+                   "cores": len(os.sched_getaffinity(0)), "threads": a.threads,
+                   "note": "shared machine (timings distorted by other jobs)",
+                   "transitions": {k: v for k, v in base.items() if k != "next_cell"},
+                   "n_cells": model.n_cells, "n_actions": model.n_actions, "models": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {out}")

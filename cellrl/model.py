@@ -17,7 +17,7 @@ coef_data_{k}, coef_indices_{k}, coef_indptr_{k}
 regulators            (R,) str               active regulators (non-zero outgoing coefs in some cluster)
 regulator_idx         (R,) int64             their gene indices
 ko_values             (R,) f64               knockout value (0)
-oe_values             (R,) f64               overexpression value (mean + oe_sd*SD after IQR cut, >= 0)
+oe_values             (R,) f64               overexpression value (oracle.oe_value: max, or mean + oe_sd*SD after IQR cut; >= 0)
 split                 (cells,) str           train | val | test
 meta                  () str                 JSON: parameters used, dataset name, versions
 ====================  =====================  ==================================================================

@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .grn import load_tf_targets, read_tf_list, restrict_regulators, to_celloracle_tfdict
 from .io import sha256_file, write_atomic, write_json, write_table
 from .model import SPLITS, OracleModel
@@ -63,10 +63,20 @@ def _dense(a: Any) -> np.ndarray:
     return np.asarray(a.toarray() if sp.issparse(a) else a, dtype=np.float64)
 
 
-def oe_values(X: np.ndarray, sd: float = 1.5, iqr: float = 3.0) -> np.ndarray:
-    """Overexpression value per column of ``X``: mean + ``sd`` x SD (ddof 1) of the values inside
-    [Q1 - ``iqr`` x IQR, Q3 + ``iqr`` x IQR], floored at 0."""
+#: ``oracle.oe_value`` choices: the gene's maximum imputed expression (default), or the reference system's rule.
+OE_VALUES = ("max", "reference")
+
+
+def oe_values(X: np.ndarray, sd: float = 1.5, iqr: float = 3.0, method: str = "reference") -> np.ndarray:
+    """Overexpression value per column of ``X``. ``reference``: mean + ``sd`` x SD (ddof 1) of the values inside
+    [Q1 - ``iqr`` x IQR, Q3 + ``iqr`` x IQR], floored at 0; ``max``: the column's maximum (floored at 0), so
+    overexpressing a TF never sets it below the level of the cells that express it most (the reference rule
+    can: a TF on in one cell type out of six falls outside the IQR cut, README "Overexpression value")."""
     X = np.asarray(X, dtype=np.float64)
+    if method == "max":
+        return np.maximum(X.max(axis=0), 0.0) if X.shape[0] else np.zeros(X.shape[1])
+    if method != "reference":
+        raise ConfigError(f"oracle.oe_value must be one of {OE_VALUES}, got {method!r}")
     out = np.empty(X.shape[1])
     q1, q3 = np.percentile(X, [25, 75], axis=0)
     width = q3 - q1
@@ -224,12 +234,13 @@ def cluster_progress(bar: Progress) -> Iterator[int]:
 # conversion
 # ---------------------------------------------------------------------------------------------------------------
 def model_from_oracle(oracle: Any, split: Any, oe_sd: float = 1.5, oe_iqr: float = 3.0,
-                      meta: Mapping[str, Any] | None = None) -> OracleModel:
+                      meta: Mapping[str, Any] | None = None, oe_value: str = "max") -> OracleModel:
     """Portable :class:`OracleModel` from a fitted CellOracle ``Oracle`` (after ``fit_GRN_for_simulation``).
 
     ``split`` is an array aligned to ``oracle.adata.obs_names``, a Series indexed by cell, or the
     ``split.tsv`` frame. Coefficient matrices are re-indexed to the gene order of ``oracle.adata`` and kept
-    exactly (row = regulator, column = target), stored sparse.
+    exactly (row = regulator, column = target), stored sparse. Overexpression values: :func:`oe_values` with
+    ``oe_value`` (``oe_sd``/``oe_iqr`` for the reference rule).
     """
     ad = oracle.adata
     genes = ad.var_names.astype(str).to_numpy()
@@ -251,9 +262,9 @@ def model_from_oracle(oracle: Any, split: Any, oe_sd: float = 1.5, oe_iqr: float
         X=X, embedding=np.asarray(oracle.embedding, dtype=np.float64), cell_names=cells, gene_names=genes,
         cell_types=types, cluster_names=cluster_names, cluster_ids=cluster_ids, coefs=coefs, regulators=regs,
         regulator_idx=reg_idx, ko_values=np.zeros(len(regs)),
-        oe_values=oe_values(X[:, reg_idx], oe_sd, oe_iqr) if len(regs) else np.zeros(0),
+        oe_values=oe_values(X[:, reg_idx], oe_sd, oe_iqr, oe_value) if len(regs) else np.zeros(0),
         split=_split_array(split, cells),
-        meta=dict(meta or {}) | {"oe_sd": oe_sd, "oe_iqr": oe_iqr,
+        meta=dict(meta or {}) | {"oe_value": oe_value, "oe_sd": oe_sd, "oe_iqr": oe_iqr,
                                  "embedding_dtype": str(np.asarray(oracle.embedding).dtype)},
     )
     model.validate("model_from_oracle")
@@ -410,7 +421,7 @@ def finish_oracle(oracle: Any, links: Any, info: Mapping[str, Any], split: Any, 
                   knn_k_fraction: float = 0.025, alpha: float = 10, bagging_number: int = 20,
                   p_cutoff: float = 0.001, top_n_links: int = 2000, embedding: str = "X_umap", oe_sd: float = 1.5,
                   oe_iqr: float = 3.0, seed: int = 123, sources: tuple[object, object] = ("expression", "base GRN"),
-                  meta: Mapping[str, Any] | None = None, progress: bool = True,
+                  meta: Mapping[str, Any] | None = None, progress: bool = True, oe_value: str = "max",
                   **_: Any) -> tuple[Any, Any, OracleModel, dict[str, Any]]:
     """Steps 4b-5 of :func:`fit_oracle` on a prepared oracle and its unfiltered ``links``: ``filter_links``,
     the simulation GRN fit, the active-regulator check, conversion to :class:`OracleModel` and ``stats``."""
@@ -435,7 +446,7 @@ def finish_oracle(oracle: Any, links: Any, info: Mapping[str, Any], split: Any, 
                   alpha=alpha, bagging_number=bagging_number, p_cutoff=p_cutoff, top_n_links=top_n_links,
                   embedding=embedding, seed=seed, raw_count_scale=info["scale"], celloracle=co.__version__)
     t = time.time()
-    model = model_from_oracle(oracle, split, oe_sd=oe_sd, oe_iqr=oe_iqr,
+    model = model_from_oracle(oracle, split, oe_sd=oe_sd, oe_iqr=oe_iqr, oe_value=oe_value,
                               meta=dict(meta or {}) | {"oracle": params})
     timings["convert"] = time.time() - t
     timings["total"] = timings.get("total", 0.0) + time.time() - t_all
@@ -459,8 +470,8 @@ def finish_oracle(oracle: Any, links: Any, info: Mapping[str, Any], split: Any, 
 def fit_oracle(adata: Any, tf_targets: Mapping[str, Sequence[str]], split: Any, *, expression: str = "counts",
                n_pcs: int | None = None, knn_k_fraction: float = 0.025, alpha: float = 10,
                bagging_number: int = 20, p_cutoff: float = 0.001, top_n_links: int = 2000,
-               embedding: str = "X_umap", oe_sd: float = 1.5, oe_iqr: float = 3.0, seed: int = 123,
-               threads: int = 1, sources: tuple[object, object] = ("expression", "base GRN"),
+               embedding: str = "X_umap", oe_sd: float = 1.5, oe_iqr: float = 3.0, oe_value: str = "max",
+               seed: int = 123, threads: int = 1, sources: tuple[object, object] = ("expression", "base GRN"),
                meta: Mapping[str, Any] | None = None,
                progress: bool = True) -> tuple[Any, Any, OracleModel, dict[str, Any]]:
     """Fit CellOracle on a filtered AnnData (contract of ``rna/filtered.h5ad``) and a TF -> targets dict, in one
@@ -487,7 +498,8 @@ def fit_oracle(adata: Any, tf_targets: Mapping[str, Sequence[str]], split: Any, 
         info["timings"]["get_links"] = time.time() - t
     info["timings"]["total"] = time.time() - t_all
     return finish_oracle(oracle, links, info, split, alpha=alpha, bagging_number=bagging_number,
-                         p_cutoff=p_cutoff, top_n_links=top_n_links, oe_sd=oe_sd, oe_iqr=oe_iqr, **common)
+                         p_cutoff=p_cutoff, top_n_links=top_n_links, oe_sd=oe_sd, oe_iqr=oe_iqr,
+                         oe_value=oe_value, **common)
 
 
 def load_regulated_tf_targets(tf_targets_path: str | os.PathLike,

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from conftest import MM10_PROMOTER_GRN, fit_chain, shared_path
 
-from cellrl.errors import InputError
+from cellrl.errors import ConfigError, InputError
 from cellrl.io import sha256_file
 from cellrl.model import load_model
 from cellrl.oracle import (MAX_PSEUDO_MEAN, _pseudo_counts, check_overlap, choose_n_pcs, fit_oracle_files,
@@ -38,7 +38,9 @@ def _check_model_matches_oracle(fitted) -> None:
     np.fill_diagonal(out, 0)
     assert set(m.gene_names[out.sum(1) > 0]) == set(m.regulators)
     assert (m.ko_values == 0).all() and (m.oe_values >= 0).all()
-    np.testing.assert_allclose(m.oe_values, oe_values(m.X[:, m.regulator_idx], 1.5, 3.0))
+    # the configured overexpression value (default max: each regulator's highest imputed expression)
+    assert m.meta["oe_value"] == "max"
+    np.testing.assert_array_equal(m.oe_values, np.maximum(m.X[:, m.regulator_idx].max(axis=0), 0))
     assert set(np.unique(m.split)) <= {"train", "val", "test"}
     m.validate()
 
@@ -123,9 +125,10 @@ def test_demo_model_npz_roundtrip(demo_fitted, tmp_path):
 def test_model_from_oracle_split_forms(demo_fitted):
     o, m = demo_fitted.oracle, demo_fitted.model
     df = pd.DataFrame({"cell": m.cell_names[::-1], "split": m.split[::-1]})   # order does not matter
-    m2 = model_from_oracle(o, df, oe_sd=2.0, oe_iqr=1.5)
+    m2 = model_from_oracle(o, df, oe_sd=2.0, oe_iqr=1.5, oe_value="reference")
     np.testing.assert_array_equal(m2.split, m.split)
     np.testing.assert_allclose(m2.oe_values, oe_values(m.X[:, m.regulator_idx], 2.0, 1.5))
+    assert m2.meta["oe_value"] == "reference" and m2.meta["oe_sd"] == 2.0
     with pytest.raises(InputError, match="have no split"):
         model_from_oracle(o, df.iloc[1:])
 
@@ -139,6 +142,19 @@ def test_oe_values_rule():
     assert oe_values(x[:, None], 1.5, 3.0)[0] == pytest.approx(kept.mean() + 1.5 * kept.std(ddof=1))
     assert oe_values(np.zeros((5, 1)))[0] == 0.0
     assert oe_values(-np.ones((5, 1)))[0] == 0.0         # floored at 0
+    assert oe_values(x[:, None], method="max")[0] == 100.0 and oe_values(-np.ones((5, 1)), method="max")[0] == 0.0
+    with pytest.raises(ConfigError, match="oracle.oe_value"):
+        oe_values(x[:, None], method="mean")
+
+
+def test_reference_oe_value_sets_a_type_restricted_tf_below_its_own_type():
+    """A TF on (~2.0) in one cell type of six and off (~0.3) elsewhere: the reference rule's IQR cut drops the
+    whole 'on' type as outliers, so its 'overexpression' lies below that type's own level (a knock-down there);
+    max does not."""
+    rng = np.random.default_rng(0)
+    on = np.r_[rng.normal(2.0, 0.2, 100), rng.normal(0.3, 0.05, 500)].clip(0)[:, None]
+    ref, top = oe_values(on, 1.5, 3.0, "reference")[0], oe_values(on, method="max")[0]
+    assert ref < 0.6 < on[:100].mean() < top
 
 
 def test_choose_n_pcs_is_the_tutorial_elbow():

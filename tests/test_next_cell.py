@@ -10,7 +10,7 @@ from cellrl import transitions as T
 from cellrl.model import random_model
 from cellrl.transitions import next_cell as nc
 
-MODELS = ("pca", "pca_step", "pca_direction", "prob_max")
+MODELS = ("pca", "pca_step", "pca_direction", "pca_step_direction", "prob_max")
 SETTINGS = dict(n_propagation=3, n_neighbors=20, sampled_fraction=0.3, sigma_corr=0.05, knn_random=True, seed=0,
                 backend="numpy")
 
@@ -30,6 +30,9 @@ def _step(model: str, s: np.ndarray, k: int = 2, P: np.ndarray | None = None, nb
     sp_ = _space(k)
     cells = np.array([0])
     s = np.asarray(s, dtype=np.float64)[None]  # (1, A, 2)
+    if model == "pca_step_direction":
+        return nc.pca_step_direction(np, s, gain, sp_.scores, cells, sp_.candidates[cells], sp_.radius[cells],
+                                     sp_.half_gap[cells], sp_.tree)[0]
     if model == "pca_step":  # the engine's call: pca_nearest on the displacement times step_gain
         model, s = "pca", gain * s
     if model == "pca":
@@ -101,6 +104,18 @@ def test_pca_direction_known_answers():
     assert _step("pca_direction", s, k=3).tolist() == [0, 0, 1, 4, 4]
 
 
+def test_pca_step_direction_known_answers():
+    s = [[0.0, 0.0], [0.1, 0.0], [0.3, 0.0], [0.45, 0.02], [2.2, 0.0], [-1.0, 0.0], [0.02, 0.9]]
+    # pca_step where it moves (0.3 -> cell 1, 0.45 -> cell 2, 2.2 -> cell 3); where the gained step stays:
+    # zero and 0.1 (|s| < r/2 = 0.5) still stay; (-1, 0) points into the void behind cell 0 (pca_step stays) but
+    # |s| > r/2: the least misaligned candidate, as pca_direction (cell 4 at 90 degrees); (0.02, 0.9) -> (0.08,
+    # 3.6): nearest to cell 4 as pca_step
+    got = _step("pca_step_direction", s, k=3).tolist()
+    assert got == [0, 0, 1, 2, 3, 4, 4]
+    step, direction = _step("pca_step", s, k=3), _step("pca_direction", s, k=3)
+    assert got == np.where(step != 0, step, direction).tolist()
+
+
 def test_prob_max_known_answers():
     nbr = np.array([1, 3, 4])
     P = np.array([[0.2, 0.7, 0.1], [0.2, 0.7, 0.1], [1 / 3, 1 / 3, 1 / 3]])
@@ -137,16 +152,19 @@ def test_table_equals_dense_reference(model, which):
     disp = sim["delta"] @ ps.loadings  # (A, N, d)
     N = model.n_cells
     P = ps.scores
-    if which in ("pca", "pca_step"):  # nearest of all cells to p_i + g s (the cell itself included)
-        g = T.TransitionSettings().step_gain if which == "pca_step" else 1.0
+    gate = np.linalg.norm(disp, axis=2) > ps.half_gap[None]
+    D = P[ps.candidates] - P[:, None, :]
+    cos = np.einsum("and,nkd->ank", disp, D) / np.linalg.norm(D, axis=2)[None]
+    aligned = np.where(gate, ps.candidates[np.arange(N)[None], cos.argmax(axis=2)], np.arange(N)[None])
+    if which in ("pca", "pca_step", "pca_step_direction"):  # nearest of all cells to p_i + g s (i included)
+        g = T.TransitionSettings().step_gain if which != "pca" else 1.0
         d2 = ((P[None, :, None, :] + g * disp[:, :, None, :] - P[None, None, :, :]) ** 2).sum(axis=3)
         ref = d2.argmin(axis=2)
+        if which == "pca_step_direction":  # where the gained step stays: pca_direction's answer
+            ref = np.where(ref == np.arange(N)[None], aligned, ref)
     else:
-        gate = np.linalg.norm(disp, axis=2) > ps.half_gap[None]
         if which == "pca_direction":
-            D = P[ps.candidates] - P[:, None, :]
-            cos = np.einsum("and,nkd->ank", disp, D) / np.linalg.norm(D, axis=2)[None]
-            best = ps.candidates[np.arange(N)[None], cos.argmax(axis=2)]
+            best = aligned
         else:  # prob_max: P_ij is not exposed by the engine (its argmax is the hand-made case above); the gate
             best = table.T  # is checked here: every cell whose change is under r_i / 2 stays
         ref = np.where(gate, best, np.arange(N)[None])
@@ -187,7 +205,7 @@ def test_pca_space_matches_svd(shape):
     np.testing.assert_allclose(sp_.scores, Xc @ L, atol=1e-9)
 
 
-@pytest.mark.parametrize("which", ("pca", "pca_step", "pca_direction"))
+@pytest.mark.parametrize("which", ("pca", "pca_step", "pca_direction", "pca_step_direction"))
 def test_pca_models_skip_the_embedding_path_with_the_same_table(model, which, monkeypatch):
     """pca / pca_step / pca_direction read only the PCA displacement: the table runner samples no embedding
     neighbours and computes no correlation, probabilities or shift for them, and the table is the one the full

@@ -285,7 +285,7 @@ def test_sets_equal_celloracle_paul15(paul15_fitted):
     _check_against_celloracle(paul15_fitted)
 
 
-@pytest.mark.parametrize("next_cell", ["pca_direction", "pca", "pca_step", "prob_max"])
+@pytest.mark.parametrize("next_cell", ["pca_direction", "pca", "pca_step", "pca_step_direction", "prob_max"])
 def test_single_gene_sets_are_the_table_other_next_cell_models(small_model, next_cell):
     """With ``transitions.next_cell`` other than celloracle, a one-gene set's next cell is still the table's (the
     engine reuses cellrl.transitions.next_cell on the set's PCA displacement)."""
@@ -320,7 +320,7 @@ def test_sets_pca_direction_displacement_is_delta_times_loadings():
         assert (eng.step(cells, ap) == ref).all()
 
 
-@pytest.mark.parametrize("next_cell", ["pca_direction", "pca", "pca_step", "prob_max"])
+@pytest.mark.parametrize("next_cell", ["pca_direction", "pca", "pca_step", "pca_step_direction", "prob_max"])
 def test_rows_sharing_cells_equal_one_row_at_a_time(small_model, next_cell):
     """The PCA next-cell models pack the rows of one cell together (blocks of 64): many sets from a few cells in
     one batch give the next cells of one-row calls."""

@@ -33,7 +33,7 @@ at 0 is not pinned and propagates freely).
 3. ``P_ij = softmax_j(corr_ij / sigma_corr)``, ``shift_i = sum_j P_ij u_ij - mean_j u_ij``, next cell = nearest to
    ``E_i + shift_i`` (a stagnation when it is ``i``).
 4. Next-cell model (``transitions.next_cell``, as the table mode): ``celloracle`` is step 3; ``pca``,
-   ``pca_step``, ``pca_direction`` and ``prob_max`` call :mod:`cellrl.transitions.next_cell`'s functions on the
+   ``pca_step``, ``pca_direction``, ``pca_step_direction`` and ``prob_max`` call :mod:`cellrl.transitions.next_cell`'s functions on the
    set's PCA displacement ``s = delta L``, formed from the same parts as the numerator: ``Y L`` (one sparse x
    dense product) plus the pins' and clipped genes' corrections times their loadings rows (``L`` and the PCA
    space built by :func:`cellrl.transitions.next_cell.pca_space` exactly as the table runner builds it).
@@ -480,12 +480,13 @@ class PersistentEngine:
         return s
 
     def _next_cell_pca(self, cells: Any, Y: Any, clip: _Entries, pins: _Entries, P: Any) -> np.ndarray:
-        """(n,) next cells under ``transitions.next_cell`` pca / pca_step / pca_direction / prob_max: the functions of
+        """(n,) next cells under ``transitions.next_cell`` pca / pca_step / pca_direction / pca_step_direction /
+        prob_max: the functions of
         :mod:`cellrl.transitions.next_cell`, whose arrays are (cells, actions per cell, ...). Rows of one cell
         are packed along the actions axis (:func:`pack_by_cell`), so each cell's candidate offsets are
         gathered once per block rather than once per row (a search expands ~40 sets per cell and batch)."""
         xp, model = self.xp, self.next_cell_model
-        if model not in ("pca", "pca_step", "pca_direction", "prob_max"):
+        if model not in ("pca", "pca_step", "pca_direction", "pca_step_direction", "prob_max"):
             raise InputError(f"unknown transitions.next_cell {model!r}", field="transitions.next_cell")
         s = self._disp(Y, clip, pins)  # (n, d)
         cells_np = to_numpy(cells).astype(np.int64)
@@ -501,6 +502,9 @@ class PersistentEngine:
                 nxt = nc.pca_nearest(xp, disp, self.scores, ci, self.candidates[ci], self.radius[ci], self.pca.tree)
             elif model == "pca_direction":
                 nxt = nc.pca_direction(xp, sp_, self.scores, ci, self.candidates[ci], self.half_gap[ci])
+            elif model == "pca_step_direction":
+                nxt = nc.pca_step_direction(xp, sp_, self.settings.step_gain, self.scores, ci, self.candidates[ci],
+                                            self.radius[ci], self.half_gap[ci], self.pca.tree)
             else:
                 Pp = xp.zeros((m, width, P.shape[1]))
                 Pp[cell_of_row, pi] = P[ri]

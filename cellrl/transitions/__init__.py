@@ -41,8 +41,8 @@ Per cell ``i`` (cluster ``c``) and action ``a`` = (gene ``g``, value ``v``):
    CellOracle had a float32 ``obsm`` embedding, as it then computes them in float32).
 5. Next cell (``transitions.next_cell: celloracle``): the cell nearest to ``E_i + shift_i`` (scipy cKDTree; the
    cell itself included; a stagnation when it is ``i``). The other next-cell models (``pca``, ``pca_step``,
-   ``pca_direction``, ``prob_max``) work in the PCA space of ``X`` (:mod:`.next_cell`); ``pca``, ``pca_step`` and
-   ``pca_direction`` read only the PCA displacement ``delta L``, so for them steps 2-4 are skipped (no embedding
+   ``pca_direction``, ``pca_step_direction``, ``prob_max``) work in the PCA space of ``X`` (:mod:`.next_cell`);
+   all but ``prob_max`` read only the PCA displacement ``delta L``, so for them steps 2-4 are skipped (no embedding
    neighbours, correlation, ``P`` or shift; ``delta L`` comes from the same linear split as in step 3).
 
 Memory: O(chunk x (sum_a |S_a| + A x k)) per chunk plus bounded Gram blocks and correction batches, O(cells x k)

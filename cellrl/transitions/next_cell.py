@@ -25,12 +25,16 @@ cells in that space and ``r_i`` the distance to the nearest one:
   |p_j - p_i|`` (CellOracle's idea, direction only, without the embedding), taken when ``|s| > r_i / 2``, else
   ``i``: below half the distance to the nearest other cell the simulated point is nearer to ``i`` than to any
   other cell (triangle inequality), the resolution of ``pca``.
+* ``pca_step_direction``: ``pca_step``'s cell; where that is ``i`` itself (the gained step lands in no other
+  cell's Voronoi region: too short, or into a void where no cell lies along ``s``), ``pca_direction``'s. A strong
+  change jumps as under ``pca_step``; an isolated cell whose step points into empty space still moves to the
+  neighbour ``s`` points at, as under ``pca_direction``; below ``|s| = r_i / 2`` it stays.
 * ``prob_max``: the sampled embedding neighbour with the highest transition probability, ``argmax_j P_ij``, taken
   when ``|s| > r_i / 2``, else ``i``.
 
 All alternatives skip the 2-D embedding, where the shift averages unit vectors and loses the direction of
-``delta``. ``delta = 0`` gives ``s = 0``: a stagnation under every model. ``pca``, ``pca_step`` and
-``pca_direction`` use only ``s`` and the PCA space, so the table runner computes neither the embedding
+``delta``. ``delta = 0`` gives ``s = 0``: a stagnation under every model. ``pca``, ``pca_step``,
+``pca_direction`` and ``pca_step_direction`` use only ``s`` and the PCA space, so the table runner computes neither the embedding
 neighbours, the correlation, ``P`` nor the shift for them (:func:`needs_embedding`).
 """
 
@@ -203,6 +207,21 @@ def pca_direction(xp: ModuleType, s: Any, scores: Any, cells: Any, candidates: A
         best[b] = xp.take_along_axis(candidates[b], xp.argmax(along, axis=2), axis=1)
     move = xp.sqrt((s * s).sum(axis=2)) > half_gap[:, None]
     return xp.where(move, best, cells[:, None])
+
+
+def pca_step_direction(xp: ModuleType, s: Any, gain: float, scores: Any, cells: Any, candidates: Any, radius: Any,
+                       half_gap: Any, tree: Any, block: int | None = None) -> np.ndarray:
+    """``pca_step_direction`` model: (n, A) next cells (numpy). :func:`pca_nearest` of ``gain * s``, and for the
+    (cell, action) pairs where that stays at the cell, :func:`pca_direction` of ``s`` (scored only for the cells
+    that have such a pair; each pair's answer is the same as in the full ``pca_direction`` table)."""
+    out = pca_nearest(xp, s * float(gain), scores, cells, candidates, radius, tree)
+    stay = out == to_numpy(cells)[:, None]
+    rows = np.flatnonzero(stay.any(axis=1))
+    if rows.size:
+        r = rows if xp is np else xp.asarray(rows)
+        d = to_numpy(pca_direction(xp, s[r], scores, cells[r], candidates[r], half_gap[r], block=block))
+        out[rows] = np.where(stay[rows], d, out[rows])
+    return out
 
 
 def prob_max(xp: ModuleType, P: Any, s: Any, cells: Any, nbr: Any, half_gap: Any) -> Any:

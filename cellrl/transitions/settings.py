@@ -14,7 +14,7 @@ from ..model import OracleModel
 
 
 ACTION_KINDS = ("ko", "oe", "both")
-NEXT_CELL_MODELS = ("celloracle", "pca", "pca_step", "pca_direction", "prob_max")  # see cellrl.transitions.next_cell
+NEXT_CELL_MODELS = ("celloracle", "pca", "pca_step", "pca_direction", "pca_step_direction", "prob_max")  # see cellrl.transitions.next_cell
 
 
 # --------------------------------------------------------------------------------------------------- settings
@@ -33,7 +33,7 @@ class TransitionSettings:
     actions: str = "both"
     next_cell: str = "celloracle"
     n_pcs: int | None = None
-    step_gain: float = 4.0  # pca_step: the simulated displacement is taken step_gain times
+    step_gain: float = 4.0  # pca_step(_direction): the simulated displacement is taken step_gain times
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "TransitionSettings":
@@ -70,10 +70,10 @@ class TransitionSettings:
 
     def result_keys(self) -> dict[str, Any]:
         """Settings that change the table (backend and chunking do not change the maths; ``step_gain`` only under
-        ``pca_step``, so the other models' chunk keys are unchanged)."""
+        ``pca_step`` and ``pca_step_direction``, so the other models' chunk keys are unchanged)."""
         keys = {k: getattr(self, k) for k in ("n_propagation", "n_neighbors", "sampled_fraction", "sigma_corr",
                                               "knn_random", "seed", "actions", "next_cell", "n_pcs")}
-        if self.next_cell == "pca_step":
+        if self.next_cell in ("pca_step", "pca_step_direction"):
             keys["step_gain"] = float(self.step_gain)
         return keys
 
