@@ -397,4 +397,5 @@ def test_training_on_the_tiny_demo_atlas_beats_random(tmp_path):
                              threads=1)
     print("tiny demo: val success", summary["final_val_success"], "random", summary["random_val_success"])
     assert summary["final_val_success"] >= summary["random_val_success"] + 0.25
-    assert summary["final_val_success"] >= 3 * summary["random_val_success"]
+    # and fails at most half as often as random (random succeeds 35% here under the default next-cell model)
+    assert 1 - summary["final_val_success"] <= 0.5 * (1 - summary["random_val_success"])
