@@ -3,7 +3,8 @@ the table mode's numbers for the same tasks side by side.
 
     .venv/bin/python benchmarks/persistent_demo.py [--results results/demo] [--truth resources/demo/ground_truth.json]
         [--n-starts N] [--beam-width 8] [--max-genes 3] [--agent-steps 200000] [--next-cell pca_direction]
-        [--warm-start none|exact] [--bc-starts 20] [--bc-epochs 60] [--bc-dagger 0] [--plans-cache DIR]
+        [--warm-start none|exact] [--bc-starts 20] [--bc-epochs 60] [--bc-dagger 0] [--bc-labels one|all]
+        [--plans-cache DIR] [--seed N]
         [--torch-threads N] [--quick]
 
 Needs the demo's ``oracle/model.npz``, ``transitions/table.npy`` and (for the table agent)
@@ -60,7 +61,7 @@ from cellrl.persistent.env import VecPersistentEnv  # noqa: E402
 from cellrl.persistent.evaluate import (planted_agreement, plan_frame, score_plans, search_runs,  # noqa: E402
                                         success_vs_exact, task_subset)
 from cellrl.persistent.search import SearchResult, rollout  # noqa: E402
-from cellrl.persistent.warmstart import (STARTS_PER_TYPE, training_plans, training_starts,  # noqa: E402
+from cellrl.persistent.warmstart import (LABELS, STARTS_PER_TYPE, training_plans, training_starts,  # noqa: E402
                                         warm_start_persistent)
 from cellrl.tasks import TaskGeometry  # noqa: E402
 from cellrl.train import (build_agent, fit_curriculum, load_inputs, quiet_numerics, set_torch_threads,  # noqa: E402
@@ -126,12 +127,12 @@ def train_persistent_agent(geo: TaskGeometry, engine: PersistentEngine, env_cfg:
                            steps: int, warm: str = "none", bc_starts: int = STARTS_PER_TYPE,
                            bc_epochs: int = BC_EPOCHS, threads: int | None = None,
                            after_bc: Any = None, dagger_rounds: int = 0,
-                           plans: SearchResult | None = None) -> tuple[Any, dict[str, Any]]:
+                           plans: SearchResult | None = None, labels: str = "one") -> tuple[Any, dict[str, Any]]:
     """MaskablePPO (reference network, demo train settings) on the persistent env: from scratch (``warm``
     none), or after behaviour cloning of exact plans from ``bc_starts`` training cells per type (``warm`` exact,
     :mod:`cellrl.persistent.warmstart`; PPO then at learning_rate x warm_start_ppo_lr_scale, as in table mode).
     ``after_bc(agent)`` is called between the two (to score the cloned policy); ``plans``: the training plans
-    already searched (:func:`cached_training_plans`)."""
+    already searched (:func:`cached_training_plans`); ``labels``: one or all optimal actions per plan state."""
     cfg = train_config({**train_cfg, "total_timesteps": int(steps), "warm_start": "none" if warm == "none" else "bfs"})
     threads = set_torch_threads(threads)
     params, warnings = fit_curriculum(EnvParams.from_config(env_cfg), geo.n_types, int(steps))
@@ -142,7 +143,7 @@ def train_persistent_agent(geo: TaskGeometry, engine: PersistentEngine, env_cfg:
     if warm == "exact":
         ws, _, _ = warm_start_persistent(agent, engine, geo, params, float(cfg["gamma"]), per_type=bc_starts,
                                          epochs=bc_epochs, seed=int(cfg["seed"]), dagger_rounds=dagger_rounds,
-                                         plans=plans)
+                                         plans=plans, labels=labels)
         rec["warm_start"] = {k: v for k, v in ws.items() if k != "loss_per_epoch"}
         rec["warm_start"]["loss_last"] = ws["loss_per_epoch"][-1] if ws["loss_per_epoch"] else None
         print("warm start", rec["warm_start"], flush=True)
@@ -161,19 +162,21 @@ def train_persistent_agent(geo: TaskGeometry, engine: PersistentEngine, env_cfg:
 
 def cached_training_plans(cache_dir: Path, model_path: Path, engine: PersistentEngine, geo: TaskGeometry,
                           settings: dict[str, Any], per_type: int, max_genes: int,
-                          max_steps: int) -> tuple[SearchResult, str]:
+                          max_steps: int, labels: str = "one") -> tuple[SearchResult, str]:
     """The warm start's exact plans (:func:`cellrl.persistent.warmstart.training_plans`, the expensive part),
     kept in ``cache_dir`` under a key of everything they depend on (the oracle model's bytes, the env and
     transitions settings, starts per type, set size, steps), so reruns and probes search once. Returns the
-    plans and ``computed`` or ``cache``."""
+    plans and ``computed`` or ``cache``. ``labels`` all: plans with every optimal action (a cache of their own)."""
+    extra = {"labels": "all"} if labels == "all" else {}  # the key of one-label plans is unchanged
     key = hashlib.sha256(json.dumps({"model": sha256_file(model_path), "env": settings["env"],
                                      "transitions": settings["transitions"], "per_type": int(per_type),
-                                     "max_genes": int(max_genes), "max_steps": int(max_steps)},
+                                     "max_genes": int(max_genes), "max_steps": int(max_steps), **extra},
                                     sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"persistent_plans_{per_type}_{key}.pkl"
     if path.exists():
         return pickle.loads(path.read_bytes()), "cache"
-    plans = training_plans(engine, geo, training_starts(geo, per_type), max_genes, max_steps)
+    plans = training_plans(engine, geo, training_starts(geo, per_type), max_genes, max_steps,
+                           all_optimal=labels == "all")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(pickle.dumps(plans))
     return plans, "computed"
@@ -204,6 +207,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--plans-cache", default=None, help="folder keeping the warm start's exact training plans "
                     "(searched once per settings; default: none, search every run)")
     ap.add_argument("--bc-dagger", type=int, default=0, help="DAgger rounds after cloning (exact labels)")
+    ap.add_argument("--bc-labels", choices=LABELS, default=None, help="one: the plan's action per state; all: every "
+                    "action starting a shortest completion (default: train.warm_start_labels)")
+    ap.add_argument("--seed", type=int, default=None, help="train.seed of the agent (default: the demo's)")
     ap.add_argument("--torch-threads", type=int, default=None)
     ap.add_argument("--no-table", action="store_true", help="skip the table-mode evaluation")
     ap.add_argument("--quick", action="store_true", help="do not overwrite benchmarks/results/")
@@ -213,6 +219,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     s = demo_settings()
     args.bc_starts = int(args.bc_starts or s["train"].get("warm_start_starts_per_type", STARTS_PER_TYPE))
     args.bc_epochs = int(args.bc_epochs or s["train"].get("warm_start_epochs", BC_EPOCHS))
+    args.bc_labels = args.bc_labels or s["train"].get("warm_start_labels", "one")
+    if args.seed is not None:
+        s["train"]["seed"] = int(args.seed)
     if args.next_cell:
         s["transitions"]["next_cell"] = args.next_cell
     truth = json.loads(Path(args.truth).read_text())
@@ -270,10 +279,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         plans, plans_from = None, None
         if args.warm_start == "exact" and args.plans_cache:
             plans, plans_from = cached_training_plans(Path(args.plans_cache), res_dir / "oracle" / "model.npz", engine,
-                                                      geo, s, args.bc_starts, params.max_set_size, max_steps)
+                                                      geo, s, args.bc_starts, params.max_set_size, max_steps,
+                                                      args.bc_labels)
         agent, train_rec = train_persistent_agent(geo, engine, s["env"], s["train"], steps, args.warm_start,
                                                   args.bc_starts, args.bc_epochs, args.torch_threads, after_bc,
-                                                  args.bc_dagger, plans)
+                                                  args.bc_dagger, plans, args.bc_labels)
         if plans_from:  # exact_seconds is then the search time of the run that filled the cache
             train_rec["warm_start"]["plans_from"] = plans_from
         if "after_bc" in train_rec:

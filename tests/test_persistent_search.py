@@ -193,3 +193,52 @@ def test_state_keys_tell_states_apart(R):
     rows = np.column_stack([task, cell, applied])
     same = (rows[:, None, :] == rows[None, :, :]).all(2)
     np.testing.assert_array_equal(k[:, None] == k[None, :], same)
+
+
+def optimal_first_actions(eng, geo, start, applied, target, steps_left, max_genes):
+    """Brute force: every action from (start, applied) after which some sequence reaches the goal within
+    ``steps_left`` steps in all (depth-first over every sequence, as :func:`brute_force`)."""
+
+    def moves(ap):
+        out = [a for a in range(eng.n_actions) if eng.action_mask(ap)[0, a] and np.count_nonzero(ap) < max_genes]
+        return out + ([eng.n_actions] if ap.any() else [])
+
+    def reach(cell, ap, left):
+        if left == 0:
+            return False
+        for a in moves(ap):
+            ap2 = ap if a == eng.n_actions else eng.apply(ap, [a])
+            nxt = int(eng.step([cell], ap2)[0])
+            if geo.goal_mask[target, nxt] or reach(nxt, ap2, left - 1):
+                return True
+        return False
+
+    good = []
+    for a in moves(applied):
+        ap2 = applied if a == eng.n_actions else eng.apply(applied, [a])
+        nxt = int(eng.step([start], ap2)[0])
+        if geo.goal_mask[target, nxt] or reach(nxt, ap2, steps_left - 1):
+            good.append(a)
+    return good
+
+
+def test_exact_all_optimal_labels_every_shortest_completion(problem):
+    """exact(all_optimal=True) keeps plans and success as they were and labels every state of a plan with
+    exactly the actions that start a shortest completion there (brute force over all sequences)."""
+    m, eng, geo, starts, targets = problem
+    ref = exact(eng, geo, starts, targets, max_genes=2, max_steps=4)
+    res = exact(eng, geo, starts, targets, max_genes=2, max_steps=4, all_optimal=True)
+    assert ref.optimal is None and res.plans == ref.plans and (res.success == ref.success).all()
+    n_multi = 0
+    for i in np.flatnonzero(res.success):
+        plan = res.plans[i]
+        assert len(res.optimal[i]) == len(plan)
+        applied = np.zeros((1, eng.n_regulators), np.int8)
+        cell = int(starts[i])
+        for k, a in enumerate(plan):
+            want = optimal_first_actions(eng, geo, cell, applied, int(targets[i]), len(plan) - k, 2)
+            assert res.optimal[i][k] == want and a in want
+            n_multi += len(want) > 1
+            applied = applied if a == eng.n_actions else eng.apply(applied, [a])
+            cell = int(eng.step([cell], applied)[0])
+    assert n_multi > 0                                   # several optimal actions occur (the test is not vacuous)

@@ -138,3 +138,47 @@ def test_benchmark_plan_cache_searches_once_per_settings(problem, tmp_path, monk
     with pytest.raises(pytest.fail.Exception, match="searched again"):
         bench.cached_training_plans(tmp_path / "c", model_file, eng, geo, settings, 3, 2, steps)
     assert len(list((tmp_path / "c").iterdir())) == 1
+
+
+def test_all_labels_samples_and_multi_label_cloning(problem):
+    """labels='all': the same samples as 'one', each labelled with every optimal action the env allows (the
+    plan's among them; several on some states); cloning puts the policy's mass on the SET: the loss is
+    -log sum_{a optimal} pi(a|s), so a state with two optimal actions is fitted by either of them."""
+    import torch as th
+
+    from cellrl.train import build_agent
+    from cellrl.warmstart import _forward, _obs, behaviour_clone
+
+    m, eng, geo, params = problem
+    starts = training_starts(geo, 4)
+    steps = params.eval_max_steps(geo.n_types)
+    plans = training_plans(eng, geo, starts, 2, steps, all_optimal=True)
+    one, _ = plan_samples(eng, geo, params, plans, 0.98, labels="one")
+    data, rep = plan_samples(eng, geo, params, plans, 0.98, labels="all")
+    assert len(data) == len(one) and (data.cell == one.cell).all() and (data.value == one.value).all()
+    assert (data.optimal >= one.optimal).all() and not (data.optimal & ~data.mask).any()
+    multi = data.optimal.sum(1) > 1
+    assert multi.any() and rep["labels_per_sample"] == round(float(data.optimal.sum(1).mean()), 3) > 1
+    with pytest.raises(ValueError, match="all_optimal"):
+        plan_samples(eng, geo, params, training_plans(eng, geo, starts[:2], 2, steps), 0.98, labels="all")
+
+    env = VecPersistentEnv(geo, eng, 2, params, split="train", training=True, seed=0)
+    agent = build_agent(env, {"n_steps": 16, "batch_size": 16, "embed_dims": [32], "actor_dims": [32],
+                              "critic_dims": [16], "device": "cpu", "seed": 0})
+    geo_z, cents = th.from_numpy(np.ascontiguousarray(geo.z)), th.from_numpy(np.ascontiguousarray(geo.centroids))
+    idx = np.arange(len(data))
+
+    def set_loss():
+        with th.no_grad():
+            logp, _ = _forward(agent.policy, _obs(geo_z, cents, data, idx, "cpu"), th.as_tensor(data.mask))
+        p = logp.exp().numpy()
+        return float(-np.log((p * data.optimal).sum(1)).mean()), p
+
+    before, p0 = set_loss()
+    rec = behaviour_clone(agent, geo, data, epochs=150, seed=0, progress=False)
+    after, p = set_loss()
+    assert rec["loss_per_epoch"][0] == pytest.approx(before, rel=0.2) and after < 0.25 * before
+    assert abs(rec["loss_per_epoch"][-1] - after) < 0.1        # the recorded loss is the set's cross-entropy
+    # on multi-label states the mass is on the set, not necessarily on the plan's own action
+    assert (p * data.optimal).sum(1)[multi].mean() > 0.8
+    assert rec["accuracy"] >= 0.9
