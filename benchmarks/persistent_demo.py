@@ -61,7 +61,7 @@ from cellrl.persistent.env import VecPersistentEnv  # noqa: E402
 from cellrl.persistent.evaluate import (planted_agreement, plan_frame, score_plans, search_runs,  # noqa: E402
                                         success_vs_exact, task_subset)
 from cellrl.persistent.search import SearchResult, rollout  # noqa: E402
-from cellrl.persistent.warmstart import (LABELS, STARTS_PER_TYPE, training_plans, training_starts,  # noqa: E402
+from cellrl.persistent.warmstart import (LABELS, MAX_PLANS, STARTS_PER_TYPE, training_plans, training_starts,  # noqa: E402
                                         warm_start_persistent)
 from cellrl.tasks import TaskGeometry  # noqa: E402
 from cellrl.train import (build_agent, fit_curriculum, load_inputs, quiet_numerics, set_torch_threads,  # noqa: E402
@@ -167,7 +167,7 @@ def cached_training_plans(cache_dir: Path, model_path: Path, engine: PersistentE
     kept in ``cache_dir`` under a key of everything they depend on (the oracle model's bytes, the env and
     transitions settings, starts per type, set size, steps), so reruns and probes search once. Returns the
     plans and ``computed`` or ``cache``. ``labels`` all: plans with every optimal action (a cache of their own)."""
-    extra = {"labels": "all"} if labels == "all" else {}  # the key of one-label plans is unchanged
+    extra = {"labels": labels} if labels != "one" else {}  # the key of one-label plans is unchanged
     key = hashlib.sha256(json.dumps({"model": sha256_file(model_path), "env": settings["env"],
                                      "transitions": settings["transitions"], "per_type": int(per_type),
                                      "max_genes": int(max_genes), "max_steps": int(max_steps), **extra},
@@ -176,7 +176,7 @@ def cached_training_plans(cache_dir: Path, model_path: Path, engine: PersistentE
     if path.exists():
         return pickle.loads(path.read_bytes()), "cache"
     plans = training_plans(engine, geo, training_starts(geo, per_type), max_genes, max_steps,
-                           all_optimal=labels == "all")
+                           all_optimal=labels != "one", max_plans=MAX_PLANS if labels == "all_plans" else 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(pickle.dumps(plans))
     return plans, "computed"
@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "(searched once per settings; default: none, search every run)")
     ap.add_argument("--bc-dagger", type=int, default=0, help="DAgger rounds after cloning (exact labels)")
     ap.add_argument("--bc-labels", choices=LABELS, default=None, help="one: the plan's action per state; all: every "
-                    "action starting a shortest completion (default: train.warm_start_labels)")
+                    "action starting a shortest completion; all_plans: all, on the states of up to MAX_PLANS shortest "
+                    "plans per task (default: train.warm_start_labels)")
     ap.add_argument("--seed", type=int, default=None, help="train.seed of the agent (default: the demo's)")
     ap.add_argument("--torch-threads", type=int, default=None)
     ap.add_argument("--no-table", action="store_true", help="skip the table-mode evaluation")

@@ -242,3 +242,36 @@ def test_exact_all_optimal_labels_every_shortest_completion(problem):
             applied = applied if a == eng.n_actions else eng.apply(applied, [a])
             cell = int(eng.step([cell], applied)[0])
     assert n_multi > 0                                   # several optimal actions occur (the test is not vacuous)
+
+
+def test_exact_other_shortest_plans_are_every_shortest_plan(problem):
+    """max_plans: the plan plus ``others`` are exactly the shortest action sequences (brute force: every
+    sequence of the plan's length that the masks allow and that ends at the goal), each labelled as the brute
+    force labels the states along it; max_plans caps them."""
+    m, eng, geo, starts, targets = problem
+    res = exact(eng, geo, starts, targets, max_genes=2, max_steps=4, all_optimal=True, max_plans=1000)
+    capped = exact(eng, geo, starts, targets, max_genes=2, max_steps=4, all_optimal=True, max_plans=2)
+    n_alt = 0
+    for i in np.flatnonzero(res.success):
+        L = len(res.plans[i])
+        seqs = [[]]                                        # every sequence of length L that ends at the goal
+        for k in range(L):
+            seqs = [s + [a] for s in seqs for a in range(eng.n_actions + 1)]
+        want = []
+        for s in seqs:
+            try:
+                cells = replay(eng, int(starts[i]), s)
+            except AssertionError:                         # an action the mask forbids
+                continue
+            if len(set(a % eng.n_regulators for a in s if a != eng.n_actions)) > 2:
+                continue
+            if geo.goal_mask[targets[i], cells[-1]]:          # L is the shortest: no earlier goal, no loop
+                want.append(s)
+        got = [res.plans[i]] + [p for p, _ in res.others[i]]
+        assert sorted(got) == sorted(want)
+        for p, opt in res.others[i]:                        # each other plan's labels: brute force along it
+            assert opt == [sorted({w[k] for w in want if w[:k] == p[:k]}) for k in range(L)]
+        assert res.optimal[i] == [sorted({w[k] for w in want if w[:k] == res.plans[i][:k]}) for k in range(L)]
+        assert len(capped.others[i]) == min(1, len(got) - 1)
+        n_alt += len(got) - 1
+    assert n_alt > 0

@@ -182,3 +182,21 @@ def test_all_labels_samples_and_multi_label_cloning(problem):
     # on multi-label states the mass is on the set, not necessarily on the plan's own action
     assert (p * data.optimal).sum(1)[multi].mean() > 0.8
     assert rec["accuracy"] >= 0.9
+
+
+def test_all_plans_samples_cover_the_other_shortest_plans(problem):
+    """labels='all_plans': the 'all' samples plus the states of the other shortest plans, each observation once,
+    every label allowed; without others searched it is refused."""
+    m, eng, geo, params = problem
+    starts = training_starts(geo, 4)
+    steps = params.eval_max_steps(geo.n_types)
+    plans = training_plans(eng, geo, starts, 2, steps, all_optimal=True, max_plans=50)
+    alln, _ = plan_samples(eng, geo, params, plans, 0.98, labels="all")
+    data, rep = plan_samples(eng, geo, params, plans, 0.98, labels="all_plans")
+    assert rep["other_plans"] == sum(len(o) for o in plans.others) > 0 and rep["plans"] == alln.n_pairs
+    key = lambda d: {(int(c), int(t), a.tobytes()) for c, t, a in zip(d.cell, d.target, d.applied)}  # noqa: E731
+    assert key(alln) < key(data) and len(key(data)) == len(data)          # more states, none twice
+    assert not (data.optimal & ~data.mask).any() and data.optimal.any(1).all()
+    with pytest.raises(ValueError, match="max_plans"):
+        plan_samples(eng, geo, params, training_plans(eng, geo, starts[:2], 2, steps, all_optimal=True), 0.98,
+                     labels="all_plans")

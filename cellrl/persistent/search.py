@@ -53,6 +53,9 @@ class SearchResult:
     #: :func:`exact` with ``all_optimal``: per task, per step of its plan, every action that starts some
     #: shortest completion from the state there (sorted; the plan's own action among them); else None.
     optimal: list[list[list[int]]] | None = None
+    #: with ``all_optimal`` and ``max_plans`` > 1: per task, up to ``max_plans`` - 1 other shortest plans, each
+    #: (actions, optimal actions per step); else None.
+    others: list[list[tuple[list[int], list[list[int]]]]] | None = None
 
     @property
     def lengths(self) -> np.ndarray:
@@ -215,14 +218,15 @@ def beam(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.ndar
 # ---------------------------------------------------------------------------------------------- exact
 def exact(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.ndarray, max_genes: int = 3,
           max_steps: int = 20, cells: np.ndarray | None = None,
-          start_applied: np.ndarray | None = None, all_optimal: bool = False) -> SearchResult:
+          start_applied: np.ndarray | None = None, all_optimal: bool = False, max_plans: int = 1) -> SearchResult:
     """Exact breadth-first search over (cell, set) states, sets of up to ``max_genes`` genes, up to
     ``max_steps`` steps (module docstring). Unsolved tasks get an empty plan. ``info``: new states per depth.
     ``cells``: (C,) bool, the cells a plan may enter (all when None; the warm start passes the training cells,
     so its plans never touch a held-out cell). ``start_applied``: (N, R) int8 sets already applied at the
     starts (empty when None; the plan then adds at most ``max_genes`` genes in all, those included).
     ``all_optimal``: also keep, per depth, every edge into a state new at that depth (:func:`_shortest_dag`)
-    and fill ``optimal`` (:func:`_optimal_actions`); plans, success and the other outputs are unchanged."""
+    and fill ``optimal`` and (``max_plans`` > 1) ``others`` (:func:`_optimal_actions`); plans, success and the
+    other outputs are unchanged."""
     t0 = time.perf_counter()
     starts, targets = _tasks(geo, starts, targets)
     n = len(starts)
@@ -287,11 +291,11 @@ def exact(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.nda
             success[i] = True
             plans[i], cells[i] = list(hitp[0]), list(hitp[1])
             final[i] = hitp[1][-1]
-    optimal = (_optimal_actions(dag, depth_found, geo.goal_mask, sid_of_task, targets, plans, success)
-               if all_optimal else None)
+    optimal, others = (_optimal_actions(dag, depth_found, geo.goal_mask, sid_of_task, targets, plans, success,
+                                        max_plans) if all_optimal else (None, None))
     return SearchResult("exact", starts, targets, success, plans, cells, final, rows, time.perf_counter() - t0,
                         {"max_genes": int(max_genes), "max_steps": int(max_steps), "states_per_depth": states},
-                        optimal)
+                        optimal, others if int(max_plans) > 1 else None)
 
 
 def _shortest_dag(k: np.ndarray, seen: np.ndarray, keep: np.ndarray, parent: np.ndarray, action: np.ndarray,
@@ -310,12 +314,13 @@ def _shortest_dag(k: np.ndarray, seen: np.ndarray, keep: np.ndarray, parent: np.
 
 
 def _optimal_actions(dag: list[tuple[np.ndarray, ...]], depth_found: np.ndarray, goal_mask: np.ndarray,
-                     sid_of_task: np.ndarray, targets: np.ndarray, plans: list[list[int]],
-                     success: np.ndarray) -> list[list[list[int]]]:
+                     sid_of_task: np.ndarray, targets: np.ndarray, plans: list[list[int]], success: np.ndarray,
+                     max_plans: int = 1) -> tuple[list[list[list[int]]], list[list[tuple[list[int], list[list[int]]]]]]:
     """Backward pass over :func:`_shortest_dag`'s depths: a state at depth d is on a shortest plan to type t
     iff it is a goal of t at t's shortest depth from its start, or an edge leads from it to such a state at
-    d + 1; the optimal actions of a state on a task's plan are the actions of those edges. Per task, per
-    plan step (the state before the step), the sorted optimal actions."""
+    d + 1; the optimal actions of a state are the actions of those edges. Returns per task (1) per plan step
+    (the state before the step) the sorted optimal actions and (2) up to ``max_plans`` - 1 OTHER shortest
+    plans, each with its optimal actions per step (depth-first, lower actions first)."""
     D = len(dag)
     useful: list[np.ndarray] = [np.zeros(0)] * (D + 1)     # useful[d] (states at depth d, T), d >= 1
     for d in range(D, 0, -1):
@@ -326,24 +331,38 @@ def _optimal_actions(dag: list[tuple[np.ndarray, ...]], depth_found: np.ndarray,
             e, t = np.nonzero(useful[d + 1][child])
             u[par[e], t] = True
         useful[d] = u
-    out: list[list[list[int]]] = [[] for _ in range(len(plans))]
-    # the plan's state at each depth (index among that depth's states; depth 0: the start's sid)
-    node = np.asarray(sid_of_task, np.int64).copy()
+    index = []                                             # per depth: edges sorted by (parent, action)
     for d in range(D):
-        idx = np.flatnonzero(success & (np.array([len(p) for p in plans]) > d))
-        if not len(idx):
-            break
         _, _, par, act, child = dag[d]
         order = np.lexsort((act, par))
-        ps, as_ = par[order], act[order]
-        lo, hi = np.searchsorted(ps, node[idx], "left"), np.searchsorted(ps, node[idx], "right")
-        for j, i in enumerate(idx.tolist()):
-            e = order[lo[j]:hi[j]]
-            good = e[useful[d + 1][child[e], targets[i]]]
-            out[i].append(sorted(set(act[good].tolist())))
-            nxt = e[as_[lo[j]:hi[j]] == plans[i][d]]
-            node[i] = child[nxt[0]]
-    return out
+        index.append((par[order], act[order], child[order]))
+
+    def moves(d: int, node: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """(optimal actions, their children) of state ``node`` at depth d for target t (sorted by action)."""
+        ps, acts, ch = index[d]
+        lo, hi = np.searchsorted(ps, node, "left"), np.searchsorted(ps, node, "right")
+        good = useful[d + 1][ch[lo:hi], t]
+        return acts[lo:hi][good], ch[lo:hi][good]
+
+    optimal: list[list[list[int]]] = [[] for _ in range(len(plans))]
+    others: list[list[tuple[list[int], list[list[int]]]]] = [[] for _ in range(len(plans))]
+    for i in np.flatnonzero(success).tolist():
+        t, node = int(targets[i]), int(sid_of_task[i])
+        for d, a in enumerate(plans[i]):                   # the plan's own states
+            acts, ch = moves(d, node, t)
+            optimal[i].append(acts.tolist())
+            node = int(ch[acts == a][0])
+        stack = [(int(sid_of_task[i]), [], [])]            # depth-first over the other shortest plans
+        while stack and len(others[i]) < int(max_plans) - 1:
+            node, plan, opt = stack.pop()
+            if len(plan) == len(plans[i]):
+                if plan != plans[i]:
+                    others[i].append((plan, opt))
+                continue
+            acts, ch = moves(len(plan), node, t)
+            labels = opt + [acts.tolist()]
+            stack.extend((int(c), plan + [int(a)], labels) for a, c in zip(acts[::-1], ch[::-1]))
+    return optimal, others
 
 
 # ---------------------------------------------------------------------------------------------- policies

@@ -45,7 +45,9 @@ from .search import SearchResult, exact
 #: Training start cells per cell type (default).
 STARTS_PER_TYPE = 20
 #: Labels per plan state (``train.warm_start_labels``): the plan's action, or every optimal action.
-LABELS = ("one", "all")
+LABELS = ("one", "all", "all_plans")
+#: Shortest plans per task whose states ``all_plans`` clones (the plan and up to this many - 1 others).
+MAX_PLANS = 32
 
 
 def training_starts(geo: TaskGeometry, per_type: int) -> np.ndarray:
@@ -61,9 +63,10 @@ def training_starts(geo: TaskGeometry, per_type: int) -> np.ndarray:
 
 
 def training_plans(engine: Engine, geo: TaskGeometry, starts: np.ndarray, max_genes: int,
-                   max_steps: int, all_optimal: bool = False) -> SearchResult:
+                   max_steps: int, all_optimal: bool = False, max_plans: int = 1) -> SearchResult:
     """Exact plans from each of ``starts`` (training cells) to every other cell type, on training cells only
-    (``all_optimal``: with every optimal action per plan state, :func:`~cellrl.persistent.search.exact`)."""
+    (``all_optimal``: with every optimal action per plan state and up to ``max_plans`` - 1 other shortest plans,
+    :func:`~cellrl.persistent.search.exact`)."""
     is_train = np.asarray(geo.split).astype(str) == "train"
     starts = np.asarray(starts, np.int64)
     if not is_train[starts].all():
@@ -71,18 +74,21 @@ def training_plans(engine: Engine, geo: TaskGeometry, starts: np.ndarray, max_ge
     s = np.repeat(starts, geo.n_types)
     t = np.tile(np.arange(geo.n_types), len(starts))
     keep = geo.type_ids[s] != t
-    return exact(engine, geo, s[keep], t[keep], max_genes, max_steps, cells=is_train, all_optimal=all_optimal)
+    return exact(engine, geo, s[keep], t[keep], max_genes, max_steps, cells=is_train, all_optimal=all_optimal,
+                 max_plans=max_plans)
 
 
 def plan_samples(engine: Engine, geo: TaskGeometry, params: Any, plans: SearchResult,
                  gamma: float, labels: str = "one") -> tuple[BcData, dict[str, Any]]:
     """Replay the successful plans in the training env (module docstring): one sample per state. ``labels``:
     ``one``, the plan's action; ``all``, every optimal action there (``plans.optimal``, from
-    ``exact(..., all_optimal=True)``) that the env allows."""
+    ``exact(..., all_optimal=True)``) that the env allows; ``all_plans``, as ``all`` on the states of the other
+    shortest plans too (``plans.others``, ``max_plans`` > 1), each distinct observation once."""
     if labels not in LABELS:
         raise ValueError(f"labels must be one of {LABELS}, got {labels!r}")
-    if labels == "all" and plans.optimal is None:
-        raise ValueError("labels='all' needs plans searched with all_optimal=True")
+    if labels != "one" and (plans.optimal is None or (labels == "all_plans" and plans.others is None)):
+        raise ValueError(f"labels={labels!r} needs plans searched with all_optimal=True"
+                         + (" and max_plans > 1" if labels == "all_plans" else ""))
     ok = np.flatnonzero(plans.success & (plans.lengths > 0))
     A = hold_action(engine) + 1
     empty = BcData(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, A), bool), np.zeros((0, A), bool),
@@ -90,8 +96,15 @@ def plan_samples(engine: Engine, geo: TaskGeometry, params: Any, plans: SearchRe
                    applied=np.zeros((0, engine.n_regulators), np.float32))
     if not len(ok):
         return empty, {"plans": 0, "dropped_plans": 0}
-    starts, targets = plans.starts[ok], plans.targets[ok]
     acts = [plans.plans[i] for i in ok]
+    opts = [plans.optimal[i] for i in ok] if labels != "one" else None
+    n_main = len(ok)
+    if labels == "all_plans":                                    # the other shortest plans, after the plans
+        other = [(i, p, o) for i in ok.tolist() for p, o in plans.others[i]]
+        ok = np.r_[ok, [i for i, _, _ in other]].astype(np.int64)
+        acts += [p for _, p, _ in other]
+        opts += [o for _, _, o in other]
+    starts, targets = plans.starts[ok], plans.targets[ok]
     n = len(ok)
     length = np.array([len(p) for p in acts])
     batch = PersistentBatch(geo, engine, n, params, split="train", training=True, curriculum=False,
@@ -122,9 +135,9 @@ def plan_samples(engine: Engine, geo: TaskGeometry, params: Any, plans: SearchRe
     own, stp, rew = np.concatenate(owner), np.concatenate(step), np.concatenate(rewards)
     optimal = np.eye(A, dtype=bool)[label]
     m = np.concatenate(masks)
-    if labels == "all":                                          # the plan's action stays one of them
-        r, c = zip(*[(row, x) for row, (i, k) in enumerate(zip(ok[own].tolist(), stp.tolist()))
-                     for x in plans.optimal[i][k]]) if len(own) else ((), ())
+    if opts is not None:                                         # the plan's action stays one of them
+        r, c = zip(*[(row, x) for row, (i, k) in enumerate(zip(own.tolist(), stp.tolist()))
+                     for x in opts[i][k]]) if len(own) else ((), ())
         optimal[np.asarray(r, np.int64), np.asarray(c, np.int64)] = True
         optimal &= m
     value = np.zeros(len(cell))
@@ -135,12 +148,19 @@ def plan_samples(engine: Engine, geo: TaskGeometry, params: Any, plans: SearchRe
         for r in rows[::-1]:
             g = rew[r] + gamma * g
             value[r] = g
+    ap = np.concatenate(applied)
     keep = ~broken[own]
+    if labels == "all_plans":                                    # one sample per distinct observation
+        idx = np.flatnonzero(keep)
+        key = np.column_stack([cell[idx], target[idx], ap[idx], m[idx]]).astype(np.float32)
+        keep = np.zeros(len(cell), bool)
+        keep[idx[np.unique(key, axis=0, return_index=True)[1]]] = True
     data = BcData(cell=cell[keep], target=target[keep], optimal=optimal[keep], mask=m[keep],
                   dist=(length[own] - stp)[keep].astype(np.int32), value=value[keep].astype(np.float32),
-                  n_pairs=int((~broken).sum()), n_pairs_total=len(plans.success), bfs_seconds=plans.wall_s,
-                  applied=np.concatenate(applied)[keep])
-    return data, {"plans": int((~broken).sum()), "dropped_plans": int(broken.sum()), "labels": labels,
+                  n_pairs=int((~broken[:n_main]).sum()), n_pairs_total=len(plans.success),
+                  bfs_seconds=plans.wall_s, applied=ap[keep])
+    return data, {"plans": int((~broken[:n_main]).sum()), "dropped_plans": int(broken[:n_main].sum()),
+                  "other_plans": int((~broken[n_main:]).sum()), "labels": labels,
                   "labels_per_sample": round(float(data.optimal.sum(1).mean()), 3) if len(data) else None}
 
 
@@ -217,7 +237,7 @@ def warm_start_persistent(agent: Any, engine: Engine, geo: TaskGeometry, params:
     max_genes = int(max_genes or params.max_set_size)
     if plans is None:
         plans = training_plans(engine, geo, starts, max_genes, int(params.eval_max_steps(geo.n_types)),
-                               all_optimal=labels == "all")
+                               all_optimal=labels != "one", max_plans=MAX_PLANS if labels == "all_plans" else 1)
     data, rep = plan_samples(engine, geo, params, plans, gamma, labels)
     fit = dict(epochs=epochs, batch_size=BC_BATCH_SIZE, learning_rate=BC_LEARNING_RATE, value_coef=BC_VALUE_COEF)
     rec = behaviour_clone(agent, geo, data, seed=seed, **fit)
