@@ -275,3 +275,32 @@ def test_exact_other_shortest_plans_are_every_shortest_plan(problem):
         assert len(capped.others[i]) == min(1, len(got) - 1)
         n_alt += len(got) - 1
     assert n_alt > 0
+
+
+def test_ensemble_of_agents_averages_masked_probabilities(problem):
+    """cellrl.evaluate.ensemble_chooser: one agent acts as its own deterministic policy; two agents take the
+    argmax of their averaged masked probabilities (never a masked action)."""
+    import torch as th
+
+    from cellrl.evaluate import agent_chooser, ensemble_chooser
+    from cellrl.persistent.env import VecPersistentEnv
+    from cellrl.train import build_agent
+
+    m, eng, geo, starts, targets = problem
+    env = VecPersistentEnv(geo, eng, len(starts), {"max_set_size": 2}, split="test", training=False)
+    agents = [build_agent(env, {"n_steps": 16, "batch_size": 16, "embed_dims": [16], "actor_dims": [16],
+                                "critic_dims": [8], "device": "cpu", "seed": s}) for s in (0, 1)]
+    env.set_tasks(starts, targets)
+    obs = env.reset()
+    masks = env.action_masks().copy()
+    masks[::2, 0] = False                                  # some masked actions
+    obs["action_mask"] = masks.astype(np.float32)
+    one = ensemble_chooser(agents[:1])(obs, masks, env.batch)
+    assert (one == agent_chooser(agents[0])(obs, masks, env.batch)).all()
+    probs = []
+    for ag in agents:
+        with th.no_grad():
+            d = ag.policy.get_distribution(ag.policy.obs_to_tensor(obs)[0], action_masks=masks)
+        probs.append(d.distribution.probs.numpy())
+    both = ensemble_chooser(agents)(obs, masks, env.batch)
+    assert (both == np.where(masks, probs[0] + probs[1], -1).argmax(1)).all() and masks[np.arange(len(both)), both].all()

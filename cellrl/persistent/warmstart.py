@@ -18,7 +18,14 @@ The persistent mode has no transition table to run BFS on, so the table mode's w
    distribution, value MSE on detached features), unchanged: :class:`~cellrl.warmstart.BcData` carries the
    applied sets.
 
-One label per state (the plan exact search picks among the shortest: the most target-similar final cell).
+Labels (``train.warm_start_labels``): ``one``, the action of the one plan exact search keeps (among the
+shortest: the most target-similar final cell); ``all``, every action that starts SOME shortest completion from
+the state (:func:`~cellrl.persistent.search.exact` with ``all_optimal``: a backward pass over every edge into a
+state new at its depth), cloned with the set's cross-entropy ``-log sum_{a optimal} pi(a|s)``
+(:func:`cellrl.warmstart.behaviour_clone` already takes a set per row); ``all_plans``, ``all`` on the states of up
+to :data:`MAX_PLANS` shortest plans per task (the kept plan, then depth-first), each distinct observation once.
+Why: cells of one type often have several shortest plans (the genes of one set added in another order) and
+``one`` picks one per cell, so the clone sees conflicting labels for near-identical states.
 
 DAgger (``dagger_rounds`` > 0): roll the cloned policy out greedily from the same (training start, target)
 tasks in the training env; every visited state the samples lack (cell, target, applied set) is labelled by
