@@ -4,7 +4,7 @@ the table mode's numbers for the same tasks side by side.
     .venv/bin/python benchmarks/persistent_demo.py [--results results/demo] [--truth resources/demo/ground_truth.json]
         [--n-starts N] [--beam-width 8] [--max-genes 3] [--agent-steps 200000] [--next-cell pca_direction]
         [--warm-start none|exact] [--bc-starts 20] [--bc-epochs 60] [--bc-dagger 0] [--bc-labels one|all]
-        [--plans-cache DIR] [--seed N]
+        [--plans-cache DIR] [--seed N] [--agents K]
         [--torch-threads N] [--quick]
 
 Needs the demo's ``oracle/model.npz``, ``transitions/table.npy`` and (for the table agent)
@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from cellrl.bfs import eval_allowed_mask  # noqa: E402
 from cellrl.config import dataset_config, load_config  # noqa: E402
 from cellrl.env import EnvParams  # noqa: E402
-from cellrl.evaluate import action_table, agent_chooser, eval_tasks, evaluate  # noqa: E402
+from cellrl.evaluate import action_table, agent_chooser, ensemble_chooser, eval_tasks, evaluate  # noqa: E402
 from cellrl.io import sha256_file, write_json  # noqa: E402
 from cellrl.persistent.engine import PersistentEngine  # noqa: E402
 from cellrl.persistent.env import VecPersistentEnv  # noqa: E402
@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "action starting a shortest completion; all_plans: all, on the states of up to MAX_PLANS shortest "
                     "plans per task (default: train.warm_start_labels)")
     ap.add_argument("--seed", type=int, default=None, help="train.seed of the agent (default: the demo's)")
+    ap.add_argument("--agents", type=int, default=1, help="train this many agents (seeds seed, seed+1, ...) and "
+                    "also score their ensemble (masked probabilities averaged: agent_ensemble)")
     ap.add_argument("--torch-threads", type=int, default=None)
     ap.add_argument("--no-table", action="store_true", help="skip the table-mode evaluation")
     ap.add_argument("--quick", action="store_true", help="do not overwrite benchmarks/results/")
@@ -266,8 +268,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     steps = int(s["train"]["total_timesteps"] if args.agent_steps is None else args.agent_steps)
 
-    def score_agent(agent: Any, name: str) -> dict[str, Any]:
-        r = rollout(geo, engine, params, starts, targets, agent_chooser(agent, deterministic=True),
+    def score_agent(agent: Any, name: str, choose: Any = None) -> dict[str, Any]:
+        r = rollout(geo, engine, params, starts, targets, choose or agent_chooser(agent, deterministic=True),
                     max_steps=max_steps)
         f = plan_frame(name, starts, targets, r.success, r.plans, geo)
         res = {**score(f, engine.n_actions), "eval_wall_s": round(r.wall_s, 2)}
@@ -276,21 +278,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return res
 
     if steps > 0 or args.warm_start != "none":
-        after_bc = (lambda ag: score_agent(ag, "agent_bc_only")) if args.warm_start != "none" else None
         plans, plans_from = None, None
         if args.warm_start == "exact" and args.plans_cache:
             plans, plans_from = cached_training_plans(Path(args.plans_cache), res_dir / "oracle" / "model.npz", engine,
                                                       geo, s, args.bc_starts, params.max_set_size, max_steps,
                                                       args.bc_labels)
-        agent, train_rec = train_persistent_agent(geo, engine, s["env"], s["train"], steps, args.warm_start,
-                                                  args.bc_starts, args.bc_epochs, args.torch_threads, after_bc,
-                                                  args.bc_dagger, plans, args.bc_labels)
-        if plans_from:  # exact_seconds is then the search time of the run that filled the cache
-            train_rec["warm_start"]["plans_from"] = plans_from
-        if "after_bc" in train_rec:
-            out["persistent"]["agent_bc_only"] = train_rec.pop("after_bc")
-        log("agent trained", train_rec)
-        out["persistent"]["agent"] = {**score_agent(agent, "agent"), "training": train_rec}
+        seed0, agents = int(s["train"]["seed"]), []
+        for k in range(int(args.agents)):  # --agents K: seeds seed..seed+K-1, the first one's record as "agent"
+            name = "agent" if k == 0 else f"agent_seed{seed0 + k}"
+            after_bc = (lambda ag, nm=name: score_agent(ag, nm.replace("agent", "agent_bc_only"))) \
+                if args.warm_start != "none" else None
+            agent, train_rec = train_persistent_agent(geo, engine, s["env"], {**s["train"], "seed": seed0 + k}, steps,
+                                                      args.warm_start, args.bc_starts, args.bc_epochs,
+                                                      args.torch_threads, after_bc, args.bc_dagger, plans,
+                                                      args.bc_labels)
+            if plans_from:  # exact_seconds is then the search time of the run that filled the cache
+                train_rec["warm_start"]["plans_from"] = plans_from
+            if "after_bc" in train_rec:
+                out["persistent"][name.replace("agent", "agent_bc_only")] = train_rec.pop("after_bc")
+            log("agent trained", train_rec)
+            out["persistent"][name] = {**score_agent(agent, name), "training": train_rec}
+            agents.append(agent)
+        if len(agents) > 1:
+            out["persistent"]["agent_ensemble"] = {**score_agent(None, "agent_ensemble", ensemble_chooser(agents)),
+                                                   "seeds": list(range(seed0, seed0 + len(agents)))}
 
     if not args.no_table:
         from cellrl.agent_io import load_agent
@@ -320,6 +331,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out["goals"] = {
         "recipe_agreement_ge_0.9": {k: (v or 0) >= 0.9 for k, v in agree.items()},
         "agent_success_ge_0.95_exact": (p["agent"]["success_vs_exact"] or 0) >= 0.95 if "agent" in p else None,
+        **({"agent_ensemble_success_ge_0.95_exact": (p["agent_ensemble"]["success_vs_exact"] or 0) >= 0.95}
+           if "agent_ensemble" in p else {}),
         "no_plan_repeats_a_gene": all(sc["repeats_a_gene"] == 0 for v in p.values() for k, sc in v.items()
                                       if k in ("exact_tasks", "all_tasks")),
     }

@@ -84,7 +84,11 @@ def test_train_agent_exact_warm_start_in_persistent_mode(problem, tmp_path):
     ws = summary["warm_start"]
     assert ws["method"] == "exact" and ws["samples"] > 0 and ws["start_cells"] == 2 * geo.n_types
     assert agent.learning_rate == pytest.approx(1e-3 * 0.03)
-    assert summary["timesteps"] == 32
+    assert summary["timesteps"] == 32 and ws["labels"] == "one" and ws["labels_per_sample"] == 1
+    _, summary = train_agent(geo, dummy, env, dict(train, warm_start_labels="all_plans"), out_dir=tmp_path / "c",
+                             progress=False, engine=eng)                 # train.warm_start_labels reaches the warm start
+    assert summary["warm_start"]["labels"] == "all_plans" and summary["warm_start"]["labels_per_sample"] > 1
+    assert summary["warm_start"]["samples"] > ws["samples"]
     agent, summary = train_agent(geo, dummy, env, dict(train, warm_start="bfs", total_timesteps=64),
                                  out_dir=tmp_path / "b", progress=False, engine=eng)
     assert not summary["warm_start"] and agent.learning_rate == pytest.approx(1e-3)
