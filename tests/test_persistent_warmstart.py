@@ -142,6 +142,10 @@ def test_benchmark_plan_cache_searches_once_per_settings(problem, tmp_path, monk
     with pytest.raises(pytest.fail.Exception, match="searched again"):
         bench.cached_training_plans(tmp_path / "c", model_file, eng, geo, settings, 3, 2, steps)
     assert len(list((tmp_path / "c").iterdir())) == 1
+    monkeypatch.undo()                                   # multi-label plans: an entry of their own, with the labels
+    p3, how3 = bench.cached_training_plans(tmp_path / "c", model_file, eng, geo, settings, 2, 2, steps, "all")
+    assert how3 == "computed" and p3.optimal is not None and p3.plans == p1.plans and p1.optimal is None
+    assert len(list((tmp_path / "c").iterdir())) == 2
 
 
 def test_all_labels_samples_and_multi_label_cloning(problem):
