@@ -3,7 +3,8 @@ the table mode's numbers for the same tasks side by side.
 
     .venv/bin/python benchmarks/persistent_demo.py [--results results/demo] [--truth resources/demo/ground_truth.json]
         [--n-starts N] [--beam-width 8] [--max-genes 3] [--agent-steps 200000] [--next-cell pca_direction]
-        [--warm-start none|exact] [--bc-starts 20] [--bc-epochs 60] [--bc-dagger 0] [--plans-cache DIR]
+        [--warm-start none|exact] [--bc-starts 20] [--bc-epochs 60] [--bc-dagger 0] [--bc-labels one|all]
+        [--plans-cache DIR] [--seed N] [--agents K]
         [--torch-threads N] [--quick]
 
 Needs the demo's ``oracle/model.npz``, ``transitions/table.npy`` and (for the table agent)
@@ -53,14 +54,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from cellrl.bfs import eval_allowed_mask  # noqa: E402
 from cellrl.config import dataset_config, load_config  # noqa: E402
 from cellrl.env import EnvParams  # noqa: E402
-from cellrl.evaluate import action_table, agent_chooser, eval_tasks, evaluate  # noqa: E402
+from cellrl.evaluate import action_table, agent_chooser, ensemble_chooser, eval_tasks, evaluate  # noqa: E402
 from cellrl.io import sha256_file, write_json  # noqa: E402
 from cellrl.persistent.engine import PersistentEngine  # noqa: E402
 from cellrl.persistent.env import VecPersistentEnv  # noqa: E402
 from cellrl.persistent.evaluate import (planted_agreement, plan_frame, score_plans, search_runs,  # noqa: E402
                                         success_vs_exact, task_subset)
 from cellrl.persistent.search import SearchResult, rollout  # noqa: E402
-from cellrl.persistent.warmstart import (STARTS_PER_TYPE, training_plans, training_starts,  # noqa: E402
+from cellrl.persistent.warmstart import (LABELS, MAX_PLANS, STARTS_PER_TYPE, training_plans, training_starts,  # noqa: E402
                                         warm_start_persistent)
 from cellrl.tasks import TaskGeometry  # noqa: E402
 from cellrl.train import (build_agent, fit_curriculum, load_inputs, quiet_numerics, set_torch_threads,  # noqa: E402
@@ -126,12 +127,12 @@ def train_persistent_agent(geo: TaskGeometry, engine: PersistentEngine, env_cfg:
                            steps: int, warm: str = "none", bc_starts: int = STARTS_PER_TYPE,
                            bc_epochs: int = BC_EPOCHS, threads: int | None = None,
                            after_bc: Any = None, dagger_rounds: int = 0,
-                           plans: SearchResult | None = None) -> tuple[Any, dict[str, Any]]:
+                           plans: SearchResult | None = None, labels: str = "one") -> tuple[Any, dict[str, Any]]:
     """MaskablePPO (reference network, demo train settings) on the persistent env: from scratch (``warm``
     none), or after behaviour cloning of exact plans from ``bc_starts`` training cells per type (``warm`` exact,
     :mod:`cellrl.persistent.warmstart`; PPO then at learning_rate x warm_start_ppo_lr_scale, as in table mode).
     ``after_bc(agent)`` is called between the two (to score the cloned policy); ``plans``: the training plans
-    already searched (:func:`cached_training_plans`)."""
+    already searched (:func:`cached_training_plans`); ``labels``: one or all optimal actions per plan state."""
     cfg = train_config({**train_cfg, "total_timesteps": int(steps), "warm_start": "none" if warm == "none" else "bfs"})
     threads = set_torch_threads(threads)
     params, warnings = fit_curriculum(EnvParams.from_config(env_cfg), geo.n_types, int(steps))
@@ -142,7 +143,7 @@ def train_persistent_agent(geo: TaskGeometry, engine: PersistentEngine, env_cfg:
     if warm == "exact":
         ws, _, _ = warm_start_persistent(agent, engine, geo, params, float(cfg["gamma"]), per_type=bc_starts,
                                          epochs=bc_epochs, seed=int(cfg["seed"]), dagger_rounds=dagger_rounds,
-                                         plans=plans)
+                                         plans=plans, labels=labels)
         rec["warm_start"] = {k: v for k, v in ws.items() if k != "loss_per_epoch"}
         rec["warm_start"]["loss_last"] = ws["loss_per_epoch"][-1] if ws["loss_per_epoch"] else None
         print("warm start", rec["warm_start"], flush=True)
@@ -161,19 +162,21 @@ def train_persistent_agent(geo: TaskGeometry, engine: PersistentEngine, env_cfg:
 
 def cached_training_plans(cache_dir: Path, model_path: Path, engine: PersistentEngine, geo: TaskGeometry,
                           settings: dict[str, Any], per_type: int, max_genes: int,
-                          max_steps: int) -> tuple[SearchResult, str]:
+                          max_steps: int, labels: str = "one") -> tuple[SearchResult, str]:
     """The warm start's exact plans (:func:`cellrl.persistent.warmstart.training_plans`, the expensive part),
     kept in ``cache_dir`` under a key of everything they depend on (the oracle model's bytes, the env and
     transitions settings, starts per type, set size, steps), so reruns and probes search once. Returns the
-    plans and ``computed`` or ``cache``."""
+    plans and ``computed`` or ``cache``. ``labels`` all: plans with every optimal action (a cache of their own)."""
+    extra = {"labels": labels} if labels != "one" else {}  # the key of one-label plans is unchanged
     key = hashlib.sha256(json.dumps({"model": sha256_file(model_path), "env": settings["env"],
                                      "transitions": settings["transitions"], "per_type": int(per_type),
-                                     "max_genes": int(max_genes), "max_steps": int(max_steps)},
+                                     "max_genes": int(max_genes), "max_steps": int(max_steps), **extra},
                                     sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"persistent_plans_{per_type}_{key}.pkl"
     if path.exists():
         return pickle.loads(path.read_bytes()), "cache"
-    plans = training_plans(engine, geo, training_starts(geo, per_type), max_genes, max_steps)
+    plans = training_plans(engine, geo, training_starts(geo, per_type), max_genes, max_steps,
+                           all_optimal=labels != "one", max_plans=MAX_PLANS if labels == "all_plans" else 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(pickle.dumps(plans))
     return plans, "computed"
@@ -204,6 +207,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--plans-cache", default=None, help="folder keeping the warm start's exact training plans "
                     "(searched once per settings; default: none, search every run)")
     ap.add_argument("--bc-dagger", type=int, default=0, help="DAgger rounds after cloning (exact labels)")
+    ap.add_argument("--bc-labels", choices=LABELS, default=None, help="one: the plan's action per state; all: every "
+                    "action starting a shortest completion; all_plans: all, on the states of up to MAX_PLANS shortest "
+                    "plans per task (default: train.warm_start_labels)")
+    ap.add_argument("--seed", type=int, default=None, help="train.seed of the agent (default: the demo's)")
+    ap.add_argument("--agents", type=int, default=1, help="train this many agents (seeds seed, seed+1, ...) and "
+                    "also score their ensemble (masked probabilities averaged: agent_ensemble)")
     ap.add_argument("--torch-threads", type=int, default=None)
     ap.add_argument("--no-table", action="store_true", help="skip the table-mode evaluation")
     ap.add_argument("--quick", action="store_true", help="do not overwrite benchmarks/results/")
@@ -213,6 +222,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     s = demo_settings()
     args.bc_starts = int(args.bc_starts or s["train"].get("warm_start_starts_per_type", STARTS_PER_TYPE))
     args.bc_epochs = int(args.bc_epochs or s["train"].get("warm_start_epochs", BC_EPOCHS))
+    args.bc_labels = args.bc_labels or s["train"].get("warm_start_labels", "one")
+    if args.seed is not None:
+        s["train"]["seed"] = int(args.seed)
     if args.next_cell:
         s["transitions"]["next_cell"] = args.next_cell
     truth = json.loads(Path(args.truth).read_text())
@@ -256,8 +268,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     steps = int(s["train"]["total_timesteps"] if args.agent_steps is None else args.agent_steps)
 
-    def score_agent(agent: Any, name: str) -> dict[str, Any]:
-        r = rollout(geo, engine, params, starts, targets, agent_chooser(agent, deterministic=True),
+    def score_agent(agent: Any, name: str, choose: Any = None) -> dict[str, Any]:
+        r = rollout(geo, engine, params, starts, targets, choose or agent_chooser(agent, deterministic=True),
                     max_steps=max_steps)
         f = plan_frame(name, starts, targets, r.success, r.plans, geo)
         res = {**score(f, engine.n_actions), "eval_wall_s": round(r.wall_s, 2)}
@@ -266,20 +278,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return res
 
     if steps > 0 or args.warm_start != "none":
-        after_bc = (lambda ag: score_agent(ag, "agent_bc_only")) if args.warm_start != "none" else None
         plans, plans_from = None, None
         if args.warm_start == "exact" and args.plans_cache:
             plans, plans_from = cached_training_plans(Path(args.plans_cache), res_dir / "oracle" / "model.npz", engine,
-                                                      geo, s, args.bc_starts, params.max_set_size, max_steps)
-        agent, train_rec = train_persistent_agent(geo, engine, s["env"], s["train"], steps, args.warm_start,
-                                                  args.bc_starts, args.bc_epochs, args.torch_threads, after_bc,
-                                                  args.bc_dagger, plans)
-        if plans_from:  # exact_seconds is then the search time of the run that filled the cache
-            train_rec["warm_start"]["plans_from"] = plans_from
-        if "after_bc" in train_rec:
-            out["persistent"]["agent_bc_only"] = train_rec.pop("after_bc")
-        log("agent trained", train_rec)
-        out["persistent"]["agent"] = {**score_agent(agent, "agent"), "training": train_rec}
+                                                      geo, s, args.bc_starts, params.max_set_size, max_steps,
+                                                      args.bc_labels)
+        seed0, agents = int(s["train"]["seed"]), []
+        for k in range(int(args.agents)):  # --agents K: seeds seed..seed+K-1, the first one's record as "agent"
+            name = "agent" if k == 0 else f"agent_seed{seed0 + k}"
+            after_bc = (lambda ag, nm=name: score_agent(ag, nm.replace("agent", "agent_bc_only"))) \
+                if args.warm_start != "none" else None
+            agent, train_rec = train_persistent_agent(geo, engine, s["env"], {**s["train"], "seed": seed0 + k}, steps,
+                                                      args.warm_start, args.bc_starts, args.bc_epochs,
+                                                      args.torch_threads, after_bc, args.bc_dagger, plans,
+                                                      args.bc_labels)
+            if plans_from:  # exact_seconds is then the search time of the run that filled the cache
+                train_rec["warm_start"]["plans_from"] = plans_from
+            if "after_bc" in train_rec:
+                out["persistent"][name.replace("agent", "agent_bc_only")] = train_rec.pop("after_bc")
+            log("agent trained", train_rec)
+            out["persistent"][name] = {**score_agent(agent, name), "training": train_rec}
+            agents.append(agent)
+        if len(agents) > 1:
+            out["persistent"]["agent_ensemble"] = {**score_agent(None, "agent_ensemble", ensemble_chooser(agents)),
+                                                   "seeds": list(range(seed0, seed0 + len(agents)))}
 
     if not args.no_table:
         from cellrl.agent_io import load_agent
@@ -309,6 +331,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out["goals"] = {
         "recipe_agreement_ge_0.9": {k: (v or 0) >= 0.9 for k, v in agree.items()},
         "agent_success_ge_0.95_exact": (p["agent"]["success_vs_exact"] or 0) >= 0.95 if "agent" in p else None,
+        **({"agent_ensemble_success_ge_0.95_exact": (p["agent_ensemble"]["success_vs_exact"] or 0) >= 0.95}
+           if "agent_ensemble" in p else {}),
         "no_plan_repeats_a_gene": all(sc["repeats_a_gene"] == 0 for v in p.values() for k, sc in v.items()
                                       if k in ("exact_tasks", "all_tasks")),
     }

@@ -148,6 +148,26 @@ def agent_chooser(agent: Any, deterministic: bool = True) -> Chooser:
     return choose
 
 
+def ensemble_chooser(agents: list[Any]) -> Chooser:
+    """Deterministic actions of an ensemble of MaskablePPO agents: the argmax of their masked action
+    probabilities averaged (ties to the lower action); one batched forward pass per agent per step."""
+    import torch as th
+
+    def choose(obs, masks, batch):
+        m = masks.copy()
+        m[~m.any(1)] = True
+        probs = 0.0
+        for agent in agents:
+            pol = agent.policy
+            pol.set_training_mode(False)
+            with th.no_grad():
+                dist = pol.get_distribution(pol.obs_to_tensor(obs)[0], action_masks=m)
+                probs = probs + dist.distribution.probs.cpu().numpy()
+        return np.asarray(np.where(m, probs, -1.0).argmax(1), dtype=np.int64)
+
+    return choose
+
+
 def check_agent_spaces(agent: Any, geometry: Any, n_actions: int, source: object = "agent") -> None:
     """Raise InputError when the agent was trained on another gene set or action space."""
     n_out = getattr(agent.action_space, "n", None)

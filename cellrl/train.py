@@ -64,7 +64,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "checkpoint_every": 100_000, "keep_checkpoints": 2, "eval_every": 20_000, "eval_episodes": 200,
     "device": "auto", "seed": 77, "use_hpo": False, "warm_start": "bfs", "warm_start_epochs": 60,
     "warm_start_ppo_lr_scale": 0.03, "warm_start_dagger_rounds": 2,
-    "warm_start_dagger_episodes": 2000, "warm_start_starts_per_type": 20,
+    "warm_start_dagger_episodes": 2000, "warm_start_starts_per_type": 20, "warm_start_labels": "one",
     "wandb": {"mode": "offline", "project": "cellrl"},
 }
 
@@ -448,7 +448,7 @@ def train_agent(model: OracleModel | TaskGeometry, table: np.ndarray, env_cfg: M
 
         run.state.warm_start = warm_start_persistent(
             agent, engine, geo, params, float(cfg["gamma"]), per_type=int(cfg["warm_start_starts_per_type"]),
-            epochs=int(cfg["warm_start_epochs"]), seed=int(cfg["seed"]))[0]
+            epochs=int(cfg["warm_start_epochs"]), seed=int(cfg["seed"]), labels=str(cfg["warm_start_labels"]))[0]
         log.info("warm start (exact plans): %d samples from %d plans, accuracy %.3f, %.1f s",
                  run.state.warm_start["samples"], run.state.warm_start["plans"],
                  run.state.warm_start["accuracy"] or 0, run.state.warm_start["seconds"])

@@ -193,3 +193,114 @@ def test_state_keys_tell_states_apart(R):
     rows = np.column_stack([task, cell, applied])
     same = (rows[:, None, :] == rows[None, :, :]).all(2)
     np.testing.assert_array_equal(k[:, None] == k[None, :], same)
+
+
+def optimal_first_actions(eng, geo, start, applied, target, steps_left, max_genes):
+    """Brute force: every action from (start, applied) after which some sequence reaches the goal within
+    ``steps_left`` steps in all (depth-first over every sequence, as :func:`brute_force`)."""
+
+    def moves(ap):
+        out = [a for a in range(eng.n_actions) if eng.action_mask(ap)[0, a] and np.count_nonzero(ap) < max_genes]
+        return out + ([eng.n_actions] if ap.any() else [])
+
+    def reach(cell, ap, left):
+        if left == 0:
+            return False
+        for a in moves(ap):
+            ap2 = ap if a == eng.n_actions else eng.apply(ap, [a])
+            nxt = int(eng.step([cell], ap2)[0])
+            if geo.goal_mask[target, nxt] or reach(nxt, ap2, left - 1):
+                return True
+        return False
+
+    good = []
+    for a in moves(applied):
+        ap2 = applied if a == eng.n_actions else eng.apply(applied, [a])
+        nxt = int(eng.step([start], ap2)[0])
+        if geo.goal_mask[target, nxt] or reach(nxt, ap2, steps_left - 1):
+            good.append(a)
+    return good
+
+
+def test_exact_all_optimal_labels_every_shortest_completion(problem):
+    """exact(all_optimal=True) keeps plans and success as they were and labels every state of a plan with
+    exactly the actions that start a shortest completion there (brute force over all sequences)."""
+    m, eng, geo, starts, targets = problem
+    ref = exact(eng, geo, starts, targets, max_genes=2, max_steps=4)
+    res = exact(eng, geo, starts, targets, max_genes=2, max_steps=4, all_optimal=True)
+    assert ref.optimal is None and res.plans == ref.plans and (res.success == ref.success).all()
+    n_multi = 0
+    for i in np.flatnonzero(res.success):
+        plan = res.plans[i]
+        assert len(res.optimal[i]) == len(plan)
+        applied = np.zeros((1, eng.n_regulators), np.int8)
+        cell = int(starts[i])
+        for k, a in enumerate(plan):
+            want = optimal_first_actions(eng, geo, cell, applied, int(targets[i]), len(plan) - k, 2)
+            assert res.optimal[i][k] == want and a in want
+            n_multi += len(want) > 1
+            applied = applied if a == eng.n_actions else eng.apply(applied, [a])
+            cell = int(eng.step([cell], applied)[0])
+    assert n_multi > 0                                   # several optimal actions occur (the test is not vacuous)
+
+
+def test_exact_other_shortest_plans_are_every_shortest_plan(problem):
+    """max_plans: the plan plus ``others`` are exactly the shortest action sequences (brute force: every
+    sequence of the plan's length that the masks allow and that ends at the goal), each labelled as the brute
+    force labels the states along it; max_plans caps them."""
+    m, eng, geo, starts, targets = problem
+    res = exact(eng, geo, starts, targets, max_genes=2, max_steps=4, all_optimal=True, max_plans=1000)
+    capped = exact(eng, geo, starts, targets, max_genes=2, max_steps=4, all_optimal=True, max_plans=2)
+    n_alt = 0
+    for i in np.flatnonzero(res.success):
+        L = len(res.plans[i])
+        seqs = [[]]                                        # every sequence of length L that ends at the goal
+        for k in range(L):
+            seqs = [s + [a] for s in seqs for a in range(eng.n_actions + 1)]
+        want = []
+        for s in seqs:
+            try:
+                cells = replay(eng, int(starts[i]), s)
+            except AssertionError:                         # an action the mask forbids
+                continue
+            if len(set(a % eng.n_regulators for a in s if a != eng.n_actions)) > 2:
+                continue
+            if geo.goal_mask[targets[i], cells[-1]]:          # L is the shortest: no earlier goal, no loop
+                want.append(s)
+        got = [res.plans[i]] + [p for p, _ in res.others[i]]
+        assert sorted(got) == sorted(want)
+        for p, opt in res.others[i]:                        # each other plan's labels: brute force along it
+            assert opt == [sorted({w[k] for w in want if w[:k] == p[:k]}) for k in range(L)]
+        assert res.optimal[i] == [sorted({w[k] for w in want if w[:k] == res.plans[i][:k]}) for k in range(L)]
+        assert len(capped.others[i]) == min(1, len(got) - 1)
+        n_alt += len(got) - 1
+    assert n_alt > 0
+
+
+def test_ensemble_of_agents_averages_masked_probabilities(problem):
+    """cellrl.evaluate.ensemble_chooser: one agent acts as its own deterministic policy; two agents take the
+    argmax of their averaged masked probabilities (never a masked action)."""
+    import torch as th
+
+    from cellrl.evaluate import agent_chooser, ensemble_chooser
+    from cellrl.persistent.env import VecPersistentEnv
+    from cellrl.train import build_agent
+
+    m, eng, geo, starts, targets = problem
+    env = VecPersistentEnv(geo, eng, len(starts), {"max_set_size": 2}, split="test", training=False)
+    agents = [build_agent(env, {"n_steps": 16, "batch_size": 16, "embed_dims": [16], "actor_dims": [16],
+                                "critic_dims": [8], "device": "cpu", "seed": s}) for s in (0, 1)]
+    env.set_tasks(starts, targets)
+    obs = env.reset()
+    masks = env.action_masks().copy()
+    masks[::2, 0] = False                                  # some masked actions
+    obs["action_mask"] = masks.astype(np.float32)
+    one = ensemble_chooser(agents[:1])(obs, masks, env.batch)
+    assert (one == agent_chooser(agents[0])(obs, masks, env.batch)).all()
+    probs = []
+    for ag in agents:
+        with th.no_grad():
+            d = ag.policy.get_distribution(ag.policy.obs_to_tensor(obs)[0], action_masks=masks)
+        probs.append(d.distribution.probs.numpy())
+    both = ensemble_chooser(agents)(obs, masks, env.batch)
+    assert (both == np.where(masks, probs[0] + probs[1], -1).argmax(1)).all() and masks[np.arange(len(both)), both].all()

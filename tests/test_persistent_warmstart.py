@@ -84,7 +84,11 @@ def test_train_agent_exact_warm_start_in_persistent_mode(problem, tmp_path):
     ws = summary["warm_start"]
     assert ws["method"] == "exact" and ws["samples"] > 0 and ws["start_cells"] == 2 * geo.n_types
     assert agent.learning_rate == pytest.approx(1e-3 * 0.03)
-    assert summary["timesteps"] == 32
+    assert summary["timesteps"] == 32 and ws["labels"] == "one" and ws["labels_per_sample"] == 1
+    _, summary = train_agent(geo, dummy, env, dict(train, warm_start_labels="all_plans"), out_dir=tmp_path / "c",
+                             progress=False, engine=eng)                 # train.warm_start_labels reaches the warm start
+    assert summary["warm_start"]["labels"] == "all_plans" and summary["warm_start"]["labels_per_sample"] > 1
+    assert summary["warm_start"]["samples"] > ws["samples"]
     agent, summary = train_agent(geo, dummy, env, dict(train, warm_start="bfs", total_timesteps=64),
                                  out_dir=tmp_path / "b", progress=False, engine=eng)
     assert not summary["warm_start"] and agent.learning_rate == pytest.approx(1e-3)
@@ -138,3 +142,69 @@ def test_benchmark_plan_cache_searches_once_per_settings(problem, tmp_path, monk
     with pytest.raises(pytest.fail.Exception, match="searched again"):
         bench.cached_training_plans(tmp_path / "c", model_file, eng, geo, settings, 3, 2, steps)
     assert len(list((tmp_path / "c").iterdir())) == 1
+    monkeypatch.undo()                                   # multi-label plans: an entry of their own, with the labels
+    p3, how3 = bench.cached_training_plans(tmp_path / "c", model_file, eng, geo, settings, 2, 2, steps, "all")
+    assert how3 == "computed" and p3.optimal is not None and p3.plans == p1.plans and p1.optimal is None
+    assert len(list((tmp_path / "c").iterdir())) == 2
+
+
+def test_all_labels_samples_and_multi_label_cloning(problem):
+    """labels='all': the same samples as 'one', each labelled with every optimal action the env allows (the
+    plan's among them; several on some states); cloning puts the policy's mass on the SET: the loss is
+    -log sum_{a optimal} pi(a|s), so a state with two optimal actions is fitted by either of them."""
+    import torch as th
+
+    from cellrl.train import build_agent
+    from cellrl.warmstart import _forward, _obs, behaviour_clone
+
+    m, eng, geo, params = problem
+    starts = training_starts(geo, 4)
+    steps = params.eval_max_steps(geo.n_types)
+    plans = training_plans(eng, geo, starts, 2, steps, all_optimal=True)
+    one, _ = plan_samples(eng, geo, params, plans, 0.98, labels="one")
+    data, rep = plan_samples(eng, geo, params, plans, 0.98, labels="all")
+    assert len(data) == len(one) and (data.cell == one.cell).all() and (data.value == one.value).all()
+    assert (data.optimal >= one.optimal).all() and not (data.optimal & ~data.mask).any()
+    multi = data.optimal.sum(1) > 1
+    assert multi.any() and rep["labels_per_sample"] == round(float(data.optimal.sum(1).mean()), 3) > 1
+    with pytest.raises(ValueError, match="all_optimal"):
+        plan_samples(eng, geo, params, training_plans(eng, geo, starts[:2], 2, steps), 0.98, labels="all")
+
+    env = VecPersistentEnv(geo, eng, 2, params, split="train", training=True, seed=0)
+    agent = build_agent(env, {"n_steps": 16, "batch_size": 16, "embed_dims": [32], "actor_dims": [32],
+                              "critic_dims": [16], "device": "cpu", "seed": 0})
+    geo_z, cents = th.from_numpy(np.ascontiguousarray(geo.z)), th.from_numpy(np.ascontiguousarray(geo.centroids))
+    idx = np.arange(len(data))
+
+    def set_loss():
+        with th.no_grad():
+            logp, _ = _forward(agent.policy, _obs(geo_z, cents, data, idx, "cpu"), th.as_tensor(data.mask))
+        p = logp.exp().numpy()
+        return float(-np.log((p * data.optimal).sum(1)).mean()), p
+
+    before, p0 = set_loss()
+    rec = behaviour_clone(agent, geo, data, epochs=150, seed=0, progress=False)
+    after, p = set_loss()
+    assert rec["loss_per_epoch"][0] == pytest.approx(before, rel=0.2) and after < 0.25 * before
+    assert abs(rec["loss_per_epoch"][-1] - after) < 0.1        # the recorded loss is the set's cross-entropy
+    # on multi-label states the mass is on the set, not necessarily on the plan's own action
+    assert (p * data.optimal).sum(1)[multi].mean() > 0.8
+    assert rec["accuracy"] >= 0.9
+
+
+def test_all_plans_samples_cover_the_other_shortest_plans(problem):
+    """labels='all_plans': the 'all' samples plus the states of the other shortest plans, each observation once,
+    every label allowed; without others searched it is refused."""
+    m, eng, geo, params = problem
+    starts = training_starts(geo, 4)
+    steps = params.eval_max_steps(geo.n_types)
+    plans = training_plans(eng, geo, starts, 2, steps, all_optimal=True, max_plans=50)
+    alln, _ = plan_samples(eng, geo, params, plans, 0.98, labels="all")
+    data, rep = plan_samples(eng, geo, params, plans, 0.98, labels="all_plans")
+    assert rep["other_plans"] == sum(len(o) for o in plans.others) > 0 and rep["plans"] == alln.n_pairs
+    key = lambda d: {(int(c), int(t), a.tobytes()) for c, t, a in zip(d.cell, d.target, d.applied)}  # noqa: E731
+    assert key(alln) < key(data) and len(key(data)) == len(data)          # more states, none twice
+    assert not (data.optimal & ~data.mask).any() and data.optimal.any(1).all()
+    with pytest.raises(ValueError, match="max_plans"):
+        plan_samples(eng, geo, params, training_plans(eng, geo, starts[:2], 2, steps, all_optimal=True), 0.98,
+                     labels="all_plans")

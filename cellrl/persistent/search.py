@@ -50,6 +50,12 @@ class SearchResult:
     engine_rows: int = 0
     wall_s: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    #: :func:`exact` with ``all_optimal``: per task, per step of its plan, every action that starts some
+    #: shortest completion from the state there (sorted; the plan's own action among them); else None.
+    optimal: list[list[list[int]]] | None = None
+    #: with ``all_optimal`` and ``max_plans`` > 1: per task, up to ``max_plans`` - 1 other shortest plans, each
+    #: (actions, optimal actions per step); else None.
+    others: list[list[tuple[list[int], list[list[int]]]]] | None = None
 
     @property
     def lengths(self) -> np.ndarray:
@@ -212,12 +218,15 @@ def beam(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.ndar
 # ---------------------------------------------------------------------------------------------- exact
 def exact(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.ndarray, max_genes: int = 3,
           max_steps: int = 20, cells: np.ndarray | None = None,
-          start_applied: np.ndarray | None = None) -> SearchResult:
+          start_applied: np.ndarray | None = None, all_optimal: bool = False, max_plans: int = 1) -> SearchResult:
     """Exact breadth-first search over (cell, set) states, sets of up to ``max_genes`` genes, up to
     ``max_steps`` steps (module docstring). Unsolved tasks get an empty plan. ``info``: new states per depth.
     ``cells``: (C,) bool, the cells a plan may enter (all when None; the warm start passes the training cells,
     so its plans never touch a held-out cell). ``start_applied``: (N, R) int8 sets already applied at the
-    starts (empty when None; the plan then adds at most ``max_genes`` genes in all, those included)."""
+    starts (empty when None; the plan then adds at most ``max_genes`` genes in all, those included).
+    ``all_optimal``: also keep, per depth, every edge into a state new at that depth (:func:`_shortest_dag`)
+    and fill ``optimal`` and (``max_plans`` > 1) ``others`` (:func:`_optimal_actions`); plans, success and the
+    other outputs are unchanged."""
     t0 = time.perf_counter()
     starts, targets = _tasks(geo, starts, targets)
     n = len(starts)
@@ -239,7 +248,10 @@ def exact(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.nda
     found: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
     rows = 0
     states = []
-    for _ in range(int(max_steps)):
+    depth_found = np.full((len(ustart), T), -1, np.int64)    # depth of the shortest plan per (start, target)
+    dag: list[tuple[np.ndarray, ...]] = []                 # all_optimal: per depth (sid, cell, edges)
+    live_prev = np.arange(len(ustart))                      # all_optimal: expanded states -> index at their depth
+    for d in range(1, int(max_steps) + 1):
         states.append(int(len(sid)))
         if not len(sid):
             break
@@ -251,6 +263,8 @@ def exact(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.nda
         s = sid[p]
         k = _keys(s, nxt, new, geo.n_cells)
         keep = _new_states(k, seen)
+        if all_optimal:
+            dag.append(_shortest_dag(k, seen, keep, live_prev[p], a, s[keep], nxt[keep]))
         p, a, new, nxt, s, k = p[keep], a[keep], new[keep], nxt[keep], s[keep], k[keep]
         hit = geo.goal_mask[:, nxt].T & need[s]               # (M, T)
         if hit.any():
@@ -260,7 +274,9 @@ def exact(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.nda
                 found[(int(s[q]), int(tt[j]))] = (np.r_[plan[p[q]], a[q]].astype(int).tolist(),
                                                  np.r_[path[p[q]], nxt[q]].astype(int).tolist())
                 need[s[q], tt[j]] = False
+                depth_found[s[q], tt[j]] = d
         live = np.flatnonzero(need[s].any(1))               # drop states of fully solved starts
+        live_prev = live
         seen = np.concatenate([seen, k])
         plan = np.column_stack([plan[p[live]], a[live]])
         path = np.column_stack([path[p[live]], nxt[live]])
@@ -275,8 +291,78 @@ def exact(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.nda
             success[i] = True
             plans[i], cells[i] = list(hitp[0]), list(hitp[1])
             final[i] = hitp[1][-1]
+    optimal, others = (_optimal_actions(dag, depth_found, geo.goal_mask, sid_of_task, targets, plans, success,
+                                        max_plans) if all_optimal else (None, None))
     return SearchResult("exact", starts, targets, success, plans, cells, final, rows, time.perf_counter() - t0,
-                        {"max_genes": int(max_genes), "max_steps": int(max_steps), "states_per_depth": states})
+                        {"max_genes": int(max_genes), "max_steps": int(max_steps), "states_per_depth": states},
+                        optimal, others if int(max_plans) > 1 else None)
+
+
+def _shortest_dag(k: np.ndarray, seen: np.ndarray, keep: np.ndarray, parent: np.ndarray, action: np.ndarray,
+                  sid: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, ...]:
+    """One depth of the shortest-plan graph: the depth's new states (``sid``, ``cell``: those of ``keep``) and
+    EVERY edge into one of them (duplicates within the depth included, so no shortest plan is lost) as
+    (parent index at the previous depth, action, child index among the new states). ``k``: keys of all moves
+    of the depth, ``parent``: their parents' indices at the previous depth."""
+    fresh = np.flatnonzero(~np.isin(k, seen)) if len(seen) else np.arange(len(k))
+    _, first, inv = np.unique(k[fresh], return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))   # keep lists first occurrences in order
+    assert np.array_equal(fresh[np.sort(first)], keep)
+    return (sid, cell, parent[fresh].astype(np.int64), action[fresh].astype(np.int64),
+            rank[np.asarray(inv).reshape(-1)])
+
+
+def _optimal_actions(dag: list[tuple[np.ndarray, ...]], depth_found: np.ndarray, goal_mask: np.ndarray,
+                     sid_of_task: np.ndarray, targets: np.ndarray, plans: list[list[int]], success: np.ndarray,
+                     max_plans: int = 1) -> tuple[list[list[list[int]]], list[list[tuple[list[int], list[list[int]]]]]]:
+    """Backward pass over :func:`_shortest_dag`'s depths: a state at depth d is on a shortest plan to type t
+    iff it is a goal of t at t's shortest depth from its start, or an edge leads from it to such a state at
+    d + 1; the optimal actions of a state are the actions of those edges. Returns per task (1) per plan step
+    (the state before the step) the sorted optimal actions and (2) up to ``max_plans`` - 1 OTHER shortest
+    plans, each with its optimal actions per step (depth-first, lower actions first)."""
+    D = len(dag)
+    useful: list[np.ndarray] = [np.zeros(0)] * (D + 1)     # useful[d] (states at depth d, T), d >= 1
+    for d in range(D, 0, -1):
+        sid, cell = dag[d - 1][0], dag[d - 1][1]
+        u = goal_mask[:, cell].T & (depth_found[sid] == d)
+        if d < D:
+            _, _, par, _, child = dag[d]
+            e, t = np.nonzero(useful[d + 1][child])
+            u[par[e], t] = True
+        useful[d] = u
+    index = []                                             # per depth: edges sorted by (parent, action)
+    for d in range(D):
+        _, _, par, act, child = dag[d]
+        order = np.lexsort((act, par))
+        index.append((par[order], act[order], child[order]))
+
+    def moves(d: int, node: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """(optimal actions, their children) of state ``node`` at depth d for target t (sorted by action)."""
+        ps, acts, ch = index[d]
+        lo, hi = np.searchsorted(ps, node, "left"), np.searchsorted(ps, node, "right")
+        good = useful[d + 1][ch[lo:hi], t]
+        return acts[lo:hi][good], ch[lo:hi][good]
+
+    optimal: list[list[list[int]]] = [[] for _ in range(len(plans))]
+    others: list[list[tuple[list[int], list[list[int]]]]] = [[] for _ in range(len(plans))]
+    for i in np.flatnonzero(success).tolist():
+        t, node = int(targets[i]), int(sid_of_task[i])
+        for d, a in enumerate(plans[i]):                   # the plan's own states
+            acts, ch = moves(d, node, t)
+            optimal[i].append(acts.tolist())
+            node = int(ch[acts == a][0])
+        stack = [(int(sid_of_task[i]), [], [])]            # depth-first over the other shortest plans
+        while stack and len(others[i]) < int(max_plans) - 1:
+            node, plan, opt = stack.pop()
+            if len(plan) == len(plans[i]):
+                if plan != plans[i]:
+                    others[i].append((plan, opt))
+                continue
+            acts, ch = moves(len(plan), node, t)
+            labels = opt + [acts.tolist()]
+            stack.extend((int(c), plan + [int(a)], labels) for a, c in zip(acts[::-1], ch[::-1]))
+    return optimal, others
 
 
 # ---------------------------------------------------------------------------------------------- policies

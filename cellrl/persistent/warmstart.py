@@ -18,7 +18,14 @@ The persistent mode has no transition table to run BFS on, so the table mode's w
    distribution, value MSE on detached features), unchanged: :class:`~cellrl.warmstart.BcData` carries the
    applied sets.
 
-One label per state (the plan exact search picks among the shortest: the most target-similar final cell).
+Labels (``train.warm_start_labels``): ``one``, the action of the one plan exact search keeps (among the
+shortest: the most target-similar final cell); ``all``, every action that starts SOME shortest completion from
+the state (:func:`~cellrl.persistent.search.exact` with ``all_optimal``: a backward pass over every edge into a
+state new at its depth), cloned with the set's cross-entropy ``-log sum_{a optimal} pi(a|s)``
+(:func:`cellrl.warmstart.behaviour_clone` already takes a set per row); ``all_plans``, ``all`` on the states of up
+to :data:`MAX_PLANS` shortest plans per task (the kept plan, then depth-first), each distinct observation once.
+Why: cells of one type often have several shortest plans (the genes of one set added in another order) and
+``one`` picks one per cell, so the clone sees conflicting labels for near-identical states.
 
 DAgger (``dagger_rounds`` > 0): roll the cloned policy out greedily from the same (training start, target)
 tasks in the training env; every visited state the samples lack (cell, target, applied set) is labelled by
@@ -44,6 +51,10 @@ from .search import SearchResult, exact
 
 #: Training start cells per cell type (default).
 STARTS_PER_TYPE = 20
+#: Labels per plan state (``train.warm_start_labels``): the plan's action, or every optimal action.
+LABELS = ("one", "all", "all_plans")
+#: Shortest plans per task whose states ``all_plans`` clones (the plan and up to this many - 1 others).
+MAX_PLANS = 32
 
 
 def training_starts(geo: TaskGeometry, per_type: int) -> np.ndarray:
@@ -59,8 +70,10 @@ def training_starts(geo: TaskGeometry, per_type: int) -> np.ndarray:
 
 
 def training_plans(engine: Engine, geo: TaskGeometry, starts: np.ndarray, max_genes: int,
-                   max_steps: int) -> SearchResult:
-    """Exact plans from each of ``starts`` (training cells) to every other cell type, on training cells only."""
+                   max_steps: int, all_optimal: bool = False, max_plans: int = 1) -> SearchResult:
+    """Exact plans from each of ``starts`` (training cells) to every other cell type, on training cells only
+    (``all_optimal``: with every optimal action per plan state and up to ``max_plans`` - 1 other shortest plans,
+    :func:`~cellrl.persistent.search.exact`)."""
     is_train = np.asarray(geo.split).astype(str) == "train"
     starts = np.asarray(starts, np.int64)
     if not is_train[starts].all():
@@ -68,12 +81,21 @@ def training_plans(engine: Engine, geo: TaskGeometry, starts: np.ndarray, max_ge
     s = np.repeat(starts, geo.n_types)
     t = np.tile(np.arange(geo.n_types), len(starts))
     keep = geo.type_ids[s] != t
-    return exact(engine, geo, s[keep], t[keep], max_genes, max_steps, cells=is_train)
+    return exact(engine, geo, s[keep], t[keep], max_genes, max_steps, cells=is_train, all_optimal=all_optimal,
+                 max_plans=max_plans)
 
 
 def plan_samples(engine: Engine, geo: TaskGeometry, params: Any, plans: SearchResult,
-                 gamma: float) -> tuple[BcData, dict[str, Any]]:
-    """Replay the successful plans in the training env (module docstring): one sample per state."""
+                 gamma: float, labels: str = "one") -> tuple[BcData, dict[str, Any]]:
+    """Replay the successful plans in the training env (module docstring): one sample per state. ``labels``:
+    ``one``, the plan's action; ``all``, every optimal action there (``plans.optimal``, from
+    ``exact(..., all_optimal=True)``) that the env allows; ``all_plans``, as ``all`` on the states of the other
+    shortest plans too (``plans.others``, ``max_plans`` > 1), each distinct observation once."""
+    if labels not in LABELS:
+        raise ValueError(f"labels must be one of {LABELS}, got {labels!r}")
+    if labels != "one" and (plans.optimal is None or (labels == "all_plans" and plans.others is None)):
+        raise ValueError(f"labels={labels!r} needs plans searched with all_optimal=True"
+                         + (" and max_plans > 1" if labels == "all_plans" else ""))
     ok = np.flatnonzero(plans.success & (plans.lengths > 0))
     A = hold_action(engine) + 1
     empty = BcData(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, A), bool), np.zeros((0, A), bool),
@@ -81,15 +103,22 @@ def plan_samples(engine: Engine, geo: TaskGeometry, params: Any, plans: SearchRe
                    applied=np.zeros((0, engine.n_regulators), np.float32))
     if not len(ok):
         return empty, {"plans": 0, "dropped_plans": 0}
-    starts, targets = plans.starts[ok], plans.targets[ok]
     acts = [plans.plans[i] for i in ok]
+    opts = [plans.optimal[i] for i in ok] if labels != "one" else None
+    n_main = len(ok)
+    if labels == "all_plans":                                    # the other shortest plans, after the plans
+        other = [(i, p, o) for i in ok.tolist() for p, o in plans.others[i]]
+        ok = np.r_[ok, [i for i, _, _ in other]].astype(np.int64)
+        acts += [p for _, p, _ in other]
+        opts += [o for _, _, o in other]
+    starts, targets = plans.starts[ok], plans.targets[ok]
     n = len(ok)
     length = np.array([len(p) for p in acts])
     batch = PersistentBatch(geo, engine, n, params, split="train", training=True, curriculum=False,
                             max_steps=max(int(params.eval_max_steps(geo.n_types)), int(length.max())))
     batch.set_tasks(starts, targets)
     batch.reset_envs(np.arange(n))
-    cells, tgts, applied, masks, labels, rewards, owner, step = [], [], [], [], [], [], [], []
+    cells, tgts, applied, masks, acted, rewards, owner, step = [], [], [], [], [], [], [], []
     broken = np.zeros(n, bool)
     reached = np.zeros(n, bool)
     for k in range(int(length.max())):
@@ -102,15 +131,22 @@ def plan_samples(engine: Engine, geo: TaskGeometry, params: Any, plans: SearchRe
         tgts.append(batch.target[j].copy())
         applied.append(batch.applied_obs(j))
         masks.append(batch.mask[j].copy())
-        labels.append(a[j])
+        acted.append(a[j])
         owner.append(j)
         step.append(np.full(len(j), k))
         reward, success, _, _ = batch.step(a)
         rewards.append(reward[j])
         reached[j[k == length[j] - 1]] = success[j[k == length[j] - 1]]
     broken |= ~reached                                           # a replay must end at the goal, as the plan did
-    cell, target, label = np.concatenate(cells), np.concatenate(tgts), np.concatenate(labels)
+    cell, target, label = np.concatenate(cells), np.concatenate(tgts), np.concatenate(acted)
     own, stp, rew = np.concatenate(owner), np.concatenate(step), np.concatenate(rewards)
+    optimal = np.eye(A, dtype=bool)[label]
+    m = np.concatenate(masks)
+    if opts is not None:                                         # the plan's action stays one of them
+        r, c = zip(*[(row, x) for row, (i, k) in enumerate(zip(own.tolist(), stp.tolist()))
+                     for x in opts[i][k]]) if len(own) else ((), ())
+        optimal[np.asarray(r, np.int64), np.asarray(c, np.int64)] = True
+        optimal &= m
     value = np.zeros(len(cell))
     for i in np.flatnonzero(~broken):                            # discounted return of the rest of each plan
         rows = np.flatnonzero(own == i)
@@ -119,13 +155,20 @@ def plan_samples(engine: Engine, geo: TaskGeometry, params: Any, plans: SearchRe
         for r in rows[::-1]:
             g = rew[r] + gamma * g
             value[r] = g
+    ap = np.concatenate(applied)
     keep = ~broken[own]
-    m = np.concatenate(masks)[keep]
-    data = BcData(cell=cell[keep], target=target[keep], optimal=np.eye(A, dtype=bool)[label[keep]], mask=m,
+    if labels == "all_plans":                                    # one sample per distinct observation
+        idx = np.flatnonzero(keep)
+        key = np.column_stack([cell[idx], target[idx], ap[idx], m[idx]]).astype(np.float32)
+        keep = np.zeros(len(cell), bool)
+        keep[idx[np.unique(key, axis=0, return_index=True)[1]]] = True
+    data = BcData(cell=cell[keep], target=target[keep], optimal=optimal[keep], mask=m[keep],
                   dist=(length[own] - stp)[keep].astype(np.int32), value=value[keep].astype(np.float32),
-                  n_pairs=int((~broken).sum()), n_pairs_total=len(plans.success), bfs_seconds=plans.wall_s,
-                  applied=np.concatenate(applied)[keep])
-    return data, {"plans": int((~broken).sum()), "dropped_plans": int(broken.sum())}
+                  n_pairs=int((~broken[:n_main]).sum()), n_pairs_total=len(plans.success),
+                  bfs_seconds=plans.wall_s, applied=ap[keep])
+    return data, {"plans": int((~broken[:n_main]).sum()), "dropped_plans": int(broken[:n_main].sum()),
+                  "other_plans": int((~broken[n_main:]).sum()), "labels": labels,
+                  "labels_per_sample": round(float(data.optimal.sum(1).mean()), 3) if len(data) else None}
 
 
 def _greedy(agent: Any, geo: TaskGeometry, batch: PersistentBatch, idx: np.ndarray) -> np.ndarray:
@@ -191,15 +234,18 @@ def dagger_samples(agent: Any, engine: Engine, geo: TaskGeometry, params: Any, d
 def warm_start_persistent(agent: Any, engine: Engine, geo: TaskGeometry, params: Any, gamma: float,
                           per_type: int = STARTS_PER_TYPE, max_genes: int | None = None,
                           epochs: int = BC_EPOCHS, seed: int = 0, dagger_rounds: int = 0,
-                          plans: SearchResult | None = None) -> tuple[dict[str, Any], BcData, SearchResult]:
-    """Exact plans from training cells (``plans``: precomputed ones), their samples, behaviour cloning into
-    ``agent.policy`` and ``dagger_rounds`` DAgger rounds. Returns (record, samples, plans)."""
+                          plans: SearchResult | None = None,
+                          labels: str = "one") -> tuple[dict[str, Any], BcData, SearchResult]:
+    """Exact plans from training cells (``plans``: precomputed ones), their samples (``labels``:
+    :func:`plan_samples`), behaviour cloning into ``agent.policy`` and ``dagger_rounds`` DAgger rounds. Returns
+    (record, samples, plans)."""
     t0 = time.perf_counter()
     starts = training_starts(geo, per_type)
     max_genes = int(max_genes or params.max_set_size)
     if plans is None:
-        plans = training_plans(engine, geo, starts, max_genes, int(params.eval_max_steps(geo.n_types)))
-    data, rep = plan_samples(engine, geo, params, plans, gamma)
+        plans = training_plans(engine, geo, starts, max_genes, int(params.eval_max_steps(geo.n_types)),
+                               all_optimal=labels != "one", max_plans=MAX_PLANS if labels == "all_plans" else 1)
+    data, rep = plan_samples(engine, geo, params, plans, gamma, labels)
     fit = dict(epochs=epochs, batch_size=BC_BATCH_SIZE, learning_rate=BC_LEARNING_RATE, value_coef=BC_VALUE_COEF)
     rec = behaviour_clone(agent, geo, data, seed=seed, **fit)
     rounds, env_steps = [], 0
