@@ -444,7 +444,8 @@ def finish_oracle(oracle: Any, links: Any, info: Mapping[str, Any], split: Any, 
     check_active_regulators(oracle, links, sources[1], p_cutoff, top_n_links, (meta or {}).get("dataset"))
     params = dict(expression=expression, n_pcs=info["n_pcs"], knn_k=info["knn_k"], knn_k_fraction=knn_k_fraction,
                   alpha=alpha, bagging_number=bagging_number, p_cutoff=p_cutoff, top_n_links=top_n_links,
-                  embedding=embedding, seed=seed, raw_count_scale=info["scale"], celloracle=co.__version__)
+                  embedding=embedding, seed=seed, raw_count_scale=info["scale"], celloracle=co.__version__,
+                  oe_value=oe_value, **({"oe_sd": oe_sd, "oe_iqr": oe_iqr} if oe_value == "reference" else {}))
     t = time.time()
     model = model_from_oracle(oracle, split, oe_sd=oe_sd, oe_iqr=oe_iqr, oe_value=oe_value,
                               meta=dict(meta or {}) | {"oracle": params})

@@ -119,6 +119,7 @@ def test_demo_model_npz_roundtrip(demo_fitted, tmp_path):
     for x, y in zip(m.coefs, a.coefs):
         assert (x != y).nnz == 0
     assert m.meta["oracle"]["alpha"] == 10 and m.meta["oe_sd"] == 1.5
+    assert m.meta["oracle"]["oe_value"] == "max" and "oe_sd" not in m.meta["oracle"]  # stats.json params, the report
 
 
 @pytest.mark.slow
