@@ -61,8 +61,8 @@ from cellrl.persistent.env import VecPersistentEnv  # noqa: E402
 from cellrl.persistent.evaluate import (planted_agreement, plan_frame, score_plans, search_runs,  # noqa: E402
                                         success_vs_exact, task_subset)
 from cellrl.persistent.search import SearchResult, rollout  # noqa: E402
-from cellrl.persistent.warmstart import (LABELS, MAX_PLANS, STARTS_PER_TYPE, training_plans, training_starts,  # noqa: E402
-                                        warm_start_persistent)
+from cellrl.persistent.warmstart import (LABELS, STARTS_PER_TYPE, label_search, training_plans,  # noqa: E402
+                                        training_starts, warm_start_persistent)
 from cellrl.tasks import TaskGeometry  # noqa: E402
 from cellrl.train import (build_agent, fit_curriculum, load_inputs, quiet_numerics, set_torch_threads,  # noqa: E402
                           train_config)
@@ -175,8 +175,7 @@ def cached_training_plans(cache_dir: Path, model_path: Path, engine: PersistentE
     path = Path(cache_dir) / f"persistent_plans_{per_type}_{key}.pkl"
     if path.exists():
         return pickle.loads(path.read_bytes()), "cache"
-    plans = training_plans(engine, geo, training_starts(geo, per_type), max_genes, max_steps,
-                           all_optimal=labels != "one", max_plans=MAX_PLANS if labels == "all_plans" else 1)
+    plans = training_plans(engine, geo, training_starts(geo, per_type), max_genes, max_steps, **label_search(labels))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(pickle.dumps(plans))
     return plans, "computed"

@@ -136,12 +136,19 @@ def bfs_chooser(res: BfsResult) -> Chooser:
     return choose
 
 
+def _policy_masks(masks: np.ndarray) -> np.ndarray:
+    """``masks`` with rows that allow nothing opened (such a cell ends its episode anyway; keeps the policy
+    distribution defined)."""
+    m = masks.copy()
+    m[~m.any(1)] = True
+    return m
+
+
 def agent_chooser(agent: Any, deterministic: bool = True) -> Chooser:
     """MaskablePPO actions for all episodes in one batched forward pass per step."""
 
     def choose(obs, masks, batch):
-        m = masks.copy()
-        m[~m.any(1)] = True  # a cell without allowed actions ends the episode anyway; keep the policy defined
+        m = _policy_masks(masks)
         a, _ = agent.predict(obs, action_masks=m, deterministic=deterministic)
         return np.asarray(a, dtype=np.int64).reshape(-1)
 
@@ -154,8 +161,7 @@ def ensemble_chooser(agents: list[Any]) -> Chooser:
     import torch as th
 
     def choose(obs, masks, batch):
-        m = masks.copy()
-        m[~m.any(1)] = True
+        m = _policy_masks(masks)
         probs = 0.0
         for agent in agents:
             pol = agent.policy

@@ -34,11 +34,17 @@ def settings(stage, run=False):
     return _get
 
 
+def persistent_run(wildcards):
+    """Whether the job's run has env.perturbation_model: persistent (after dataset and run overrides)."""
+    return dataset_config(config, wildcards.dataset, wildcards.run)["env"]["perturbation_model"] == "persistent"
+
+
 def engine_settings(wildcards):
     """params function: the transitions settings of the persistent engine for a run with
     env.perturbation_model: persistent; None for table runs (a setting the table does not use reruns nothing)."""
-    s = dataset_config(config, wildcards.dataset, wildcards.run)
-    return s["transitions"] if s["env"]["perturbation_model"] == "persistent" else None
+    if not persistent_run(wildcards):
+        return None
+    return dataset_config(config, wildcards.dataset, wildcards.run)["transitions"]
 
 
 def dataset_entry(key):
@@ -102,7 +108,7 @@ def regulator_list(wildcards):
 def bfs_input(wildcards):
     """Rule evaluate's BFS optimum and its checksum: table runs only (a persistent run is scored against exact
     search over sets, so it neither needs nor waits for the BFS table)."""
-    if dataset_config(config, wildcards.dataset, wildcards.run)["env"]["perturbation_model"] == "persistent":
+    if persistent_run(wildcards):
         return {}
     return {"bfs": f"results/{wildcards.dataset}/benchmark/bfs.parquet",
             "bfs_stats": f"results/{wildcards.dataset}/benchmark/bfs_stats.json"}

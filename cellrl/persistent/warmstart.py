@@ -69,6 +69,11 @@ def training_starts(geo: TaskGeometry, per_type: int) -> np.ndarray:
     return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
 
 
+def label_search(labels: str) -> dict[str, Any]:
+    """:func:`training_plans` options that the ``labels`` of :func:`plan_samples` need."""
+    return {"all_optimal": labels != "one", "max_plans": MAX_PLANS if labels == "all_plans" else 1}
+
+
 def training_plans(engine: Engine, geo: TaskGeometry, starts: np.ndarray, max_genes: int,
                    max_steps: int, all_optimal: bool = False, max_plans: int = 1) -> SearchResult:
     """Exact plans from each of ``starts`` (training cells) to every other cell type, on training cells only
@@ -244,7 +249,7 @@ def warm_start_persistent(agent: Any, engine: Engine, geo: TaskGeometry, params:
     max_genes = int(max_genes or params.max_set_size)
     if plans is None:
         plans = training_plans(engine, geo, starts, max_genes, int(params.eval_max_steps(geo.n_types)),
-                               all_optimal=labels != "one", max_plans=MAX_PLANS if labels == "all_plans" else 1)
+                               **label_search(labels))
     data, rep = plan_samples(engine, geo, params, plans, gamma, labels)
     fit = dict(epochs=epochs, batch_size=BC_BATCH_SIZE, learning_rate=BC_LEARNING_RATE, value_coef=BC_VALUE_COEF)
     rec = behaviour_clone(agent, geo, data, seed=seed, **fit)

@@ -162,13 +162,14 @@ def run_chunk(ctx: Context, cells: np.ndarray, cluster: int, keep_delta: bool = 
     if model in ("pca", "pca_step"):
         step = disp if model == "pca" else disp * float(ctx.settings.step_gain)
         nxt = nc.pca_nearest(xp, step, ctx.scores, ci, ctx.candidates[ci], ctx.radius[ci], ctx.pca.tree)
-    elif model == "pca_direction":
-        nxt = to_numpy(nc.pca_direction(xp, disp, ctx.scores, ci, ctx.candidates[ci], ctx.half_gap[ci],
-                                        block=nc.CPU_BLOCK if xp is np else None))
-    elif model == "pca_step_direction":
-        nxt = nc.pca_step_direction(xp, disp, ctx.settings.step_gain, ctx.scores, ci, ctx.candidates[ci],
-                                    ctx.radius[ci], ctx.half_gap[ci], ctx.pca.tree,
-                                    block=nc.CPU_BLOCK if xp is np else None)
+    elif model in ("pca_direction", "pca_step_direction"):
+        block = nc.CPU_BLOCK if xp is np else None
+        if model == "pca_direction":
+            nxt = to_numpy(nc.pca_direction(xp, disp, ctx.scores, ci, ctx.candidates[ci], ctx.half_gap[ci],
+                                            block=block))
+        else:
+            nxt = nc.pca_step_direction(xp, disp, ctx.settings.step_gain, ctx.scores, ci, ctx.candidates[ci],
+                                        ctx.radius[ci], ctx.half_gap[ci], ctx.pca.tree, block=block)
     elif model == "prob_max":
         nxt = to_numpy(nc.prob_max(xp, P, disp, ci, nbr, ctx.half_gap[ci]))
     else:  # celloracle: nearest cell to the shifted point (CPU KD-tree; NaN shift = no move)
