@@ -32,11 +32,11 @@ def _step(model: str, s: np.ndarray, k: int = 2, P: np.ndarray | None = None, nb
     s = np.asarray(s, dtype=np.float64)[None]  # (1, A, 2)
     if model == "pca_step_direction":
         return nc.pca_step_direction(np, s, gain, sp_.scores, cells, sp_.candidates[cells], sp_.radius[cells],
-                                     sp_.half_gap[cells], sp_.tree)[0]
+                                     sp_.half_gap[cells], sp_.nearest)[0]
     if model == "pca_step":  # the engine's call: pca_nearest on the displacement times step_gain
         model, s = "pca", gain * s
     if model == "pca":
-        return nc.pca_nearest(np, s, sp_.scores, cells, sp_.candidates[cells], sp_.radius[cells], sp_.tree)[0]
+        return nc.pca_nearest(np, s, sp_.scores, cells, sp_.candidates[cells], sp_.radius[cells], sp_.nearest)[0]
     if model == "pca_direction":
         return nc.pca_direction(np, s, sp_.scores, cells, sp_.candidates[cells], sp_.half_gap[cells])[0]
     return nc.prob_max(np, P[None], s, cells, nbr[None], sp_.half_gap[cells])[0]
@@ -142,13 +142,15 @@ def test_zero_delta_is_a_stagnation(which):
     assert (table[:, 1:] != np.arange(m.n_cells)[:, None]).any()  # the other knockouts do move cells
 
 
+@pytest.mark.parametrize("n_pcs", [None, 10])  # 30 PCs: NearestCell's brute-force search; 10: its KD-tree
 @pytest.mark.parametrize("which", MODELS)
-def test_table_equals_dense_reference(model, which):
+def test_table_equals_dense_reference(model, which, n_pcs):
     """The chunked table equals the model's definition applied to the dense simulated delta (brute force)."""
-    s = dict(SETTINGS, next_cell=which, chunk_cells=37)
+    s = dict(SETTINGS, next_cell=which, chunk_cells=37, n_pcs=n_pcs)
     table, _, _ = T.compute_table(model, s, progress=False, threads=2)
     sim = T.simulate_actions(model, s)
-    ps = nc.pca_space(model.X, nc.n_pcs_of(None, model.meta), s["n_neighbors"])
+    ps = nc.pca_space(model.X, nc.n_pcs_of(n_pcs, model.meta), s["n_neighbors"])
+    assert ps.nearest.brute == (n_pcs is None)
     disp = sim["delta"] @ ps.loadings  # (A, N, d)
     N = model.n_cells
     P = ps.scores
@@ -170,6 +172,26 @@ def test_table_equals_dense_reference(model, which):
         ref = np.where(gate, best, np.arange(N)[None])
     np.testing.assert_array_equal(table, ref.T)
     assert 0.0 < (table == np.arange(N)[:, None]).mean() < 1.0  # both stagnations and moves occur
+
+
+@pytest.mark.parametrize("d", [3, 30])
+def test_nearest_cell_is_exact_with_first_index_on_ties(d):
+    """NearestCell (KD-tree up to KD_TREE_MAX_DIMS PCs, float32 filter + float64 check above) equals the dense
+    float64 search; above, exact ties (duplicate cells) go to the lowest index."""
+    rng = np.random.default_rng(d)
+    P = rng.normal(size=(400, d)) * np.linspace(5.0, 0.1, d)  # PCA-like: variance falling along the PCs
+    P[[10, 200, 399]] = P[50]  # duplicates of cell 50
+    near = nc.NearestCell(P)
+    assert near.brute == (d > nc.KD_TREE_MAX_DIMS)
+    Q = np.vstack([P[rng.integers(0, 400, 300)] + rng.normal(size=(300, d)) * s  # near cells, gaps, far voids
+                   for s in (0.01, 0.5, 5.0)] + [P[[50, 10, 7]], 1e3 * np.ones((1, d))])
+    got = near(Q)
+    d2 = ((Q[:, None, :] - P[None]) ** 2).sum(axis=2)
+    np.testing.assert_array_equal(d2[np.arange(len(Q)), got], d2.min(axis=1))
+    if near.brute:
+        np.testing.assert_array_equal(got, d2.argmin(axis=1))  # first on ties
+        assert got[-4] == got[-3] == 10 and got[-2] == 7
+    assert len(set(got[:900].tolist())) > 100  # a real search, not one cell
 
 
 @pytest.mark.parametrize("which", MODELS)

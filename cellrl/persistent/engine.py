@@ -499,12 +499,12 @@ class PersistentEngine:
             sp_[cell_of_row, pi] = s[ri]
             if model in ("pca", "pca_step"):  # pca_step: pca with the displacement times transitions.step_gain
                 disp = sp_ if model == "pca" else sp_ * float(self.settings.step_gain)
-                nxt = nc.pca_nearest(xp, disp, self.scores, ci, self.candidates[ci], self.radius[ci], self.pca.tree)
+                nxt = nc.pca_nearest(xp, disp, self.scores, ci, self.candidates[ci], self.radius[ci], self.pca.nearest)
             elif model == "pca_direction":
                 nxt = nc.pca_direction(xp, sp_, self.scores, ci, self.candidates[ci], self.half_gap[ci])
             elif model == "pca_step_direction":
                 nxt = nc.pca_step_direction(xp, sp_, self.settings.step_gain, self.scores, ci, self.candidates[ci],
-                                            self.radius[ci], self.half_gap[ci], self.pca.tree)
+                                            self.radius[ci], self.half_gap[ci], self.pca.nearest)
             else:
                 Pp = xp.zeros((m, width, P.shape[1]))
                 Pp[cell_of_row, pi] = P[ri]

@@ -11,7 +11,8 @@ cells in that space and ``r_i`` the distance to the nearest one:
   included. It stays at ``i`` while the simulated point is still nearer to the cell itself than to any other
   cell (its Voronoi cell): a change too small to make the cell more like another cell than like itself is no
   move. Searched among ``{i} + N_K(i)`` first; an answer is certain when ``|p_i + s - p_best| <= R_i - |s|``
-  (``R_i`` the distance to the K-th nearest cell: every other cell is farther), else a KD-tree over all cells.
+  (``R_i`` the distance to the K-th nearest cell: every other cell is farther), else over all cells
+  (:class:`NearestCell`; first index on ties).
 * ``pca_step``: ``pca`` with the displacement taken ``g = transitions.step_gain`` times
   (default 4), ``argmin_j |p_j - (p_i + g s)|`` over all cells, ``i`` included (the same exact search; ``g = 1``
   is ``pca``). The step is sized by the simulated change: a strong perturbation jumps several cells along its
@@ -50,6 +51,7 @@ from ..xp import to_numpy
 
 DEFAULT_N_PCS = 50  # when neither transitions.n_pcs nor the model's meta (oracle n_pcs) gives one
 CPU_BLOCK = 32  # cells scored at once by pca_direction on CPU (cache-sized candidate offsets)
+KD_TREE_MAX_DIMS = 20  # NearestCell: a KD-tree up to this many PCs, a brute-force search above (see there)
 EMBEDDING_MODELS = ("celloracle", "prob_max")  # the models that read P_ij or the embedding shift
 
 
@@ -68,13 +70,73 @@ class PcaSpace:
     candidates: np.ndarray  # (N, K) int64, N_K(i): K nearest other cells, nearest first
     half_gap: np.ndarray  # (N,) f64, r_i / 2: half the distance to the nearest other cell
     radius: np.ndarray  # (N,) f64, R_i: distance to the K-th nearest other cell
-    tree: Any  # scipy cKDTree over scores (pca's exact fallback)
+    nearest: NearestCell  # the exact nearest cell of any point (pca's fallback)
+
+
+class NearestCell:
+    """Exact nearest cell (among all ``N`` rows of ``scores``) of query points anywhere in the PCA space.
+
+    Up to :data:`KD_TREE_MAX_DIMS` PCs a scipy cKDTree. Above, a KD-tree visits most cells anyway (far steps land
+    in voids, where distances concentrate), so a blocked brute-force search: ``|p_j|^2 - 2 q.p_j`` by one
+    float32 product per block of queries finds the nearest cell up to that product's rounding bound, and the few
+    queries where another cell lies within the bound are settled by float64 differences ``|q - p_j|^2`` (first
+    index on ties). Paul15's 50 PCs, 2,660 cells: 2.6x faster than the KD-tree, same answers."""
+
+    def __init__(self, scores: np.ndarray, tree: Any = None) -> None:
+        self.scores = np.ascontiguousarray(scores, dtype=np.float64)
+        N, d = self.scores.shape
+        self.brute = d > KD_TREE_MAX_DIMS
+        if self.brute:
+            s32 = self.scores.astype(np.float32)
+            self._neg2_t = np.ascontiguousarray(-2.0 * s32.T)  # (d, N); times 2 is exact
+            self._sq = np.einsum("nd,nd->n", s32, s32)  # (N,) f32
+            self._sq_max = float(np.einsum("nd,nd->n", self.scores, self.scores).max()) if N else 0.0
+            # bound on |f32 result - exact| of |p|^2 - 2 q.p: ~(d + 6) roundings of |p|^2 + 2 |q| |p| <= 2 |p|^2
+            # + |q|^2; x4 for safety (a wider bound only settles more queries exactly)
+            self._slack = 4.0 * (d + 6) * float(np.finfo(np.float32).eps)
+            self.tree = None
+        else:
+            from scipy.spatial import cKDTree
+
+            self.tree = tree if tree is not None else cKDTree(self.scores)
+
+    def __call__(self, q: np.ndarray) -> np.ndarray:
+        """(m,) int64 nearest cell of each row of ``q`` (m, d)."""
+        q = np.ascontiguousarray(q, dtype=np.float64)
+        if not self.brute:
+            return self.tree.query(q, k=1, workers=-1 if len(q) > 50_000 else 1)[1].astype(np.int64)
+        N = self.scores.shape[0]
+        out = np.empty(len(q), dtype=np.int64)
+        block = max(16, (1 << 20) // max(N, 1))  # ~4 MiB of float32 scores per block
+        rows, cols = [], []
+        for b in range(0, len(q), block):
+            qb = q[b:b + block]
+            g = qb.astype(np.float32) @ self._neg2_t
+            g += self._sq
+            j = g.argmin(axis=1)
+            tol = self._slack * (2.0 * self._sq_max + np.einsum("nd,nd->n", qb, qb))
+            near = g <= (g[np.arange(len(qb)), j] + tol)[:, None]
+            out[b:b + len(qb)] = j
+            unsure = np.flatnonzero(np.count_nonzero(near, axis=1) > 1)
+            if unsure.size:
+                r, c = np.nonzero(near[unsure])
+                rows.append(b + unsure[r])
+                cols.append(c)
+        if rows:  # float64 distances for every cell within the bound; first (lowest) index on ties
+            r, c = np.concatenate(rows), np.concatenate(cols)
+            dist = ((q[r] - self.scores[c]) ** 2).sum(axis=1)
+            o = np.lexsort((c, dist, r))
+            r, c = r[o], c[o]
+            first = np.r_[True, r[1:] != r[:-1]]
+            out[r[first]] = c[first]
+        return out
 
 
 def pca_space(X: np.ndarray, n_pcs: int, n_candidates: int) -> PcaSpace:
     """PCA of ``X`` (cells x genes) by an eigendecomposition of the covariance (deterministic; each component's
     sign fixed so its largest-magnitude loading is positive), then each cell's ``n_candidates`` nearest cells
-    (scipy cKDTree, exact; the cell itself removed, duplicates kept; the same tree is kept for pca's fallback)."""
+    (scipy cKDTree, exact; the cell itself removed, duplicates kept; the same tree serves :class:`NearestCell`
+    in few dimensions)."""
     from scipy.spatial import cKDTree
 
     X = np.asarray(X, dtype=np.float64)
@@ -101,7 +163,7 @@ def pca_space(X: np.ndarray, n_pcs: int, n_candidates: int) -> PcaSpace:
         cand = ind[keep].reshape(N, K).astype(np.int64)
         gaps = dist[keep].reshape(N, K)
     return PcaSpace(scores=scores, loadings=np.ascontiguousarray(L), candidates=cand, half_gap=gaps[:, 0] / 2.0,
-                    radius=gaps[:, -1], tree=tree)
+                    radius=gaps[:, -1], nearest=NearestCell(scores, tree))
 
 
 def top_eigenvectors(M: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
@@ -165,16 +227,22 @@ except Exception:  # pragma: no cover
 
 
 def pca_nearest(xp: ModuleType, s: Any, scores: Any, cells: Any, candidates: Any, radius: Any,
-                tree: Any) -> np.ndarray:
+                nearest: NearestCell, block: int | None = None) -> np.ndarray:
     """``pca`` model: (n, A) next cells (numpy). ``s`` (n, A, d) simulated displacements of ``cells`` (n,),
     ``scores`` (N, d), ``candidates`` (n, K) their nearest cells, ``radius`` (n,) the distance to the K-th.
     ``|p_i + s - p_j|^2 - |s|^2 = |D_j|^2 - 2 s.D_j`` with ``D_j = p_j - p_i``: the cell moves to the smallest of
     these when it is negative (strictly nearer than itself), else stays; answers the candidates cannot certify
-    come from ``tree`` (all cells)."""
-    D = candidate_offsets(xp, scores, cells, candidates)  # (n, K, d)
-    score = xp.einsum("nkd,nkd->nk", D, D)[:, None, :] - 2.0 * xp.matmul(s, D.transpose(0, 2, 1))  # (n, A, K)
-    best = xp.argmin(score, axis=2)  # (n, A), first on ties
-    best_score = xp.take_along_axis(score, best[:, :, None], axis=2)[:, :, 0]
+    come from ``nearest`` (all cells). ``block``: cells scored at once, as in :func:`pca_direction`."""
+    n, A = int(cells.shape[0]), int(s.shape[1])
+    step = n if block is None else max(1, int(block))
+    best = xp.empty((n, A), dtype=candidates.dtype)
+    best_score = xp.empty((n, A), dtype=s.dtype)
+    for b0 in range(0, n, step):
+        b = slice(b0, b0 + step)
+        D = candidate_offsets(xp, scores, cells[b], candidates[b])  # (b, K, d)
+        score = xp.einsum("nkd,nkd->nk", D, D)[:, None, :] - 2.0 * xp.matmul(s[b], D.transpose(0, 2, 1))  # (b, A, K)
+        best[b] = xp.argmin(score, axis=2)  # first on ties
+        best_score[b] = xp.take_along_axis(score, best[b][:, :, None], axis=2)[:, :, 0]
     move = best_score < 0
     out = to_numpy(xp.where(move, xp.take_along_axis(candidates, best, axis=1), cells[:, None]))
     s2 = (s * s).sum(axis=2)
@@ -182,7 +250,7 @@ def pca_nearest(xp: ModuleType, s: Any, scores: Any, cells: Any, candidates: Any
     unsure = to_numpy(dist > radius[:, None] - xp.sqrt(s2))  # a cell outside the K may be nearer
     if unsure.any():
         q = to_numpy(scores[cells][:, None, :] + s)[unsure]
-        out[unsure] = tree.query(q, k=1, workers=-1 if len(q) > 50_000 else 1)[1]
+        out[unsure] = nearest(q)
     return out
 
 
@@ -210,11 +278,11 @@ def pca_direction(xp: ModuleType, s: Any, scores: Any, cells: Any, candidates: A
 
 
 def pca_step_direction(xp: ModuleType, s: Any, gain: float, scores: Any, cells: Any, candidates: Any, radius: Any,
-                       half_gap: Any, tree: Any, block: int | None = None) -> np.ndarray:
+                       half_gap: Any, nearest: NearestCell, block: int | None = None) -> np.ndarray:
     """``pca_step_direction`` model: (n, A) next cells (numpy). :func:`pca_nearest` of ``gain * s``, and for the
     (cell, action) pairs where that stays at the cell, :func:`pca_direction` of ``s`` (scored only for the cells
     that have such a pair; each pair's answer is the same as in the full ``pca_direction`` table)."""
-    out = pca_nearest(xp, s * float(gain), scores, cells, candidates, radius, tree)
+    out = pca_nearest(xp, s * float(gain), scores, cells, candidates, radius, nearest, block=block)
     stay = out == to_numpy(cells)[:, None]
     rows = np.flatnonzero(stay.any(axis=1))
     if rows.size:
