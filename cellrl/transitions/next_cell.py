@@ -111,15 +111,17 @@ class NearestCell:
         rows, cols = [], []
         for b in range(0, len(q), block):
             qb = q[b:b + block]
+            n, ar = len(qb), np.arange(len(qb))
             g = qb.astype(np.float32) @ self._neg2_t
             g += self._sq
             j = g.argmin(axis=1)
-            tol = self._slack * (2.0 * self._sq_max + np.einsum("nd,nd->n", qb, qb))
-            near = g <= (g[np.arange(len(qb)), j] + tol)[:, None]
-            out[b:b + len(qb)] = j
-            unsure = np.flatnonzero(np.count_nonzero(near, axis=1) > 1)
+            thr = g[ar, j] + self._slack * (2.0 * self._sq_max + np.einsum("nd,nd->n", qb, qb))
+            out[b:b + n] = j
+            g[ar, j] = np.inf  # the runner-up decides: within the bound of the best, check exactly
+            unsure = np.flatnonzero(g.min(axis=1) <= thr)
             if unsure.size:
-                r, c = np.nonzero(near[unsure])
+                g[unsure, j[unsure]] = -np.inf
+                r, c = np.nonzero(g[unsure] <= thr[unsure, None])
                 rows.append(b + unsure[r])
                 cols.append(c)
         if rows:  # float64 distances for every cell within the bound; first (lowest) index on ties
