@@ -226,7 +226,12 @@ def regulator_reach(engine: Engine) -> np.ndarray:
     every cluster's network (the engine's stacked ``W_all``, rows cluster-major)."""
     W = engine.W_all
     W = W.get() if hasattr(W, "get") else W                 # cupy sparse -> scipy
-    return np.abs(W).sum(1).A.ravel().reshape(-1, engine.n_regulators).sum(0)
+    return np.asarray(abs(W).sum(1), np.float64).ravel().reshape(-1, engine.n_regulators).sum(0)
+
+
+def _host(a: Any) -> np.ndarray:
+    """A numpy copy of an engine array (cupy on the GPU backend)."""
+    return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
 def hub_scores(engine: Engine, geo: TaskGeometry, plans: np.ndarray, cells: np.ndarray,
@@ -237,20 +242,22 @@ def hub_scores(engine: Engine, geo: TaskGeometry, plans: np.ndarray, cells: np.n
     target, |x_cell - x_target| - |x_action - x_target| (x_action: the KO/OE value; expression units, target = its
     centroid; 0 when it does not get closer, e.g. an OE far past the target's level; HOLD 0).
     Reach x expression change is the action's direct (first-hop) push on its targets, as Mogrify-style rankings
-    weigh differential expression by network influence: masters of the target (or start) type score highest."""
+    weigh differential expression by network influence: masters of the target (or start) type score highest.
+    Reads the :class:`~cellrl.persistent.engine.PersistentEngine` arrays ``W_all``, ``regulator_idx``, ``XR``,
+    ``values``, ``action_code`` and ``action_regulator``."""
     plans = np.asarray(plans, np.int64).reshape(len(cells), -1)
     if not plans.size:
         return np.zeros(plans.shape)
     reach = regulator_reach(engine)
     ridx = np.asarray(engine.regulator_idx)
     level = geo.centroids[:, ridx] * geo.std[ridx] + geo.mean[ridx]          # (T, R) target levels
-    XR = engine.XR.get() if hasattr(engine.XR, "get") else np.asarray(engine.XR)
     gene = plans < engine.n_actions
     a = np.where(gene, plans, 0)
     r = np.asarray(engine.action_regulator)[a]
-    values = engine.values.get() if hasattr(engine.values, "get") else np.asarray(engine.values)   # (3, R)
     goal = level[np.asarray(targets)[:, None], r]
-    pull = np.abs(XR[np.asarray(cells)[:, None], r] - goal) - np.abs(values[np.asarray(engine.action_code)[a], r] - goal)
+    now = _host(engine.XR)[np.asarray(cells)[:, None], r]
+    after = _host(engine.values)[np.asarray(engine.action_code)[a], r]   # values: (3, R) none, KO, OE level
+    pull = np.abs(now - goal) - np.abs(after - goal)
     return -np.sort(-np.where(gene, reach[r] * np.maximum(pull, 0.0), 0.0), axis=1)
 
 
