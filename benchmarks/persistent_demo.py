@@ -175,7 +175,8 @@ def cached_training_plans(cache_dir: Path, model_path: Path, engine: PersistentE
     path = Path(cache_dir) / f"persistent_plans_{per_type}_{key}.pkl"
     if path.exists():
         return pickle.loads(path.read_bytes()), "cache"
-    plans = training_plans(engine, geo, training_starts(geo, per_type), max_genes, max_steps, **label_search(labels))
+    plans = training_plans(engine, geo, training_starts(geo, per_type), max_genes, max_steps, **label_search(labels),
+                           tie_break=EnvParams.from_config(settings["env"]).plan_tie_break)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(pickle.dumps(plans))
     return plans, "computed"
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     engine = PersistentEngine.from_model(model, s["transitions"])
     out["engine_build_s"] = round(time.perf_counter() - t0, 2)
     for name, fn in search_runs(engine, geo, starts, targets, sub, args.max_genes, args.beam_width, max_steps,
-                                params.max_set_size):
+                                params.max_set_size, params.plan_tie_break):
         r: SearchResult = fn()
         log(name, f"{r.wall_s:.1f} s, {r.engine_rows} engine rows")
         f = plan_frame(name, r.starts, r.targets, r.success, r.plans, geo)

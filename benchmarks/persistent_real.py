@@ -146,7 +146,7 @@ def run_dataset(name: str, root: Path, n_starts: int, beam_width: int, max_genes
     if engine.n_actions != table.shape[1]:
         raise RuntimeError(f"engine has {engine.n_actions} actions, table {table.shape[1]}")
     for meth, fn in search_runs(engine, geo, S, T, np.ones(len(S), bool), max_genes, beam_width, max_steps,
-                                max_genes):
+                                max_genes, params.plan_tie_break):
         r = fn()
         record(f"persistent_{meth}", plan_frame(meth, r.starts, r.targets, r.success, r.plans, geo),
                engine.n_actions, {"wall_s": round(r.wall_s, 2), "engine_rows": int(r.engine_rows)})

@@ -56,6 +56,8 @@ from .tasks import TaskGeometry, allowed_mask, validate_table
 ENV_ID = "cellrl/Reprogramming-v0"
 #: ``env.perturbation_model``: table (memoryless transition table) or persistent (cellrl.persistent).
 PERTURBATION_MODELS = ("table", "persistent")
+#: Persistent mode: which of a task's shortest plans exact search keeps (cellrl.persistent.search.exact).
+PLAN_TIE_BREAKS = ("similarity", "hub")
 
 
 # ---------------------------------------------------------------------------------------------- parameters
@@ -85,12 +87,16 @@ class EnvParams:
     mask_revisits: bool = True
     perturbation_model: str = "table"
     max_set_size: int = 3
+    plan_tie_break: str = "hub"
     curriculum: CurriculumParams = field(default_factory=CurriculumParams)
 
     def __post_init__(self) -> None:
         if self.perturbation_model not in PERTURBATION_MODELS:
             raise InputError(f"env.perturbation_model must be one of {PERTURBATION_MODELS}, got "
                              f"{self.perturbation_model!r}", field="env.perturbation_model")
+        if self.plan_tie_break not in PLAN_TIE_BREAKS:
+            raise InputError(f"env.plan_tie_break must be one of {PLAN_TIE_BREAKS}, got {self.plan_tie_break!r}",
+                             field="env.plan_tie_break")
 
     @classmethod
     def from_config(cls, env_cfg: Mapping[str, Any] | "EnvParams" | None) -> "EnvParams":

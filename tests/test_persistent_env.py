@@ -7,6 +7,7 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from cellrl.env import EnvParams
 from cellrl.errors import InputError
@@ -18,7 +19,9 @@ from cellrl.tasks import TaskGeometry
 
 class FakeEngine:
     """The PersistentEngine contract on a random model: each action adds a fixed expression push; the set's
-    pushes add up and the next cell is the cell nearest (in expression) to the current one plus their sum."""
+    pushes add up and the next cell is the cell nearest (in expression) to the current one plus their sum.
+    Also the arrays the ``hub`` plan tie-break reads (GRN rows of the regulators stacked over clusters,
+    regulator expression, none/KO/OE levels, action codes and regulators)."""
 
     def __init__(self, model, seed: int = 0, scale: float = 0.6):
         rng = np.random.default_rng(seed)
@@ -31,6 +34,13 @@ class FakeEngine:
         pull = means[rng.integers(0, len(means), self.n_actions)] - self.X.mean(0)
         self.push = scale * pull + 0.1 * rng.normal(size=pull.shape)     # (A, G)
         self.calls = 0
+        R = self.n_regulators
+        self.regulator_idx = np.asarray(model.regulator_idx)
+        self.W_all = sp.vstack([sp.csr_matrix(W)[self.regulator_idx] for W in model.coefs]).tocsr()
+        self.XR = self.X[:, self.regulator_idx].copy()
+        self.values = np.stack([np.zeros(R), model.ko_values, model.oe_values])
+        self.action_code = np.r_[np.ones(R), 2 * np.ones(R)].astype(np.int8)
+        self.action_regulator = np.arange(2 * R) % R
 
     def apply(self, applied, actions):
         out = np.array(applied, np.int8, copy=True)

@@ -304,3 +304,78 @@ def test_ensemble_of_agents_averages_masked_probabilities(problem):
         probs.append(d.distribution.probs.numpy())
     both = ensemble_chooser(agents)(obs, masks, env.batch)
     assert (both == np.where(masks, probs[0] + probs[1], -1).argmax(1)).all() and masks[np.arange(len(both)), both].all()
+
+
+class TwoWayEngine(FakeEngine):
+    """Hand-made: from any cell, KO of regulator 0 lands on cell ``ko_cell``, OE of regulator 1 on ``oe_cell``
+    (both goals of the target); every other set stays put."""
+
+    def __init__(self, model, ko_cell, oe_cell):
+        super().__init__(model)
+        self.ko_cell, self.oe_cell = ko_cell, oe_cell
+
+    def step(self, cells, applied):
+        ap = np.asarray(applied)
+        return np.where(ap[:, 0] == 1, self.ko_cell, np.where(ap[:, 1] == 2, self.oe_cell, np.asarray(cells)))
+
+
+def test_hub_tie_break_prefers_the_master_regulator_plan():
+    """Two one-step plans reach the goal: OE of a low-reach regulator lands on the MORE target-similar cell,
+    KO of a high-reach regulator (high in the start, low in the target) on the less similar one. ``similarity``
+    keeps the OE plan, ``hub`` the KO plan; the hub score is reach x how much closer the regulator gets."""
+    import scipy.sparse as sp
+
+    from cellrl.persistent.search import hub_scores, regulator_reach
+
+    m = random_model(n_cells=120, n_genes=8, n_types=3, n_regulators=2, seed=5)
+    geo = TaskGeometry.from_model(m)
+    t = 1
+    goals = np.flatnonzero(geo.goal_mask[t])
+    goals = goals[np.argsort(geo.cos_sim[goals, t])]
+    start = int(np.flatnonzero(geo.type_ids != t)[0])
+    eng = TwoWayEngine(m, ko_cell=int(goals[0]), oe_cell=int(goals[-1]))
+    assert geo.cos_sim[goals[-1], t] > geo.cos_sim[goals[0], t]
+    C, G = len(m.coefs), m.n_genes
+    W = np.zeros((C * 2, G))
+    W[0::2] = 5.0                                   # regulator 0: reach 5 G per cluster; regulator 1: 0.1 G
+    W[1::2] = 0.1
+    eng.W_all = sp.csr_matrix(W)
+    ridx = m.regulator_idx
+    level = geo.centroids[t, ridx] * geo.std[ridx] + geo.mean[ridx]
+    eng.XR[start] = [3 * abs(level[0]) + 1, level[1] + 1]   # KO of 0 gets closer to the target's level
+    eng.values[2, 1] = level[1]                               # OE of 1 lands exactly on it
+    sim = exact(eng, geo, [start], [t], max_genes=1, max_steps=2, tie_break="similarity")
+    hub = exact(eng, geo, [start], [t], max_genes=1, max_steps=2, tie_break="hub")
+    assert sim.plans == [[eng.n_regulators + 1]] and hub.plans == [[0]]
+    assert sim.final_cell[0] == eng.oe_cell and hub.final_cell[0] == eng.ko_cell
+    reach = regulator_reach(eng)
+    np.testing.assert_allclose(reach, [5.0 * G * C, 0.1 * G * C])
+    pull0 = abs(eng.XR[start, 0] - level[0]) - abs(level[0])
+    np.testing.assert_allclose(hub_scores(eng, geo, [[0, 3], [3, 0]], [start, start], [t, t]),
+                               [[reach[0] * pull0, reach[1] * 1.0]] * 2, rtol=1e-5)
+    assert hub_scores(eng, geo, [[2 * eng.n_regulators]], [start], [t]).tolist() == [[0.0]]   # HOLD: 0
+    with pytest.raises(InputError):
+        exact(eng, geo, [start], [t], tie_break="nearest")
+
+
+def test_hub_plan_is_a_shortest_plan_with_the_top_hub_score(problem):
+    """On the random fixture: ``hub`` solves the same tasks with the same lengths as ``similarity`` (and as brute
+    force), and its plan is, among EVERY shortest plan (``others``, checked against brute force above), one of
+    those with the lexicographically largest hub score."""
+    from cellrl.persistent.search import hub_scores
+
+    m, eng, geo, starts, targets = problem
+    sim = exact(eng, geo, starts, targets, max_genes=2, max_steps=4, tie_break="similarity")
+    hub = exact(eng, geo, starts, targets, max_genes=2, max_steps=4, tie_break="hub", all_optimal=True,
+                max_plans=1000)
+    assert (hub.success == sim.success).all() and (hub.lengths == sim.lengths).all()
+    n_diff = 0
+    for i in np.flatnonzero(hub.success):
+        if i % 3 == 0:
+            assert len(hub.plans[i]) == brute_force(eng, geo, int(starts[i]), int(targets[i]), 2, 4)
+        assert replay(eng, int(starts[i]), hub.plans[i]) == hub.cells[i]
+        plans = [hub.plans[i]] + [p for p, _ in hub.others[i]]
+        sc = hub_scores(eng, geo, plans, np.full(len(plans), starts[i]), np.full(len(plans), targets[i]))
+        assert max(map(tuple, sc)) == tuple(sc[0])
+        n_diff += hub.plans[i] != sim.plans[i]
+    assert n_diff > 0                                   # the tie-break changes some plans (not vacuous)

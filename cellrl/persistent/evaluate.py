@@ -128,13 +128,15 @@ def score_plans(frame: pd.DataFrame, exact_mask: np.ndarray, n_gene_actions: int
 
 
 def search_runs(engine: Any, geo: TaskGeometry, starts: np.ndarray, targets: np.ndarray, exact_mask: np.ndarray,
-                max_genes: int, beam_width: int, max_steps: int, max_set_size: int
+                max_genes: int, beam_width: int, max_steps: int, max_set_size: int, tie_break: str
                 ) -> list[tuple[str, Callable[[], Any]]]:
     """The search baselines as (name, run) pairs, run on demand (:mod:`cellrl.persistent.search`): ``exact`` over
-    sets of <= ``max_genes`` genes on the ``exact_mask`` tasks, ``beam<width>`` and ``greedy`` on every task."""
+    sets of <= ``max_genes`` genes on the ``exact_mask`` tasks (its shortest plan by ``tie_break``,
+    ``env.plan_tie_break``), ``beam<width>`` and ``greedy`` on every task."""
     from .search import beam, exact, greedy
 
-    return [("exact", lambda: exact(engine, geo, starts[exact_mask], targets[exact_mask], max_genes, max_steps)),
+    return [("exact", lambda: exact(engine, geo, starts[exact_mask], targets[exact_mask], max_genes, max_steps,
+                                    tie_break=tie_break)),
             (f"beam{beam_width}", lambda: beam(engine, geo, starts, targets, beam_width, max_steps, max_set_size)),
             ("greedy", lambda: greedy(engine, geo, starts, targets, max_steps, max_set_size))]
 
@@ -188,7 +190,8 @@ def evaluate_persistent(model: Any, table: np.ndarray, agent: Any | None, env: M
     if agent is not None:
         runs.append(("agent", lambda: rollout(geo, engine, params, starts, targets,
                                               agent_chooser(agent, deterministic), max_steps=max_steps, seed=seed)))
-    runs += search_runs(engine, geo, starts, targets, sub, max_genes, beam_width, max_steps, params.max_set_size)
+    runs += search_runs(engine, geo, starts, targets, sub, max_genes, beam_width, max_steps, params.max_set_size,
+                        params.plan_tie_break)
     methods: dict[str, dict[str, Any]] = {}
     frames = []
     for name, fn in runs:

@@ -14,7 +14,9 @@ action) pairs of a depth through the engine in batched calls. No search visits a
   start cell, for all of its targets at once, up to ``max_steps`` steps. (cell, set) is the whole state, so
   merging equal states keeps it exact: a task is solved iff some plan (genes added in some order, HOLDs in
   between) with a set of <= ``max_genes`` genes reaches the goal within ``max_steps``, and the plan found is a
-  shortest one (the most target-similar final cell among the shortest);
+  shortest one; ``tie_break`` (``env.plan_tie_break``) picks among the shortest: ``similarity``, the most
+  target-similar final cell; ``hub``, the plan with the strongest master-regulator pull (:func:`hub_scores`),
+  then the most target-similar;
 * :func:`rollout`: a policy (e.g. a MaskablePPO agent) through the evaluation env.
 
 Each returns a :class:`SearchResult`: per task the plan (ordered actions), the cells after each step and
@@ -29,10 +31,13 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ..env import EnvParams
+from ..env import PLAN_TIE_BREAKS, EnvParams
 from ..errors import InputError
 from ..tasks import TaskGeometry
 from .env import Engine, VecPersistentEnv, successors
+
+#: Tie-breaks of :func:`exact` among a task's shortest plans (config ``env.plan_tie_break``).
+TIE_BREAKS = PLAN_TIE_BREAKS
 
 
 @dataclass
@@ -216,9 +221,50 @@ def beam(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.ndar
 
 
 # ---------------------------------------------------------------------------------------------- exact
+def regulator_reach(engine: Engine) -> np.ndarray:
+    """(R,) regulatory reach of each regulator in the fitted GRN: its summed |coefficient| onto all genes over
+    every cluster's network (the engine's stacked ``W_all``, rows cluster-major)."""
+    W = engine.W_all
+    W = W.get() if hasattr(W, "get") else W                 # cupy sparse -> scipy
+    return np.asarray(abs(W).sum(1), np.float64).ravel().reshape(-1, engine.n_regulators).sum(0)
+
+
+def _host(a: Any) -> np.ndarray:
+    """A numpy copy of an engine array (cupy on the GPU backend)."""
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def hub_scores(engine: Engine, geo: TaskGeometry, plans: np.ndarray, cells: np.ndarray,
+               targets: np.ndarray) -> np.ndarray:
+    """(H, d) master-regulator pull of plans (H, d) (actions) from start ``cells`` to ``targets``, per plan
+    sorted strongest first (compare rows lexicographically: the plan whose strongest action pulls hardest, then
+    its second, ...). An action's pull: reach(r) x how much closer it brings regulator r to its level in the
+    target, |x_cell - x_target| - |x_action - x_target| (x_action: the KO/OE value; expression units, target = its
+    centroid; 0 when it does not get closer, e.g. an OE far past the target's level; HOLD 0).
+    Reach x expression change is the action's direct (first-hop) push on its targets, as Mogrify-style rankings
+    weigh differential expression by network influence: masters of the target (or start) type score highest.
+    Reads the :class:`~cellrl.persistent.engine.PersistentEngine` arrays ``W_all``, ``regulator_idx``, ``XR``,
+    ``values``, ``action_code`` and ``action_regulator``."""
+    plans = np.asarray(plans, np.int64).reshape(len(cells), -1)
+    if not plans.size:
+        return np.zeros(plans.shape)
+    reach = regulator_reach(engine)
+    ridx = np.asarray(engine.regulator_idx)
+    level = geo.centroids[:, ridx] * geo.std[ridx] + geo.mean[ridx]          # (T, R) target levels
+    gene = plans < engine.n_actions
+    a = np.where(gene, plans, 0)
+    r = np.asarray(engine.action_regulator)[a]
+    goal = level[np.asarray(targets)[:, None], r]
+    now = _host(engine.XR)[np.asarray(cells)[:, None], r]
+    after = _host(engine.values)[np.asarray(engine.action_code)[a], r]   # values: (3, R) none, KO, OE level
+    pull = np.abs(now - goal) - np.abs(after - goal)
+    return -np.sort(-np.where(gene, reach[r] * np.maximum(pull, 0.0), 0.0), axis=1)
+
+
 def exact(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.ndarray, max_genes: int = 3,
           max_steps: int = 20, cells: np.ndarray | None = None,
-          start_applied: np.ndarray | None = None, all_optimal: bool = False, max_plans: int = 1) -> SearchResult:
+          start_applied: np.ndarray | None = None, all_optimal: bool = False, max_plans: int = 1,
+          tie_break: str = "similarity") -> SearchResult:
     """Exact breadth-first search over (cell, set) states, sets of up to ``max_genes`` genes, up to
     ``max_steps`` steps (module docstring). Unsolved tasks get an empty plan. ``info``: new states per depth.
     ``cells``: (C,) bool, the cells a plan may enter (all when None; the warm start passes the training cells,
@@ -226,7 +272,10 @@ def exact(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.nda
     starts (empty when None; the plan then adds at most ``max_genes`` genes in all, those included).
     ``all_optimal``: also keep, per depth, every edge into a state new at that depth (:func:`_shortest_dag`)
     and fill ``optimal`` and (``max_plans`` > 1) ``others`` (:func:`_optimal_actions`); plans, success and the
-    other outputs are unchanged."""
+    other outputs are unchanged. ``tie_break``: which shortest plan (:data:`TIE_BREAKS`, module docstring); the
+    others (``others``) stay in depth-first order."""
+    if tie_break not in TIE_BREAKS:
+        raise InputError(f"plan tie-break must be one of {TIE_BREAKS}, got {tie_break!r}", field="env.plan_tie_break")
     t0 = time.perf_counter()
     starts, targets = _tasks(geo, starts, targets)
     n = len(starts)
@@ -269,7 +318,11 @@ def exact(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.nda
         hit = geo.goal_mask[:, nxt].T & need[s]               # (M, T)
         if hit.any():
             m, tt = np.nonzero(hit)
-            for j in _first_per_group(s[m] * T + tt, -geo.cos_sim[nxt[m], tt], m).tolist():
+            keys = (-geo.cos_sim[nxt[m], tt], m)
+            if tie_break == "hub":
+                hub = hub_scores(engine, geo, np.column_stack([plan[p[m]], a[m]]), ustart[s[m]], tt)
+                keys = tuple(-hub.T) + keys
+            for j in _first_per_group(s[m] * T + tt, *keys).tolist():
                 q = int(m[j])
                 found[(int(s[q]), int(tt[j]))] = (np.r_[plan[p[q]], a[q]].astype(int).tolist(),
                                                  np.r_[path[p[q]], nxt[q]].astype(int).tolist())

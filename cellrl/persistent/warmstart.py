@@ -19,7 +19,7 @@ The persistent mode has no transition table to run BFS on, so the table mode's w
    applied sets.
 
 Labels (``train.warm_start_labels``): ``one``, the action of the one plan exact search keeps (among the
-shortest: the most target-similar final cell); ``all``, every action that starts SOME shortest completion from
+shortest: the one ``env.plan_tie_break`` picks, so the agent inherits it); ``all``, every action that starts SOME shortest completion from
 the state (:func:`~cellrl.persistent.search.exact` with ``all_optimal``: a backward pass over every edge into a
 state new at its depth), cloned with the set's cross-entropy ``-log sum_{a optimal} pi(a|s)``
 (:func:`cellrl.warmstart.behaviour_clone` already takes a set per row); ``all_plans``, ``all`` on the states of up
@@ -75,10 +75,11 @@ def label_search(labels: str) -> dict[str, Any]:
 
 
 def training_plans(engine: Engine, geo: TaskGeometry, starts: np.ndarray, max_genes: int,
-                   max_steps: int, all_optimal: bool = False, max_plans: int = 1) -> SearchResult:
+                   max_steps: int, all_optimal: bool = False, max_plans: int = 1,
+                   tie_break: str = "similarity") -> SearchResult:
     """Exact plans from each of ``starts`` (training cells) to every other cell type, on training cells only
-    (``all_optimal``: with every optimal action per plan state and up to ``max_plans`` - 1 other shortest plans,
-    :func:`~cellrl.persistent.search.exact`)."""
+    (``all_optimal``: with every optimal action per plan state and up to ``max_plans`` - 1 other shortest plans;
+    ``tie_break``: which shortest plan, ``env.plan_tie_break``; :func:`~cellrl.persistent.search.exact`)."""
     is_train = np.asarray(geo.split).astype(str) == "train"
     starts = np.asarray(starts, np.int64)
     if not is_train[starts].all():
@@ -87,7 +88,7 @@ def training_plans(engine: Engine, geo: TaskGeometry, starts: np.ndarray, max_ge
     t = np.tile(np.arange(geo.n_types), len(starts))
     keep = geo.type_ids[s] != t
     return exact(engine, geo, s[keep], t[keep], max_genes, max_steps, cells=is_train, all_optimal=all_optimal,
-                 max_plans=max_plans)
+                 max_plans=max_plans, tie_break=tie_break)
 
 
 def plan_samples(engine: Engine, geo: TaskGeometry, params: Any, plans: SearchResult,
@@ -218,7 +219,8 @@ def dagger_samples(agent: Any, engine: Engine, geo: TaskGeometry, params: Any, d
                       np.zeros(0, np.int32), np.zeros(0, np.float32), 0, 0, 0.0,
                       applied=np.zeros((0, engine.n_regulators), np.float32)), {**rec, "new_samples": 0}
     cell, target, ap, mask, left = (np.array([f[k] for f in found.values()]) for k in range(5))
-    res = exact(engine, geo, cell, target, max_genes, int(left.max()), cells=is_train, start_applied=ap)
+    res = exact(engine, geo, cell, target, max_genes, int(left.max()), cells=is_train, start_applied=ap,
+                tie_break=params.plan_tie_break)
     ok = res.success & (res.lengths > 0) & (res.lengths <= left)
     first = np.array([p[0] if len(p) else 0 for p in res.plans], np.int64)
     ok &= mask[np.arange(len(cell)), first]
@@ -249,7 +251,7 @@ def warm_start_persistent(agent: Any, engine: Engine, geo: TaskGeometry, params:
     max_genes = int(max_genes or params.max_set_size)
     if plans is None:
         plans = training_plans(engine, geo, starts, max_genes, int(params.eval_max_steps(geo.n_types)),
-                               **label_search(labels))
+                               **label_search(labels), tie_break=params.plan_tie_break)
     data, rep = plan_samples(engine, geo, params, plans, gamma, labels)
     fit = dict(epochs=epochs, batch_size=BC_BATCH_SIZE, learning_rate=BC_LEARNING_RATE, value_coef=BC_VALUE_COEF)
     rec = behaviour_clone(agent, geo, data, seed=seed, **fit)
