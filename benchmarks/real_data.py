@@ -10,6 +10,10 @@ Reads ``results/<dataset>/benchmark/default/summary.json``, ``transitions/stats.
 benchmarks/results/real_data.json: the next-cell model, training steps, each policy's success (all test pairs and
 BFS-reachable ones), the agent/BFS length ratio, and per curated recipe pair each policy's and baseline's
 area under the rank-recall curve with its permutation p-value. Prints the tables the README shows.
+
+Where a persistent run was evaluated too (``results/<dataset>/benchmark/persistent/summary.json``, e.g. with
+``--configfile config/examples/<dataset>.yaml config/examples/demo_persistent.yaml``), its agent, exact, beam
+and greedy success (exact search's tasks and all test tasks) is added under ``persistent``.
 """
 
 from __future__ import annotations
@@ -52,6 +56,23 @@ def collect(results: Path) -> dict[str, Any]:
             "recipe_pairs": pairs}
 
 
+def collect_persistent(results: Path) -> dict[str, Any] | None:
+    """The persistent run's success per method (None when that run was not evaluated)."""
+    f = results / "benchmark" / "persistent" / "summary.json"
+    if not f.exists():
+        return None
+    s = json.loads(f.read_text())
+    methods = {k: {"success_exact_tasks": (v.get("exact_tasks") or {}).get("success"),
+                   "success_all_tasks": (v.get("all_tasks") or {}).get("success"),
+                   "success_vs_exact": v.get("success_vs_exact")} for k, v in s["methods"].items()}
+    agent, greedy = methods.get("agent"), methods.get("greedy")
+    return {"timesteps": s["training"].get("timesteps"), "n_exact_tasks": s["protocol"].get("n_exact_tasks"),
+            "n_tasks": s["protocol"].get("n_episodes"), "max_set_size": s["protocol"].get("max_set_size"),
+            "methods": methods,
+            "agent_minus_greedy_all_tasks": (agent["success_all_tasks"] - greedy["success_all_tasks"])
+            if agent and greedy else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=["mesc", "paul15_subset"])
@@ -64,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine_info(1),
-           "datasets": {d: collect(a.results / d) for d in a.datasets}}
+           "datasets": {d: {**collect(a.results / d), "persistent": collect_persistent(a.results / d)}
+                        for d in a.datasets}}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=2) + "\n")
     for d, r in out["datasets"].items():
@@ -74,6 +96,14 @@ def main(argv: list[str] | None = None) -> int:
                                                   if v["success_bfs_reachable"] is not None)
               + f"; agent - greedy {r['agent_minus_greedy_reachable']:+.3f}; length ratio "
               f"{r['length_ratio_agent_bfs']:.2f}")
+        q = r["persistent"]
+        if q:
+            print(f"persistent run ({q['timesteps']} steps, sets <= {q['max_set_size']}): success on all {q['n_tasks']} "
+                  "tasks " + ", ".join(f"{k} {v['success_all_tasks']:.3f}" for k, v in q["methods"].items()
+                                       if v["success_all_tasks"] is not None)
+                  + f"; on exact search's {q['n_exact_tasks']} tasks " + ", ".join(
+                      f"{k} {v['success_exact_tasks']:.3f}" for k, v in q["methods"].items())
+                  + f"; agent - greedy (all tasks) {q['agent_minus_greedy_all_tasks']:+.3f}")
         print("| pair | recipe | " + " | ".join(POLICIES) + " |")
         print("|---|---|" + "---|" * len(POLICIES))
         for key, row in r["recipe_pairs"].items():
