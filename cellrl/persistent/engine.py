@@ -40,7 +40,7 @@ at 0 is not pinned and propagates freely).
 
 A single-gene set is the table's action (``table[i, a]``); equality with CellOracle's own multi-gene
 ``simulate_shift`` is tested in tests/test_persistent_engine.py. Arrays live on ``xp`` (numpy or CuPy,
-:mod:`cellrl.xp`); the KD-tree query runs on the CPU.
+:mod:`cellrl.xp`); the nearest-cell searches over all cells (KD-tree, NearestCell) run on the CPU.
 """
 
 from __future__ import annotations
