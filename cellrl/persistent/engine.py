@@ -489,6 +489,7 @@ class PersistentEngine:
         if model not in ("pca", "pca_step", "pca_direction", "pca_step_direction", "prob_max"):
             raise InputError(f"unknown transitions.next_cell {model!r}", field="transitions.next_cell")
         s = self._disp(Y, clip, pins)  # (n, d)
+        block = nc.CPU_BLOCK if xp is np else None  # cells scored at once (cache-sized candidate offsets)
         cells_np = to_numpy(cells).astype(np.int64)
         out = np.empty(cells_np.size, dtype=np.int64)
         for rows, ucell, pos in pack_by_cell(cells_np):
@@ -499,12 +500,13 @@ class PersistentEngine:
             sp_[cell_of_row, pi] = s[ri]
             if model in ("pca", "pca_step"):  # pca_step: pca with the displacement times transitions.step_gain
                 disp = sp_ if model == "pca" else sp_ * float(self.settings.step_gain)
-                nxt = nc.pca_nearest(xp, disp, self.scores, ci, self.candidates[ci], self.radius[ci], self.pca.nearest)
+                nxt = nc.pca_nearest(xp, disp, self.scores, ci, self.candidates[ci], self.radius[ci], self.pca.nearest,
+                                     block=block)
             elif model == "pca_direction":
-                nxt = nc.pca_direction(xp, sp_, self.scores, ci, self.candidates[ci], self.half_gap[ci])
+                nxt = nc.pca_direction(xp, sp_, self.scores, ci, self.candidates[ci], self.half_gap[ci], block=block)
             elif model == "pca_step_direction":
                 nxt = nc.pca_step_direction(xp, sp_, self.settings.step_gain, self.scores, ci, self.candidates[ci],
-                                            self.radius[ci], self.half_gap[ci], self.pca.nearest)
+                                            self.radius[ci], self.half_gap[ci], self.pca.nearest, block=block)
             else:
                 Pp = xp.zeros((m, width, P.shape[1]))
                 Pp[cell_of_row, pi] = P[ri]
