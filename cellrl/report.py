@@ -336,6 +336,9 @@ def _run_tail(s: Mapping[str, Any], plot_dir: Path | None) -> list[str]:
     return parts
 
 
+_TIE_BREAK_TEXT = {  # env.plan_tie_break, as the report says it (summaries from before the setting: similarity)
+    "hub": "one whose strongest action pulls a high-reach regulator towards the target (<code>env.plan_tie_break: hub</code>)",
+    "similarity": "one ending nearest the target (<code>env.plan_tie_break: similarity</code>)"}
 PERSISTENT_COLUMNS = ["method", "exact_success", "all_success", "success_vs_exact", "mean_success_length",
                       "mean_success_set_size", "repeats_a_gene", "agree", "chance", "wall_s"]
 PERSISTENT_HEADERS = {"exact_success": "success (exact-search tasks)", "all_success": "success (all test tasks)",
@@ -374,7 +377,8 @@ def _persistent_section(run: str, s: Mapping[str, Any], plot_dir: Path | None) -
         f"test cells, target = every other cell type; {_fmt(p.get('n_episodes'))} tasks, at most "
         f"{_fmt(p.get('max_steps'))} steps. <i>exact</i>: every set of up to {_fmt(p.get('exact_max_genes'))} genes "
         f"in every order (the optimum; exponential, so run on the {_fmt(p.get('n_exact_tasks'))} tasks of "
-        f"{_fmt(p.get('n_exact_start_cells'))} test cells, {_fmt(p.get('exact_starts_per_type'))} per start type); "
+        f"{_fmt(p.get('n_exact_start_cells'))} test cells, {_fmt(p.get('exact_starts_per_type'))} per start type; "
+        f"of equally short plans it keeps the {_TIE_BREAK_TEXT.get(p.get('plan_tie_break') or 'similarity', p.get('plan_tie_break'))}); "
         f"<i>beam</i>: beam search over sets, width {_fmt(p.get('beam_width'))}; <i>greedy</i>: the one-step best "
         "move; <i>agent</i>: the trained policy, "
         f"{'deterministic' if p.get('deterministic') else 'stochastic'}. <i>success / exact</i>: success on the "

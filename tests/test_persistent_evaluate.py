@@ -62,6 +62,7 @@ def test_persistent_evaluation_scores_agent_and_search_baselines(run, tmp_path):
     proto = s["protocol"]
     assert proto["n_exact_start_cells"] == 2 * geo.n_types and proto["exact_max_genes"] == ENV["max_set_size"]
     assert proto["n_exact_tasks"] == proto["n_exact_start_cells"] * (geo.n_types - 1) < proto["n_episodes"]
+    assert proto["plan_tie_break"] == ENV.get("plan_tie_break", "hub")  # the setting exact search used
     meth = s["methods"]
     ex = meth["exact"]["exact_tasks"]["success"]
     assert "all_tasks" not in meth["exact"] and ex > 0

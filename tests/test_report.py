@@ -135,7 +135,7 @@ def persistent_summary_fixture() -> dict:
     return {"perturbation_model": "persistent", "no_plan_repeats_a_gene": True,
             "protocol": {"n_episodes": 600, "max_steps": 20, "max_set_size": 3, "exact_max_genes": 3,
                          "n_exact_tasks": 30, "n_exact_start_cells": 6, "exact_starts_per_type": 1,
-                         "beam_width": 8, "deterministic": True},
+                         "beam_width": 8, "deterministic": True, "plan_tie_break": "hub"},
             "methods": {"agent": {"exact_tasks": sc(0.7, 0.55), "all_tasks": sc(0.66), "success_vs_exact": 0.7 / 0.9,
                                   "wall_s": 1.0},
                         "exact": {"exact_tasks": sc(0.9, 0.5), "wall_s": 80.0},
@@ -162,7 +162,7 @@ def test_report_persistent_run_beside_a_table_run(tmp_path):
     assert "BFS-reachable pairs" not in pers_part and "persistent" not in table_part.split("Run <code>default")[1]
     for needle in ("success (exact-search tasks)", "success / exact", "plans repeating a gene", "beam8",
                    "77.8%", "90.0%", "59.0%", "No plan repeats a gene: <b>yes</b>", "6 test cells",
-                   "Persistent perturbations: success of the agent"):
+                   "Persistent perturbations: success of the agent", "<code>env.plan_tie_break: hub</code>"):
         assert needle in pers_part, needle
     assert len(re.findall(r"src='data:image/png;base64,", pers_part)) == 1
     head = html.split("<h2>Summary</h2>")[1].split("Run <code>")[0]

@@ -217,7 +217,8 @@ def evaluate_persistent(model: Any, table: np.ndarray, agent: Any | None, env: M
                          goal_percentile=params.goal_percentile, centroid_percentile=params.centroid_percentile,
                          max_set_size=int(params.max_set_size), exact_max_genes=max_genes,
                          exact_starts_per_type=exact_starts, n_exact_tasks=int(sub.sum()),
-                         n_exact_start_cells=int(len(np.unique(starts[sub]))), beam_width=int(beam_width)),
+                         n_exact_start_cells=int(len(np.unique(starts[sub]))), beam_width=int(beam_width),
+                         plan_tie_break=params.plan_tie_break),
         "methods": methods,
         "no_plan_repeats_a_gene": all(sc["repeats_a_gene"] == 0 for m in methods.values()
                                       for k, sc in m.items() if k in ("exact_tasks", "all_tasks")),
