@@ -34,10 +34,8 @@ import numpy as np
 from ..env import PLAN_TIE_BREAKS, EnvParams
 from ..errors import InputError
 from ..tasks import TaskGeometry
+from ..xp import to_numpy
 from .env import Engine, VecPersistentEnv, successors
-
-#: Tie-breaks of :func:`exact` among a task's shortest plans (config ``env.plan_tie_break``).
-TIE_BREAKS = PLAN_TIE_BREAKS
 
 
 @dataclass
@@ -229,13 +227,8 @@ def regulator_reach(engine: Engine) -> np.ndarray:
     return np.asarray(abs(W).sum(1), np.float64).ravel().reshape(-1, engine.n_regulators).sum(0)
 
 
-def _host(a: Any) -> np.ndarray:
-    """A numpy copy of an engine array (cupy on the GPU backend)."""
-    return a.get() if hasattr(a, "get") else np.asarray(a)
-
-
 def hub_scores(engine: Engine, geo: TaskGeometry, plans: np.ndarray, cells: np.ndarray,
-               targets: np.ndarray) -> np.ndarray:
+               targets: np.ndarray, reach: np.ndarray | None = None) -> np.ndarray:
     """(H, d) master-regulator pull of plans (H, d) (actions) from start ``cells`` to ``targets``, per plan
     sorted strongest first (compare rows lexicographically: the plan whose strongest action pulls hardest, then
     its second, ...). An action's pull: reach(r) x how much closer it brings regulator r to its level in the
@@ -244,19 +237,19 @@ def hub_scores(engine: Engine, geo: TaskGeometry, plans: np.ndarray, cells: np.n
     Reach x expression change is the action's direct (first-hop) push on its targets, as Mogrify-style rankings
     weigh differential expression by network influence: masters of the target (or start) type score highest.
     Reads the :class:`~cellrl.persistent.engine.PersistentEngine` arrays ``W_all``, ``regulator_idx``, ``XR``,
-    ``values``, ``action_code`` and ``action_regulator``."""
+    ``values``, ``action_code`` and ``action_regulator`` (``reach``: :func:`regulator_reach`, when already known)."""
     plans = np.asarray(plans, np.int64).reshape(len(cells), -1)
     if not plans.size:
         return np.zeros(plans.shape)
-    reach = regulator_reach(engine)
+    reach = regulator_reach(engine) if reach is None else reach
     ridx = np.asarray(engine.regulator_idx)
     level = geo.centroids[:, ridx] * geo.std[ridx] + geo.mean[ridx]          # (T, R) target levels
     gene = plans < engine.n_actions
     a = np.where(gene, plans, 0)
     r = np.asarray(engine.action_regulator)[a]
     goal = level[np.asarray(targets)[:, None], r]
-    now = _host(engine.XR)[np.asarray(cells)[:, None], r]
-    after = _host(engine.values)[np.asarray(engine.action_code)[a], r]   # values: (3, R) none, KO, OE level
+    now = to_numpy(engine.XR)[np.asarray(cells)[:, None], r]
+    after = to_numpy(engine.values)[np.asarray(engine.action_code)[a], r]   # values: (3, R) none, KO, OE level
     pull = np.abs(now - goal) - np.abs(after - goal)
     return -np.sort(-np.where(gene, reach[r] * np.maximum(pull, 0.0), 0.0), axis=1)
 
@@ -272,10 +265,12 @@ def exact(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.nda
     starts (empty when None; the plan then adds at most ``max_genes`` genes in all, those included).
     ``all_optimal``: also keep, per depth, every edge into a state new at that depth (:func:`_shortest_dag`)
     and fill ``optimal`` and (``max_plans`` > 1) ``others`` (:func:`_optimal_actions`); plans, success and the
-    other outputs are unchanged. ``tie_break``: which shortest plan (:data:`TIE_BREAKS`, module docstring); the
-    others (``others``) stay in depth-first order."""
-    if tie_break not in TIE_BREAKS:
-        raise InputError(f"plan tie-break must be one of {TIE_BREAKS}, got {tie_break!r}", field="env.plan_tie_break")
+    other outputs are unchanged. ``tie_break``: which shortest plan (:data:`cellrl.env.PLAN_TIE_BREAKS`, module
+    docstring); the others (``others``) stay in depth-first order."""
+    if tie_break not in PLAN_TIE_BREAKS:
+        raise InputError(f"plan tie-break must be one of {PLAN_TIE_BREAKS}, got {tie_break!r}",
+                         field="env.plan_tie_break")
+    reach = regulator_reach(engine) if tie_break == "hub" else None  # once per search, not per depth
     t0 = time.perf_counter()
     starts, targets = _tasks(geo, starts, targets)
     n = len(starts)
@@ -320,7 +315,7 @@ def exact(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.nda
             m, tt = np.nonzero(hit)
             keys = (-geo.cos_sim[nxt[m], tt], m)
             if tie_break == "hub":
-                hub = hub_scores(engine, geo, np.column_stack([plan[p[m]], a[m]]), ustart[s[m]], tt)
+                hub = hub_scores(engine, geo, np.column_stack([plan[p[m]], a[m]]), ustart[s[m]], tt, reach)
                 keys = tuple(-hub.T) + keys
             for j in _first_per_group(s[m] * T + tt, *keys).tolist():
                 q = int(m[j])
