@@ -156,7 +156,7 @@ def train_persistent_agent(geo: TaskGeometry, engine: PersistentEngine, env_cfg:
     wall = time.perf_counter() - t0
     return agent, {**rec, "timesteps": int(agent.num_timesteps), "wall_s": round(wall, 1),
                    "steps_per_s": round(agent.num_timesteps / max(wall, 1e-9), 1), "torch_threads": threads,
-                   "train_success_last100": env.success_rate, "refused_moves_possible": True,
+                   "train_success_last100": env.success_rate, "training_proxy": True,
                    "warnings": warnings, "n_envs": int(cfg["n_envs"]), "learning_rate": agent.learning_rate}
 
 

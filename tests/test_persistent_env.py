@@ -1,4 +1,4 @@
-"""Persistent-perturbation env: gymnasium/SB3 API, set bookkeeping, masks, leakage refusals, reward, vector =
+"""Persistent-perturbation env: gymnasium/SB3 API, set bookkeeping, masks, leakage (training proxy), reward, vector =
 single env, checkpoint state, the network reading the applied set. A small fake engine stands in for
 cellrl.persistent.engine (same contract: apply, action_mask, step)."""
 
@@ -13,7 +13,7 @@ from cellrl.env import EnvParams
 from cellrl.errors import InputError
 from cellrl.model import random_model
 from cellrl.persistent.env import (PERSISTENT_ENV_ID, PersistentReprogrammingEnv, VecPersistentEnv, applied_obs,
-                                   set_labels)
+                                   set_labels, simulate, training_proxy)
 from cellrl.tasks import TaskGeometry
 
 
@@ -136,27 +136,40 @@ def test_gene_masks_and_hold_never_loops(problem):
     assert term or len(info["plan"]) == 40 or not env.action_masks().any()
 
 
-def test_training_never_enters_heldout_cells_and_refusals_are_masked(problem):
+def test_training_never_enters_heldout_cells_moves_there_enter_the_proxy(problem):
     m, eng, geo = problem
+    proxy = training_proxy(geo)
+    is_train = geo.split == "train"
+    out = np.flatnonzero(~is_train)
+    assert (proxy[is_train] == np.flatnonzero(is_train)).all() and is_train[proxy].all()
+    d = ((geo.z[out][:, None, :].astype(np.float64) - geo.z[None].astype(np.float64)) ** 2).sum(-1)
+    same = (geo.goal_mask[:, out].T[:, None, :] == geo.goal_mask.T[None]).all(-1) & is_train[None]
+    assert same[np.arange(len(out)), proxy[out]].all()     # a training cell with the same goal status ...
+    assert (proxy[out] == np.where(same, d, np.inf).argmin(1)).all()     # ... the nearest one
+    assert (~geo.goal_mask[:, out]).all(0).any() and geo.goal_mask[:, out].any(0).any()  # both kinds occur
     env = VecPersistentEnv(geo, eng, 32, {"max_steps": 6, "curriculum": {"enabled": False}}, split="train",
                            training=True, seed=0)
     env.reset()
     rng = np.random.default_rng(0)
     b = env.batch
-    refused_seen = 0
+    proxied = 0
     for _ in range(60):
         before_cell, before_set = b.cell.copy(), b.applied.copy()
         a = env.sample_masked_actions(rng)
+        hold_next = b.hold_next.copy()
+        gene = a < b.hold
+        want = simulate(eng, before_cell[gene], eng.apply(before_set[gene], a[gene]))  # where the engine lands
         _, _, done, infos = env.step(a)
-        for i in np.flatnonzero(~done):
-            assert geo.split[b.cell[i]] == "train"
-            if b.refused[i].any():                        # a refused move: cell and set unchanged, action masked
-                refused_seen += 1
-                assert b.cell[i] == before_cell[i] and (b.applied[i] == before_set[i]).all()
-                assert b.refused[i, a[i]] and not env.action_masks()[i, a[i]]
-        for i in np.flatnonzero(done):
-            assert geo.split[infos[i]["final_cell"]] == "train"
-    assert refused_seen > 0                               # the fake engine does lead into val/test cells
+        landed = np.where(done, [inf.get("final_cell", -1) for inf in infos], b.cell)
+        assert (landed[gene] == proxy[want]).all()                  # a gene move enters its cell's proxy
+        assert (landed[~gene] == hold_next[~gene]).all() and is_train[hold_next[~gene]].all()
+        assert (b.applied[gene & ~done] != before_set[gene & ~done]).any(1).all()  # the set changed all the same
+        proxied += int((~is_train[want]).sum())
+        assert is_train[landed].all()
+    assert proxied > 0                                    # the fake engine does lead into val/test cells
+    ev = VecPersistentEnv(geo, eng, 8, {"max_steps": 6, "curriculum": {"enabled": False}}, split="test",
+                          training=False, seed=0)
+    assert ev.batch.proxy is None                         # evaluation walks every cell
 
 
 def test_vec_env_equals_single_env_and_state_roundtrip(problem):

@@ -40,6 +40,12 @@ def test_plans_and_samples_use_training_cells_only(problem):
     assert rep["dropped_plans"] == 0 and rep["plans"] == int(plans.success.sum())
     assert len(data) == int(plans.lengths[plans.success].sum())
     assert is_train[data.cell].all()
+    # the plans are the training env's: replayed there (plan_samples) every state is the plan's own (a move onto
+    # a held-out cell enters its training proxy in both)
+    ok = np.flatnonzero(plans.success)
+    walk = {i: [int(plans.starts[i]), *plans.cells[i]] for i in ok}
+    want = [walk[i][k] for k in range(int(plans.lengths[ok].max())) for i in ok if k < plans.lengths[i]]
+    assert data.cell.tolist() == want
     assert (data.optimal.sum(1) == 1).all() and data.mask[data.optimal].all()   # one allowed label per state
     assert data.applied.shape == (len(data), eng.n_regulators)
     # the first sample of each plan has the empty set; labels reproduce the plans
@@ -105,7 +111,8 @@ def test_dagger_labels_the_policys_own_states_on_training_cells(problem):
     env = VecPersistentEnv(geo, eng, 2, params, split="train", training=True, seed=0)
     agent = build_agent(env, {"n_steps": 16, "batch_size": 16, "embed_dims": [16], "actor_dims": [16],
                               "critic_dims": [8], "device": "cpu", "seed": 0})
-    plans = training_plans(eng, geo, training_starts(geo, 3), 2, params.eval_max_steps(geo.n_types))
+    # 8 starts per type: most states this untrained policy visits cannot reach the goal any more
+    plans = training_plans(eng, geo, training_starts(geo, 8), 2, params.eval_max_steps(geo.n_types))
     data, _ = plan_samples(eng, geo, params, plans, gamma=0.98)
     new, info = dagger_samples(agent, eng, geo, params, data, plans.starts, plans.targets, 0.98, 2)
     assert info["env_steps"] > 0 and info["new_samples"] == len(new) > 0

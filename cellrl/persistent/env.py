@@ -21,11 +21,12 @@ Masks (decided here, and why):
   Its next cell is computed for every env after each step (one extra batched engine call of N rows);
 * stagnations of gene actions are allowed: the set changed, so it is a new state. Masking them would take A
   engine calls per step (a look-ahead over every action) instead of one;
-* leakage (training only): HOLD into a validation/test cell is masked (its next cell is known); a gene action
-  whose next cell is a held-out cell is *refused*: cell and set stay as they were, the step costs the step
-  penalty, and that action is masked until the state changes. The table env masks such moves in advance; here
-  that would again take A engine calls per step, while a refusal needs none and still guarantees that no
-  training episode enters a held-out cell.
+* leakage (training only): no training episode enters a validation/test cell. A move (gene action or HOLD)
+  whose next cell is held out enters that cell's training proxy instead, its nearest training cell of the same
+  goal status (:func:`training_proxy`): the perturbation keeps its effect and the agent never sees a held-out
+  cell. Refusing
+  such moves (the previous rule) hid every recipe whose simulated cell is held out: the demo's planted ProgB ->
+  ProgA set lands 99% of its ProgB training cells on one test cell, so the agent never learnt it.
 
 Observation: the table env's (``current_expression``, ``target_expression``, ``action_mask``) plus
 ``applied`` (R,) float32: -1 knocked out, +1 overexpressed, 0 not in the set (regulator order of the engine).
@@ -88,6 +89,28 @@ def set_sizes(applied: np.ndarray) -> np.ndarray:
     return np.count_nonzero(np.asarray(applied), axis=1)
 
 
+def training_proxy(geo: TaskGeometry) -> np.ndarray:
+    """(C,) int64 the cell a training move that lands on cell c enters: c itself for a training cell, else the
+    nearest training cell that is a goal cell of the same target types as c (``goal_mask``; the nearest of all
+    when none is), in the z-scored expression space the agent observes (Euclidean, exact; first index on ties).
+    Same goal status: a move ends an episode in training exactly when it would at test time. Used by the
+    training env and the exact warm start's plans (module docstring: leakage)."""
+    from ..transitions.next_cell import NearestCell
+
+    is_train = np.asarray(geo.split).astype(str) == "train"
+    proxy = np.arange(len(is_train), dtype=np.int64)
+    z = np.asarray(geo.z, np.float64)
+    goal = np.asarray(geo.goal_mask, bool).T                     # (C, T) goal membership of every cell
+    _, kind = np.unique(goal, axis=0, return_inverse=True)
+    kind = kind.reshape(-1)
+    for k in np.unique(kind[~is_train]):
+        out = np.flatnonzero(~is_train & (kind == k))
+        train = np.flatnonzero(is_train & (kind == k))
+        train = train if len(train) else np.flatnonzero(is_train)
+        proxy[out] = train[NearestCell(z[train])(z[out])]
+    return proxy
+
+
 def simulate(engine: Engine, cells: np.ndarray, applied: np.ndarray, chunk: int = 32_768) -> np.ndarray:
     """(N,) next cells of (cell, set) rows through ``engine.step`` in chunks of ``chunk`` rows."""
     cells = np.asarray(cells, np.int64)
@@ -123,9 +146,8 @@ class PersistentBatch(EpisodeBatch):
     """N persistent-mode episodes stepped with array operations (see the module docstring).
 
     Extra state (length N): ``applied`` (N, R) int8 the applied sets, ``set_since`` the step at which the set
-    last changed, ``refused`` (N, A) bool gene actions refused in the current state (training leakage),
-    ``plan`` (N, max limit) the actions in order (HOLD included; -1 for refused moves and beyond ``t``).
-    Derived (rebuilt with ``mask``): ``hold_next`` (N,) the next cell of HOLD. ``path`` as in
+    last changed, ``plan`` (N, max limit) the actions in order (HOLD included; -1 for invalid actions and beyond
+    ``t``). Derived (rebuilt with ``mask``): ``hold_next`` (N,) the next cell of HOLD. ``path`` as in
     :class:`EpisodeBatch`.
     """
 
@@ -139,10 +161,10 @@ class PersistentBatch(EpisodeBatch):
         self.hold = hold_action(engine)
         self.max_set_size = int(params.max_set_size)
         self.mask_revisits = False                 # HOLD has its own loop rule; gene actions change the state
-        self.is_train = np.asarray(geometry.split).astype(str) == "train"
+        # training: every move enters the training proxy of its next cell (module docstring: leakage)
+        self.proxy = training_proxy(geometry) if training else None
         self.applied = np.zeros((n, engine.n_regulators), np.int8)
         self.set_since = np.zeros(n, np.int64)
-        self.refused = np.zeros((n, self.hold + 1), bool)
         self.hold_next = np.zeros(n, np.int64)
         self._init_episodes(geometry, self.hold + 1, np.ones(geometry.n_cells, bool), n, params, split,
                             training, curriculum, max_steps, seed)
@@ -154,7 +176,6 @@ class PersistentBatch(EpisodeBatch):
             return
         self.applied[idx] = 0
         self.set_since[idx] = 0
-        self.refused[idx] = False
         if self.plan.shape[1] < self.max_steps:
             self.plan = np.concatenate([self.plan, np.full((self.n, self.max_steps - self.plan.shape[1]), -1,
                                                            np.int64)], 1)
@@ -171,19 +192,19 @@ class PersistentBatch(EpisodeBatch):
         h = np.flatnonzero(size > 0)
         if len(h):
             hn[h] = simulate(self.engine, cells[h], ap[h])
+        if self.proxy is not None:
+            hn = self.proxy[hn]
         self.hold_next[sel] = hn
         # HOLD's next cell must not be one visited since the set last changed (current cell included)
         cols = np.arange(self.path.shape[1])
         run = (cols >= self.set_since[sel][:, None]) & (cols <= self.t[sel][:, None])
         hold = (size > 0) & ~((self.path[sel] == hn[:, None]) & run).any(1)
-        if self.training:
-            hold &= self.is_train[hn]
-        return np.concatenate([genes, hold[:, None]], 1) & ~self.refused[sel]
+        return np.concatenate([genes, hold[:, None]], 1)
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Apply ``actions`` (N,): gene actions join the set and the set is simulated from the current cell (one
-        batched engine call); HOLD moves to ``hold_next``. Returns (reward, success, truncated, invalid).
-        Invalid (masked) actions and refused moves leave cell and set unchanged."""
+        batched engine call; in training, the next cell's training proxy); HOLD moves to ``hold_next``. Returns
+        (reward, success, truncated, invalid). Invalid (masked) actions leave cell and set unchanged."""
         a = np.asarray(actions, dtype=np.int64).reshape(self.n)
         if a.min() < 0 or a.max() >= self.n_actions:
             raise InputError(f"actions must lie in [0, {self.n_actions}); got {a.min()}..{a.max()}",
@@ -198,16 +219,11 @@ class PersistentBatch(EpisodeBatch):
         if len(k):
             new[k] = self.engine.apply(self.applied[k], a[k])
             nxt[k] = simulate(self.engine, cur[k], new[k])
-        moved = ok.copy()
-        if self.training:                          # refuse gene moves into held-out cells (module docstring)
-            leak = is_gene & ~self.is_train[nxt]
-            self.refused[rows[leak], a[leak]] = True
-            moved &= ~leak
-        nxt = np.where(moved, nxt, cur)
-        self.applied = np.where(moved[:, None], new, self.applied)
-        self.set_since = np.where(moved & is_gene, self.t + 1, self.set_since)
-        self.refused[moved] = False
-        self.plan[rows, np.minimum(self.t, self.plan.shape[1] - 1)] = np.where(moved, a, -1)
+            if self.proxy is not None:
+                nxt[k] = self.proxy[nxt[k]]
+        self.applied = np.where(ok[:, None], new, self.applied)
+        self.set_since = np.where(is_gene, self.t + 1, self.set_since)
+        self.plan[rows, np.minimum(self.t, self.plan.shape[1] - 1)] = np.where(ok, a, -1)
         return self._advance(cur, nxt, ok)
 
     def applied_obs(self, idx: np.ndarray | None = None) -> np.ndarray:
@@ -215,16 +231,15 @@ class PersistentBatch(EpisodeBatch):
         return applied_obs(self.applied if idx is None else self.applied[idx])
 
     def get_state(self) -> dict[str, Any]:
-        """:meth:`EpisodeBatch.get_state` plus the applied sets, refused moves and plans."""
+        """:meth:`EpisodeBatch.get_state` plus the applied sets and plans."""
         return {**super().get_state(), "applied": self.applied.copy(), "set_since": self.set_since.copy(),
-                "refused": self.refused.copy(), "plan": self.plan.copy()}
+                "plan": self.plan.copy()}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`get_state` output."""
         n = len(state["cell"])
         self.applied = np.array(state["applied"], np.int8).reshape(n, -1)
         self.set_since = np.array(state["set_since"], np.int64).reshape(n)
-        self.refused = np.array(state["refused"], bool).reshape(n, -1)
         self.plan = np.array(state["plan"], np.int64).reshape(n, -1)
         super().set_state(state)
 

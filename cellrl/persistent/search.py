@@ -255,14 +255,15 @@ def hub_scores(engine: Engine, geo: TaskGeometry, plans: np.ndarray, cells: np.n
 
 
 def exact(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.ndarray, max_genes: int = 3,
-          max_steps: int = 20, cells: np.ndarray | None = None,
+          max_steps: int = 20, proxy: np.ndarray | None = None,
           start_applied: np.ndarray | None = None, all_optimal: bool = False, max_plans: int = 1,
           tie_break: str = "similarity") -> SearchResult:
     """Exact breadth-first search over (cell, set) states, sets of up to ``max_genes`` genes, up to
     ``max_steps`` steps (module docstring). Unsolved tasks get an empty plan. ``info``: new states per depth.
-    ``cells``: (C,) bool, the cells a plan may enter (all when None; the warm start passes the training cells,
-    so its plans never touch a held-out cell). ``start_applied``: (N, R) int8 sets already applied at the
-    starts (empty when None; the plan then adds at most ``max_genes`` genes in all, those included).
+    ``proxy``: (C,) int64, the cell a move that lands on c enters instead (identity when None; the warm start
+    passes :func:`~cellrl.persistent.env.training_proxy`, so its plans never touch a held-out cell).
+    ``start_applied``: (N, R) int8 sets already applied at the starts (empty when None; the plan then adds at
+    most ``max_genes`` genes in all, those included).
     ``all_optimal``: also keep, per depth, every edge into a state new at that depth (:func:`_shortest_dag`)
     and fill ``optimal`` and (``max_plans`` > 1) ``others`` (:func:`_optimal_actions`); plans, success and the
     other outputs are unchanged. ``tie_break``: which shortest plan (:data:`cellrl.env.PLAN_TIE_BREAKS`, module
@@ -301,9 +302,8 @@ def exact(engine: Engine, geo: TaskGeometry, starts: np.ndarray, targets: np.nda
             break
         p, a, new, nxt = successors(engine, cell, applied, max_genes)
         rows += len(p)
-        if cells is not None:
-            inside = np.asarray(cells, bool)[nxt]
-            p, a, new, nxt = p[inside], a[inside], new[inside], nxt[inside]
+        if proxy is not None:
+            nxt = np.asarray(proxy, np.int64)[nxt]
         s = sid[p]
         k = _keys(s, nxt, new, geo.n_cells)
         keep = _new_states(k, seen)

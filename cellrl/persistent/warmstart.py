@@ -6,9 +6,10 @@ The persistent mode has no transition table to run BFS on, so the table mode's w
 
 1. starts: ``per_type`` training cells of every cell type (evenly spread over each type's training cells, in
    index order; deterministic);
-2. plans: exact search from each start to every other cell type, restricted to training cells (``cells=`` of
-   :func:`~cellrl.persistent.search.exact`: no plan enters a validation or test cell, so no goal, label or path
-   involves one);
+2. plans: exact search from each start to every other cell type on training cells only (``proxy=`` of
+   :func:`~cellrl.persistent.search.exact`: a move onto a validation or test cell enters its training proxy,
+   :func:`~cellrl.persistent.env.training_proxy`, as in the training env, so no goal, label or path involves
+   a held-out cell);
 3. samples: each plan is replayed in the TRAINING environment (:class:`~cellrl.persistent.env.PersistentBatch`,
    ``training=True``, no curriculum, evaluation step limit), and every state on it becomes a sample with the
    observation the env gives there (cell, target, applied set, action mask), the plan's action as its label
@@ -30,7 +31,7 @@ Why: cells of one type often have several shortest plans (the genes of one set a
 DAgger (``dagger_rounds`` > 0): roll the cloned policy out greedily from the same (training start, target)
 tasks in the training env; every visited state the samples lack (cell, target, applied set) is labelled by
 exact search FROM that state (:func:`~cellrl.persistent.search.exact` with ``start_applied``; training cells
-only; the genes already applied count towards ``max_genes``), with the first action of its plan (dropped when
+only, through the proxy; the genes already applied count towards ``max_genes``), with the first action of its plan (dropped when
 the env masks it) and the plan's return as value target; aggregate and refit. The rollouts are environment
 steps (``env_steps`` in the record).
 """
@@ -46,7 +47,7 @@ from ..env import EpisodeBatch
 from ..tasks import TaskGeometry
 from ..warmstart import (BC_BATCH_SIZE, BC_EPOCHS, BC_LEARNING_RATE, BC_VALUE_COEF, BcData, behaviour_clone,
                          concat_data)
-from .env import Engine, PersistentBatch, applied_obs, hold_action
+from .env import Engine, PersistentBatch, applied_obs, hold_action, training_proxy
 from .search import SearchResult, exact
 
 #: Training start cells per cell type (default).
@@ -77,8 +78,8 @@ def label_search(labels: str) -> dict[str, Any]:
 def training_plans(engine: Engine, geo: TaskGeometry, starts: np.ndarray, max_genes: int,
                    max_steps: int, all_optimal: bool = False, max_plans: int = 1,
                    tie_break: str = "similarity") -> SearchResult:
-    """Exact plans from each of ``starts`` (training cells) to every other cell type, on training cells only
-    (``all_optimal``: with every optimal action per plan state and up to ``max_plans`` - 1 other shortest plans;
+    """Exact plans from each of ``starts`` (training cells) to every other cell type, on training cells only (a
+    move onto a held-out cell enters its training proxy, as in the training env; ``all_optimal``: with every optimal action per plan state and up to ``max_plans`` - 1 other shortest plans;
     ``tie_break``: which shortest plan, ``env.plan_tie_break``; :func:`~cellrl.persistent.search.exact`)."""
     is_train = np.asarray(geo.split).astype(str) == "train"
     starts = np.asarray(starts, np.int64)
@@ -87,8 +88,8 @@ def training_plans(engine: Engine, geo: TaskGeometry, starts: np.ndarray, max_ge
     s = np.repeat(starts, geo.n_types)
     t = np.tile(np.arange(geo.n_types), len(starts))
     keep = geo.type_ids[s] != t
-    return exact(engine, geo, s[keep], t[keep], max_genes, max_steps, cells=is_train, all_optimal=all_optimal,
-                 max_plans=max_plans, tie_break=tie_break)
+    return exact(engine, geo, s[keep], t[keep], max_genes, max_steps, proxy=training_proxy(geo),
+                 all_optimal=all_optimal, max_plans=max_plans, tie_break=tie_break)
 
 
 def plan_samples(engine: Engine, geo: TaskGeometry, params: Any, plans: SearchResult,
@@ -188,7 +189,6 @@ def dagger_samples(agent: Any, engine: Engine, geo: TaskGeometry, params: Any, d
                    starts: np.ndarray, targets: np.ndarray, gamma: float,
                    max_genes: int) -> tuple[BcData, dict[str, Any]]:
     """One DAgger round (module docstring): new samples from the policy's own states and its env steps."""
-    is_train = np.asarray(geo.split).astype(str) == "train"
     n = len(starts)
     max_steps = int(params.eval_max_steps(geo.n_types))
     batch = PersistentBatch(geo, engine, n, params, split="train", training=True, curriculum=False,
@@ -219,7 +219,7 @@ def dagger_samples(agent: Any, engine: Engine, geo: TaskGeometry, params: Any, d
                       np.zeros(0, np.int32), np.zeros(0, np.float32), 0, 0, 0.0,
                       applied=np.zeros((0, engine.n_regulators), np.float32)), {**rec, "new_samples": 0}
     cell, target, ap, mask, left = (np.array([f[k] for f in found.values()]) for k in range(5))
-    res = exact(engine, geo, cell, target, max_genes, int(left.max()), cells=is_train, start_applied=ap,
+    res = exact(engine, geo, cell, target, max_genes, int(left.max()), proxy=training_proxy(geo), start_applied=ap,
                 tie_break=params.plan_tie_break)
     ok = res.success & (res.lengths > 0) & (res.lengths <= left)
     first = np.array([p[0] if len(p) else 0 for p in res.plans], np.int64)
