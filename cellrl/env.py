@@ -10,10 +10,7 @@ the next cell is ``table[cell, action]``. Observation (a Dict):
   ``mask_revisits`` also no action whose next cell was already visited in the episode).
 
 Reward: ``step_penalty + distance_reward_scale * (gamma * cos(next, target) - cos(current, target))``
-(potential-based shaping) plus ``goal_bonus`` when the next cell is a goal cell (episode terminates). With
-``goal_potential: zero`` the potential of a goal cell is 0 (cos(next) dropped on the goal step), so a plan's
-discounted return depends on its length and start only (Ng et al. 1999); ``cosine`` (the reference's) also
-rewards plans whose goal cell is more target-similar.
+(potential-based shaping) plus ``goal_bonus`` when the next cell is a goal cell (episode terminates).
 An episode is truncated at ``max_steps`` or when the cell has no allowed action left. A masked action
 leaves the cell where it is (MaskablePPO never picks one; random agents and ``check_env`` may).
 
@@ -61,7 +58,6 @@ ENV_ID = "cellrl/Reprogramming-v0"
 PERTURBATION_MODELS = ("table", "persistent")
 #: Persistent mode: which of a task's shortest plans exact search keeps (cellrl.persistent.search.exact).
 PLAN_TIE_BREAKS = ("similarity", "hub")
-GOAL_POTENTIALS = ("cosine", "zero")
 
 
 # ---------------------------------------------------------------------------------------------- parameters
@@ -92,7 +88,6 @@ class EnvParams:
     perturbation_model: str = "table"
     max_set_size: int = 3
     plan_tie_break: str = "hub"
-    goal_potential: str = "cosine"
     curriculum: CurriculumParams = field(default_factory=CurriculumParams)
 
     def __post_init__(self) -> None:
@@ -102,9 +97,6 @@ class EnvParams:
         if self.plan_tie_break not in PLAN_TIE_BREAKS:
             raise InputError(f"env.plan_tie_break must be one of {PLAN_TIE_BREAKS}, got {self.plan_tie_break!r}",
                              field="env.plan_tie_break")
-        if self.goal_potential not in GOAL_POTENTIALS:
-            raise InputError(f"env.goal_potential must be one of {GOAL_POTENTIALS}, got {self.goal_potential!r}",
-                             field="env.goal_potential")
 
     @classmethod
     def from_config(cls, env_cfg: Mapping[str, Any] | "EnvParams" | None) -> "EnvParams":
@@ -297,10 +289,8 @@ class EpisodeBatch:
     @staticmethod
     def reward(p: EnvParams, cos_cur: np.ndarray, cos_next: np.ndarray, success: np.ndarray | bool) -> np.ndarray:
         """The step reward (module docstring) from the cosines of the current and next cell to the target."""
-        phi_next = np.asarray(cos_next).astype(np.float64)
-        if p.goal_potential == "zero":
-            phi_next = np.where(success, 0.0, phi_next)
-        reward = p.step_penalty + p.distance_reward_scale * (p.gamma * phi_next - cos_cur)
+        reward = p.step_penalty + p.distance_reward_scale * (
+            p.gamma * np.asarray(cos_next).astype(np.float64) - cos_cur)
         if p.goal_bonus:
             reward = reward + p.goal_bonus * success
         return reward

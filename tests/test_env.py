@@ -6,7 +6,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from cellrl.env import ENV_ID, EnvParams, EpisodeBatch, ReprogrammingEnv, VecReprogrammingEnv
+from cellrl.env import ENV_ID, EnvParams, ReprogrammingEnv, VecReprogrammingEnv
 from cellrl.errors import InputError
 from cellrl.model import random_model
 from cellrl.tasks import TaskGeometry
@@ -59,34 +59,6 @@ def test_reward_goal_and_observation(problem):
     with pytest.raises(InputError, match="unknown target cell type"):
         env.reset(options={"start_cell": src, "target_type": "NoSuchType"})
     assert goal_cell >= 0
-
-
-def test_goal_potential_zero_makes_equal_length_plans_equal_in_return(problem):
-    """goal_potential zero: the goal step drops cos(next) (potential 0 at the goal), so the discounted return of
-    a plan depends on its length and start only; cosine (the reference's) favours the more target-similar goal."""
-    m, table, geo = problem
-    t = 1
-    goals = np.flatnonzero(geo.goal_mask[t])
-    near, far = goals[geo.cos_sim[goals, t].argmax()], goals[geo.cos_sim[goals, t].argmin()]
-    start = int(np.flatnonzero(~geo.goal_mask[t])[0])
-    mid = int(np.flatnonzero(~geo.goal_mask[t])[1])
-    for pot in ("cosine", "zero"):
-        p = EnvParams.from_config({"goal_potential": pot})
-        ret = {}
-        for end in (near, far):  # two 2-step plans start -> mid -> goal cell
-            cos = geo.cos_sim[[start, mid, end], t]
-            r = EpisodeBatch.reward(p, cos[:-1], cos[1:], np.array([False, True]))
-            ret[end] = float(r[0] + p.gamma * r[1])
-        if pot == "zero":
-            assert ret[near] == pytest.approx(ret[far])
-            assert ret[near] == pytest.approx(p.step_penalty * (1 + p.gamma) - p.distance_reward_scale
-                                              * geo.cos_sim[start, t])
-        else:
-            assert ret[near] - ret[far] == pytest.approx(p.distance_reward_scale * p.gamma ** 2 * (
-                geo.cos_sim[near, t] - geo.cos_sim[far, t]))
-            assert ret[near] > ret[far]
-    with pytest.raises(InputError, match="goal_potential"):
-        EnvParams.from_config({"goal_potential": "none"})
 
 
 def test_goal_terminates_with_success():
