@@ -172,6 +172,21 @@ def test_training_never_enters_heldout_cells_moves_there_enter_the_proxy(problem
     assert ev.batch.proxy is None                         # evaluation walks every cell
 
 
+def test_training_proxy_falls_back_to_the_nearest_training_cell(problem):
+    """A held-out cell whose goal status no training cell shares gets the nearest training cell of all."""
+    import dataclasses
+
+    m, eng, geo = problem
+    is_train = geo.split == "train"
+    c = int(np.flatnonzero(~is_train)[0])
+    goal = np.array(geo.goal_mask, copy=True)
+    goal[:, c] = True                                     # a goal of every type: no training cell is
+    assert not goal[:, is_train].all(0).any()
+    proxy = training_proxy(dataclasses.replace(geo, goal_mask=goal))
+    d = ((geo.z[is_train].astype(np.float64) - geo.z[c].astype(np.float64)) ** 2).sum(1)
+    assert proxy[c] == np.flatnonzero(is_train)[d.argmin()]
+
+
 def test_vec_env_equals_single_env_and_state_roundtrip(problem):
     m, eng, geo = problem
     cfg = {"max_steps": 5}
