@@ -24,9 +24,8 @@ Masks (decided here, and why):
 * leakage (training only): no training episode enters a validation/test cell. A move (gene action or HOLD)
   whose next cell is held out enters that cell's training proxy instead, its nearest training cell of the same
   goal status (:func:`training_proxy`): the perturbation keeps its effect and the agent never sees a held-out
-  cell. Refusing
-  such moves (the previous rule) hid every recipe whose simulated cell is held out: the demo's planted ProgB ->
-  ProgA set lands 99% of its ProgB training cells on one test cell, so the agent never learnt it.
+  cell. Refusing such moves (the previous rule) hid every recipe whose simulated cell is held out: the demo's
+  planted ProgB -> ProgA set lands 99% of its ProgB training cells on one test cell, so the agent never learnt it.
 
 Observation: the table env's (``current_expression``, ``target_expression``, ``action_mask``) plus
 ``applied`` (R,) float32: -1 knocked out, +1 overexpressed, 0 not in the set (regulator order of the engine).

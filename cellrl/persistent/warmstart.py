@@ -31,9 +31,9 @@ Why: cells of one type often have several shortest plans (the genes of one set a
 DAgger (``dagger_rounds`` > 0): roll the cloned policy out greedily from the same (training start, target)
 tasks in the training env; every visited state the samples lack (cell, target, applied set) is labelled by
 exact search FROM that state (:func:`~cellrl.persistent.search.exact` with ``start_applied``; training cells
-only, through the proxy; the genes already applied count towards ``max_genes``), with the first action of its plan (dropped when
-the env masks it) and the plan's return as value target; aggregate and refit. The rollouts are environment
-steps (``env_steps`` in the record).
+only, through the proxy; the genes already applied count towards ``max_genes``), with the first action of its
+plan (dropped when the env masks it) and the plan's return as value target; aggregate and refit. The rollouts
+are environment steps (``env_steps`` in the record).
 """
 
 from __future__ import annotations
@@ -79,8 +79,9 @@ def training_plans(engine: Engine, geo: TaskGeometry, starts: np.ndarray, max_ge
                    max_steps: int, all_optimal: bool = False, max_plans: int = 1,
                    tie_break: str = "similarity") -> SearchResult:
     """Exact plans from each of ``starts`` (training cells) to every other cell type, on training cells only (a
-    move onto a held-out cell enters its training proxy, as in the training env; ``all_optimal``: with every optimal action per plan state and up to ``max_plans`` - 1 other shortest plans;
-    ``tie_break``: which shortest plan, ``env.plan_tie_break``; :func:`~cellrl.persistent.search.exact`)."""
+    move onto a held-out cell enters its training proxy, as in the training env; ``all_optimal``: with every
+    optimal action per plan state and up to ``max_plans`` - 1 other shortest plans; ``tie_break``: which
+    shortest plan, ``env.plan_tie_break``; :func:`~cellrl.persistent.search.exact`)."""
     is_train = np.asarray(geo.split).astype(str) == "train"
     starts = np.asarray(starts, np.int64)
     if not is_train[starts].all():
@@ -219,8 +220,8 @@ def dagger_samples(agent: Any, engine: Engine, geo: TaskGeometry, params: Any, d
                       np.zeros(0, np.int32), np.zeros(0, np.float32), 0, 0, 0.0,
                       applied=np.zeros((0, engine.n_regulators), np.float32)), {**rec, "new_samples": 0}
     cell, target, ap, mask, left = (np.array([f[k] for f in found.values()]) for k in range(5))
-    res = exact(engine, geo, cell, target, max_genes, int(left.max()), proxy=training_proxy(geo), start_applied=ap,
-                tie_break=params.plan_tie_break)
+    res = exact(engine, geo, cell, target, max_genes, int(left.max()), proxy=training_proxy(geo),
+                start_applied=ap, tie_break=params.plan_tie_break)
     ok = res.success & (res.lengths > 0) & (res.lengths <= left)
     first = np.array([p[0] if len(p) else 0 for p in res.plans], np.int64)
     ok &= mask[np.arange(len(cell)), first]
