@@ -481,15 +481,12 @@ class PersistentEngine:
 
     def _next_cell_pca(self, cells: Any, Y: Any, clip: _Entries, pins: _Entries, P: Any) -> np.ndarray:
         """(n,) next cells under ``transitions.next_cell`` pca / pca_step / pca_direction / pca_step_direction /
-        prob_max: the functions of
-        :mod:`cellrl.transitions.next_cell`, whose arrays are (cells, actions per cell, ...). Rows of one cell
-        are packed along the actions axis (:func:`pack_by_cell`), so each cell's candidate offsets are
-        gathered once per block rather than once per row (a search expands ~40 sets per cell and batch)."""
+        prob_max: :func:`cellrl.transitions.next_cell.pca_next_cells` (the table runner's dispatch), whose arrays
+        are (cells, actions per cell, ...). Rows of one cell are packed along the actions axis
+        (:func:`pack_by_cell`), so each cell's candidate offsets are gathered once per block rather than once per
+        row (a search expands ~40 sets per cell and batch)."""
         xp, model = self.xp, self.next_cell_model
-        if model not in ("pca", "pca_step", "pca_direction", "pca_step_direction", "prob_max"):
-            raise InputError(f"unknown transitions.next_cell {model!r}", field="transitions.next_cell")
         s = self._disp(Y, clip, pins)  # (n, d)
-        block = nc.CPU_BLOCK if xp is np else None  # cells scored at once (cache-sized candidate offsets)
         cells_np = to_numpy(cells).astype(np.int64)
         out = np.empty(cells_np.size, dtype=np.int64)
         for rows, ucell, pos in pack_by_cell(cells_np):
@@ -498,20 +495,14 @@ class PersistentEngine:
             cell_of_row = xp_idx(xp, np.searchsorted(ucell, cells_np[rows]))
             sp_ = xp.zeros((m, width, s.shape[1]))
             sp_[cell_of_row, pi] = s[ri]
-            if model in ("pca", "pca_step"):  # pca_step: pca with the displacement times transitions.step_gain
-                disp = sp_ if model == "pca" else sp_ * float(self.settings.step_gain)
-                nxt = nc.pca_nearest(xp, disp, self.scores, ci, self.candidates[ci], self.radius[ci], self.pca.nearest,
-                                     block=block)
-            elif model == "pca_direction":
-                nxt = nc.pca_direction(xp, sp_, self.scores, ci, self.candidates[ci], self.half_gap[ci], block=block)
-            elif model == "pca_step_direction":
-                nxt = nc.pca_step_direction(xp, sp_, self.settings.step_gain, self.scores, ci, self.candidates[ci],
-                                            self.radius[ci], self.half_gap[ci], self.pca.nearest, block=block)
-            else:
+            Pp = None
+            if model == "prob_max":
                 Pp = xp.zeros((m, width, P.shape[1]))
                 Pp[cell_of_row, pi] = P[ri]
-                nxt = nc.prob_max(xp, Pp, sp_, ci, self.nbr[ci], self.half_gap[ci])
-            out[rows] = np.asarray(to_numpy(nxt))[to_numpy(cell_of_row), pos]
+            nxt = nc.pca_next_cells(xp, model, sp_, self.settings.step_gain, self.scores, ci, self.candidates[ci],
+                                    self.radius[ci], self.half_gap[ci], self.pca.nearest, P=Pp,
+                                    nbr=self.nbr[ci] if model == "prob_max" else None)
+            out[rows] = nxt[to_numpy(cell_of_row), pos]
         return out
 
 

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InputError
 from ..xp import to_numpy
 
 DEFAULT_N_PCS = 50  # when neither transitions.n_pcs nor the model's meta (oracle n_pcs) gives one
@@ -228,6 +229,12 @@ except Exception:  # pragma: no cover
     _offsets_numba = None
 
 
+def _blocks(n: int, block: int | None) -> list[slice]:
+    """Row slices of ``block`` cells (all ``n`` at once when None)."""
+    step = max(1, n if block is None else int(block))
+    return [slice(b, b + step) for b in range(0, n, step)]
+
+
 def pca_nearest(xp: ModuleType, s: Any, scores: Any, cells: Any, candidates: Any, radius: Any,
                 nearest: NearestCell, block: int | None = None) -> np.ndarray:
     """``pca`` model: (n, A) next cells (numpy). ``s`` (n, A, d) simulated displacements of ``cells`` (n,),
@@ -236,11 +243,9 @@ def pca_nearest(xp: ModuleType, s: Any, scores: Any, cells: Any, candidates: Any
     these when it is negative (strictly nearer than itself), else stays; answers the candidates cannot certify
     come from ``nearest`` (all cells). ``block``: cells scored at once, as in :func:`pca_direction`."""
     n, A = int(cells.shape[0]), int(s.shape[1])
-    step = n if block is None else max(1, int(block))
     best = xp.empty((n, A), dtype=candidates.dtype)
     best_score = xp.empty((n, A), dtype=s.dtype)
-    for b0 in range(0, n, step):
-        b = slice(b0, b0 + step)
+    for b in _blocks(n, block):
         D = candidate_offsets(xp, scores, cells[b], candidates[b])  # (b, K, d)
         score = xp.einsum("nkd,nkd->nk", D, D)[:, None, :] - 2.0 * xp.matmul(s[b], D.transpose(0, 2, 1))  # (b, A, K)
         best[b] = xp.argmin(score, axis=2)  # first on ties
@@ -263,10 +268,8 @@ def pca_direction(xp: ModuleType, s: Any, scores: Any, cells: Any, candidates: A
     scored at once (default all; on CPU a few dozen keep the (block, K, d) offsets in cache: ~20% faster, and
     every cell's numbers are the same for any block)."""
     n = int(cells.shape[0])
-    step = n if block is None else max(1, int(block))
     best = xp.empty((n, int(s.shape[1])), dtype=candidates.dtype)
-    for b0 in range(0, n, step):
-        b = slice(b0, b0 + step)
+    for b in _blocks(n, block):
         D = candidate_offsets(xp, scores, cells[b], candidates[b])  # (b, K, d)
         Dn = xp.sqrt(xp.einsum("nkd,nkd->nk", D, D))  # (b, K)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -300,6 +303,26 @@ def prob_max(xp: ModuleType, P: Any, s: Any, cells: Any, nbr: Any, half_gap: Any
     best = xp.take_along_axis(nbr, xp.argmax(P, axis=2), axis=1)  # (n, A)
     move = xp.sqrt((s * s).sum(axis=2)) > half_gap[:, None]
     return xp.where(move, best, cells[:, None])
+
+
+def pca_next_cells(xp: ModuleType, model: str, s: Any, gain: float, scores: Any, cells: Any, candidates: Any,
+                   radius: Any, half_gap: Any, nearest: NearestCell, P: Any = None, nbr: Any = None) -> np.ndarray:
+    """(n, A) next cells (numpy) under ``transitions.next_cell`` ``model`` (pca, pca_step, pca_direction,
+    pca_step_direction or prob_max) from the displacements ``s`` (n, A, d) of ``cells`` (n,); the per-cell arrays
+    are those of ``cells``. ``gain``: ``transitions.step_gain``; ``P``, ``nbr``: prob_max's transition
+    probabilities (n, A, k) and neighbours (n, k). On CPU the candidates are scored :data:`CPU_BLOCK` cells at a
+    time. The one dispatch of the table runner and the persistent engine."""
+    block = CPU_BLOCK if xp is np else None
+    if model in ("pca", "pca_step"):
+        return pca_nearest(xp, s if model == "pca" else s * float(gain), scores, cells, candidates, radius, nearest,
+                           block=block)
+    if model == "pca_direction":
+        return to_numpy(pca_direction(xp, s, scores, cells, candidates, half_gap, block=block))
+    if model == "pca_step_direction":
+        return pca_step_direction(xp, s, gain, scores, cells, candidates, radius, half_gap, nearest, block=block)
+    if model == "prob_max":
+        return to_numpy(prob_max(xp, P, s, cells, nbr, half_gap))
+    raise InputError(f"unknown transitions.next_cell {model!r}", field="transitions.next_cell")
 
 
 def bytes_per_cell(model: str, n_actions: int, n_candidates: int, n_pcs: int) -> int:

@@ -159,20 +159,9 @@ def run_chunk(ctx: Context, cells: np.ndarray, cluster: int, keep_delta: bool = 
 
     # 7. next cell (cellrl.transitions.next_cell)
     model = ctx.settings.next_cell
-    block = nc.CPU_BLOCK if xp is np else None  # cells scored at once by the PCA models
-    if model in ("pca", "pca_step"):
-        step = disp if model == "pca" else disp * float(ctx.settings.step_gain)
-        nxt = nc.pca_nearest(xp, step, ctx.scores, ci, ctx.candidates[ci], ctx.radius[ci], ctx.pca.nearest,
-                             block=block)
-    elif model in ("pca_direction", "pca_step_direction"):
-        if model == "pca_direction":
-            nxt = to_numpy(nc.pca_direction(xp, disp, ctx.scores, ci, ctx.candidates[ci], ctx.half_gap[ci],
-                                            block=block))
-        else:
-            nxt = nc.pca_step_direction(xp, disp, ctx.settings.step_gain, ctx.scores, ci, ctx.candidates[ci],
-                                        ctx.radius[ci], ctx.half_gap[ci], ctx.pca.nearest, block=block)
-    elif model == "prob_max":
-        nxt = to_numpy(nc.prob_max(xp, P, disp, ci, nbr, ctx.half_gap[ci]))
+    if model != "celloracle":
+        nxt = nc.pca_next_cells(xp, model, disp, ctx.settings.step_gain, ctx.scores, ci, ctx.candidates[ci],
+                                ctx.radius[ci], ctx.half_gap[ci], ctx.pca.nearest, P=P, nbr=nbr)
     else:  # celloracle: nearest cell to the shifted point (CPU KD-tree; NaN shift = no move)
         target = to_numpy(ctx.E[ci][:, None, :] + shift).reshape(-1, 2)
         ok = np.isfinite(target).all(axis=1)
