@@ -79,7 +79,7 @@ class NearestCell:
 
     Up to :data:`KD_TREE_MAX_DIMS` PCs a scipy cKDTree. Above, a KD-tree visits most cells anyway (far steps land
     in voids, where distances concentrate), so a blocked brute-force search: ``|p_j|^2 - 2 q.p_j`` by one
-    float32 product per block of queries finds the nearest cell up to that product's rounding bound, and the few
+    float32 product per cache-sized block of queries finds the nearest cell up to that product's rounding bound, and the few
     queries where another cell lies within the bound are settled by float64 differences ``|q - p_j|^2`` (first
     index on ties). Paul15's far steps (50 PCs, 2,660 cells): ~4x faster than the KD-tree, same answers."""
 
@@ -89,8 +89,8 @@ class NearestCell:
         self.brute = d > KD_TREE_MAX_DIMS
         if self.brute:
             s32 = self.scores.astype(np.float32)
-            self._neg2_t = np.ascontiguousarray(-2.0 * s32.T)  # (d, N); times 2 is exact
-            self._sq = np.einsum("nd,nd->n", s32, s32)  # (N,) f32
+            # (d + 1, N): -2 p_j over |p_j|^2, so one product with [q, 1] gives |p_j|^2 - 2 q.p_j (times 2 exact)
+            self._aug_t = np.ascontiguousarray(np.vstack([-2.0 * s32.T, np.einsum("nd,nd->n", s32, s32)[None]]))
             self._sq_max = float(np.einsum("nd,nd->n", self.scores, self.scores).max()) if N else 0.0
             # bound on |f32 result - exact| of |p|^2 - 2 q.p: ~(d + 6) roundings of |p|^2 + 2 |q| |p| <= 2 |p|^2
             # + |q|^2; x4 for safety (a wider bound only settles more queries exactly)
@@ -106,15 +106,17 @@ class NearestCell:
         q = np.ascontiguousarray(q, dtype=np.float64)
         if not self.brute:
             return self.tree.query(q, k=1, workers=-1 if len(q) > 50_000 else 1)[1].astype(np.int64)
-        N = self.scores.shape[0]
+        N, d = self.scores.shape
         out = np.empty(len(q), dtype=np.int64)
-        block = max(16, (1 << 20) // max(N, 1))  # ~4 MiB of float32 scores per block
+        block = max(64, (1 << 18) // max(N, 1))  # ~1 MiB of float32 scores per block: stays in cache
+        qa = np.empty((min(block, len(q)), d + 1), dtype=np.float32)
+        qa[:, d] = 1.0
         rows, cols = [], []
         for b in range(0, len(q), block):
             qb = q[b:b + block]
             n, ar = len(qb), np.arange(len(qb))
-            g = qb.astype(np.float32) @ self._neg2_t
-            g += self._sq
+            qa[:n, :d] = qb
+            g = qa[:n] @ self._aug_t  # (n, N) |p_j|^2 - 2 q.p_j
             j = g.argmin(axis=1)
             thr = g[ar, j] + self._slack * (2.0 * self._sq_max + np.einsum("nd,nd->n", qb, qb))
             out[b:b + n] = j
@@ -235,6 +237,58 @@ def _blocks(n: int, block: int | None) -> list[slice]:
     return [slice(b, b + step) for b in range(0, n, step)]
 
 
+def _candidate_scores(xp: ModuleType, s: Any, scores: Any, cells: Any, candidates: Any, block: int | None,
+                      near_gain: float | None = None, direction: bool = False) -> tuple[Any, Any, Any]:
+    """One pass over the candidates of ``cells`` (``D_j = p_j - p_i``, ``|D_j|^2`` and ``s.D_j`` once per block of
+    ``block`` cells) for both candidate scores. ``near_gain`` g: :func:`pca_nearest`'s best candidate of ``g s``,
+    the position in ``candidates`` and its score ``|D_j|^2 - 2 g s.D_j`` ((n, A) each; None, None when not asked).
+    ``direction``: :func:`pca_direction`'s best candidate, a cell index (n, A) (else None). ``g s.D_j`` is
+    ``(g s).D_j`` exactly for g a power of two (the default 4: each product and partial sum scaled exactly)."""
+    n, A = int(cells.shape[0]), int(s.shape[1])
+    near_pos = near_score = dir_best = None
+    if near_gain is not None:
+        near_pos = xp.empty((n, A), dtype=candidates.dtype)
+        near_score = xp.empty((n, A), dtype=s.dtype)
+    if direction:
+        dir_best = xp.empty((n, A), dtype=candidates.dtype)
+    for b in _blocks(n, block):
+        D = candidate_offsets(xp, scores, cells[b], candidates[b])  # (b, K, d)
+        Dsq = xp.einsum("nkd,nkd->nk", D, D)  # (b, K)
+        sD = xp.matmul(s[b], D.transpose(0, 2, 1))  # (b, A, K)
+        if near_pos is not None:
+            score = sD * (-2.0 * float(near_gain))
+            score += Dsq[:, None, :]
+            near_pos[b] = xp.argmin(score, axis=2)  # first on ties
+            near_score[b] = xp.take_along_axis(score, near_pos[b][:, :, None], axis=2)[:, :, 0]
+        if dir_best is not None:
+            Dn = xp.sqrt(Dsq)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                sD /= Dn[:, None, :]  # s.D_j / |D_j|
+            real = Dn > 0
+            if not bool(real.all()):
+                sD = xp.where(real[:, None, :], sD, -xp.inf)
+            dir_best[b] = xp.take_along_axis(candidates[b], xp.argmax(sD, axis=2), axis=1)
+    return near_pos, near_score, dir_best
+
+
+def _certified_nearest(xp: ModuleType, pos: Any, best_score: Any, s: Any, gain: float, scores: Any, cells: Any,
+                       candidates: Any, radius: Any, nearest: NearestCell) -> np.ndarray:
+    """(n, A) next cells (numpy) of :func:`pca_nearest` from the candidate scores of ``gain * s``: the best
+    candidate when it is strictly nearer than the cell itself, else the cell; an answer the candidates cannot
+    certify (a cell outside the K may be nearer) comes from ``nearest`` (all cells)."""
+    move = best_score < 0
+    out = to_numpy(xp.where(move, xp.take_along_axis(candidates, pos, axis=1), cells[:, None]))
+    s2 = (s * s).sum(axis=2) * float(gain * gain)  # |g s|^2 (exact scaling for g a power of two)
+    dist = xp.sqrt(xp.maximum(s2 + xp.minimum(best_score, 0.0), 0.0))  # |p_i + g s - p_next|
+    unsure = to_numpy(dist > radius[:, None] - xp.sqrt(s2))
+    if unsure.any():
+        r, a = np.nonzero(unsure)
+        ri = r if xp is np else xp.asarray(r)
+        q = to_numpy(scores[cells[ri]] + s[ri, a if xp is np else xp.asarray(a)] * float(gain))
+        out[r, a] = nearest(q)
+    return out
+
+
 def pca_nearest(xp: ModuleType, s: Any, scores: Any, cells: Any, candidates: Any, radius: Any,
                 nearest: NearestCell, block: int | None = None) -> np.ndarray:
     """``pca`` model: (n, A) next cells (numpy). ``s`` (n, A, d) simulated displacements of ``cells`` (n,),
@@ -242,23 +296,8 @@ def pca_nearest(xp: ModuleType, s: Any, scores: Any, cells: Any, candidates: Any
     ``|p_i + s - p_j|^2 - |s|^2 = |D_j|^2 - 2 s.D_j`` with ``D_j = p_j - p_i``: the cell moves to the smallest of
     these when it is negative (strictly nearer than itself), else stays; answers the candidates cannot certify
     come from ``nearest`` (all cells). ``block``: cells scored at once, as in :func:`pca_direction`."""
-    n, A = int(cells.shape[0]), int(s.shape[1])
-    best = xp.empty((n, A), dtype=candidates.dtype)
-    best_score = xp.empty((n, A), dtype=s.dtype)
-    for b in _blocks(n, block):
-        D = candidate_offsets(xp, scores, cells[b], candidates[b])  # (b, K, d)
-        score = xp.einsum("nkd,nkd->nk", D, D)[:, None, :] - 2.0 * xp.matmul(s[b], D.transpose(0, 2, 1))  # (b, A, K)
-        best[b] = xp.argmin(score, axis=2)  # first on ties
-        best_score[b] = xp.take_along_axis(score, best[b][:, :, None], axis=2)[:, :, 0]
-    move = best_score < 0
-    out = to_numpy(xp.where(move, xp.take_along_axis(candidates, best, axis=1), cells[:, None]))
-    s2 = (s * s).sum(axis=2)
-    dist = xp.sqrt(xp.maximum(s2 + xp.minimum(best_score, 0.0), 0.0))  # |p_i + s - p_next|
-    unsure = to_numpy(dist > radius[:, None] - xp.sqrt(s2))  # a cell outside the K may be nearer
-    if unsure.any():
-        q = to_numpy(scores[cells][:, None, :] + s)[unsure]
-        out[unsure] = nearest(q)
-    return out
+    pos, best_score, _ = _candidate_scores(xp, s, scores, cells, candidates, block, near_gain=1.0)
+    return _certified_nearest(xp, pos, best_score, s, 1.0, scores, cells, candidates, radius, nearest)
 
 
 def pca_direction(xp: ModuleType, s: Any, scores: Any, cells: Any, candidates: Any, half_gap: Any,
@@ -267,17 +306,7 @@ def pca_direction(xp: ModuleType, s: Any, scores: Any, cells: Any, candidates: A
     ties; duplicates of the cell, ``D_j = 0``, excluded) when ``|s| > r_i / 2``, else the cell. ``block``: cells
     scored at once (default all; on CPU a few dozen keep the (block, K, d) offsets in cache: ~20% faster, and
     every cell's numbers are the same for any block)."""
-    n = int(cells.shape[0])
-    best = xp.empty((n, int(s.shape[1])), dtype=candidates.dtype)
-    for b in _blocks(n, block):
-        D = candidate_offsets(xp, scores, cells[b], candidates[b])  # (b, K, d)
-        Dn = xp.sqrt(xp.einsum("nkd,nkd->nk", D, D))  # (b, K)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            along = xp.matmul(s[b], D.transpose(0, 2, 1)) / Dn[:, None, :]  # (b, A, K)
-        real = Dn > 0
-        if not bool(real.all()):
-            along = xp.where(real[:, None, :], along, -xp.inf)
-        best[b] = xp.take_along_axis(candidates[b], xp.argmax(along, axis=2), axis=1)
+    best = _candidate_scores(xp, s, scores, cells, candidates, block, direction=True)[2]
     move = xp.sqrt((s * s).sum(axis=2)) > half_gap[:, None]
     return xp.where(move, best, cells[:, None])
 
@@ -285,16 +314,14 @@ def pca_direction(xp: ModuleType, s: Any, scores: Any, cells: Any, candidates: A
 def pca_step_direction(xp: ModuleType, s: Any, gain: float, scores: Any, cells: Any, candidates: Any, radius: Any,
                        half_gap: Any, nearest: NearestCell, block: int | None = None) -> np.ndarray:
     """``pca_step_direction`` model: (n, A) next cells (numpy). :func:`pca_nearest` of ``gain * s``, and for the
-    (cell, action) pairs where that stays at the cell, :func:`pca_direction` of ``s`` (scored only for the cells
-    that have such a pair; each pair's answer is the same as in the full ``pca_direction`` table)."""
-    out = pca_nearest(xp, s * float(gain), scores, cells, candidates, radius, nearest, block=block)
+    (cell, action) pairs where that stays at the cell, :func:`pca_direction` of ``s``; both candidate scores
+    from one pass over the candidates (:func:`_candidate_scores`)."""
+    pos, best_score, best_dir = _candidate_scores(xp, s, scores, cells, candidates, block, near_gain=float(gain),
+                                                  direction=True)
+    out = _certified_nearest(xp, pos, best_score, s, float(gain), scores, cells, candidates, radius, nearest)
+    move = to_numpy(xp.sqrt((s * s).sum(axis=2)) > half_gap[:, None])
     stay = out == to_numpy(cells)[:, None]
-    rows = np.flatnonzero(stay.any(axis=1))
-    if rows.size:
-        r = rows if xp is np else xp.asarray(rows)
-        d = to_numpy(pca_direction(xp, s[r], scores, cells[r], candidates[r], half_gap[r], block=block))
-        out[rows] = np.where(stay[rows], d, out[rows])
-    return out
+    return np.where(stay, np.where(move, to_numpy(best_dir), out), out)
 
 
 def prob_max(xp: ModuleType, P: Any, s: Any, cells: Any, nbr: Any, half_gap: Any) -> Any:
