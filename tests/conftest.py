@@ -32,6 +32,36 @@ def small_model():
     return random_model(n_cells=300, n_genes=40, n_types=4, n_regulators=6, seed=0)
 
 
+@pytest.fixture
+def standin_backend(monkeypatch):
+    """A CPU stand-in for CuPy: a module of numpy's functions that is not numpy (so every ``xp is not np`` branch
+    runs: no numba, whole-chunk blocks, index arrays moved to the backend), scipy.sparse as cupyx.scipy.sparse
+    and stub GPU memory queries; ``transitions.backend: cupy`` then selects it in the table runner and the
+    persistent engine. It checks the GPU path's logic where no GPU is lent, not CuPy's API (the gpu tests do)."""
+    import sys
+    import types
+
+    import numpy as np
+    import scipy.sparse
+
+    import cellrl.persistent.engine as engine
+    import cellrl.transitions.runner as runner
+
+    xp = types.ModuleType("xp_standin")
+    xp.__dict__.update({k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
+    xp.get_default_memory_pool = lambda: types.SimpleNamespace(total_bytes=lambda: 0)
+    xp.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(memGetInfo=lambda: (8 << 30, 16 << 30)))
+    cupyx, cupyx_scipy = types.ModuleType("cupyx"), types.ModuleType("cupyx.scipy")
+    cupyx.scipy, cupyx_scipy.sparse = cupyx_scipy, scipy.sparse
+    for name, mod in (("cupyx", cupyx), ("cupyx.scipy", cupyx_scipy), ("cupyx.scipy.sparse", scipy.sparse)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    select = runner.select_backend
+    standin = (lambda backend: (xp, "cupy: CPU stand-in") if backend == "cupy" else select(backend))
+    monkeypatch.setattr(runner, "select_backend", standin)
+    monkeypatch.setattr(engine, "select_backend", standin)
+    return xp
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Fitted CellOracle oracles (helper B): real Paul15 data and the synthetic demo atlas, each through the
 # pipeline's own functions: ingest -> base GRN -> filter -> split -> fit_oracle. Session-scoped: one fit each.

@@ -265,20 +265,16 @@ def test_pca_models_still_check_n_neighbors():
 
 
 @pytest.mark.parametrize("which", ["pca", "pca_step", "pca_direction", "pca_step_direction"])
-def test_array_module_branches_equal_numpy(model, which):
+def test_array_module_branches_equal_numpy(model, which, standin_backend):
     """The branches the CuPy backend takes (``xp is not numpy``: no numba offsets, one block, index arrays moved
-    to the backend) give the numpy path's next cells; run here with a stand-in module holding numpy's functions."""
-    import types
-
-    standin = types.ModuleType("xp_standin")
-    standin.__dict__.update({k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
-    assert standin is not np
+    to the backend) give the numpy path's next cells (CPU stand-in module, conftest ``standin_backend``)."""
+    assert standin_backend is not np
     ps = nc.pca_space(model.X, nc.n_pcs_of(None, model.meta), 30)
     rng = np.random.default_rng(1)
     cells = rng.choice(model.n_cells, 120, replace=False)
     s = rng.normal(size=(len(cells), 5, ps.scores.shape[1])) * rng.choice([0.0, 0.05, 1.0, 5.0], size=(1, 5, 1))
     args = (s, 4.0, ps.scores, cells, ps.candidates[cells], ps.radius[cells], ps.half_gap[cells], ps.nearest)
-    got = nc.pca_next_cells(standin, which, *args)
+    got = nc.pca_next_cells(standin_backend, which, *args)
     ref = nc.pca_next_cells(np, which, *args)
     np.testing.assert_array_equal(got, ref)
     assert 0.0 < (ref == cells[:, None]).mean() < 1.0  # both stays and moves

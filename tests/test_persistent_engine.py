@@ -209,6 +209,27 @@ def test_masks_and_set_updates(small_model):
     assert (eng.step(cells, empty) == cells).mean() > 0.99
 
 
+@pytest.mark.parametrize("which", ["celloracle", "pca_step_direction", "prob_max"])
+def test_gpu_branches_equal_numpy(which, standin_backend):
+    """The engine's GPU path (sparse products and row sums on the backend, backend index arrays) gives the numpy
+    engine's next cells over three growing set steps, run on the CPU stand-in for CuPy (conftest
+    ``standin_backend``)."""
+    m = random_model(n_cells=600, n_genes=60, n_types=4, n_regulators=6, seed=5)
+    s = dict(SETTINGS, n_neighbors=40, next_cell=which)
+    engines = [PersistentEngine.from_model(m, dict(s, backend=b)) for b in ("numpy", "cupy")]
+    assert engines[0].xp is np and engines[1].xp is standin_backend
+    rng = np.random.default_rng(0)
+    start = rng.integers(0, m.n_cells, 300)
+    cells = [start, start]
+    ap = np.zeros((300, engines[0].n_regulators), np.int8)
+    for _ in range(3):
+        a = np.argmax(np.where(engines[0].action_mask(ap), rng.random((300, engines[0].n_actions)), -1), axis=1)
+        ap = engines[0].apply(ap, a)
+        cells = [np.asarray(e.step(c, ap)) for e, c in zip(engines, cells)]
+        np.testing.assert_array_equal(cells[1], cells[0])
+    assert (cells[0] != start).mean() > 0.1  # the sets move cells
+
+
 @pytest.mark.gpu
 def test_cupy_equals_numpy():
     cp = pytest.importorskip("cupy", reason="CuPy is not installed (pip install cupy-cuda12x)")

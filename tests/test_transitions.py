@@ -404,6 +404,19 @@ def test_chunk_size_from_memory():
     assert T.choose_chunk_cells(np, 10, override=33) == (33, "transitions.chunk_cells")
 
 
+@pytest.mark.parametrize("which", ["celloracle", "pca_step_direction", "prob_max"])
+def test_gpu_branches_equal_numpy(which, standin_backend):
+    """The table runner's GPU path (one chunk at a time, sparse plans on the backend, backend arrays throughout)
+    gives the numpy table, run on the CPU stand-in for CuPy (conftest ``standin_backend``)."""
+    m = random_model(n_cells=600, n_genes=60, n_types=4, n_regulators=6, seed=5)
+    s = dict(SETTINGS, n_neighbors=40, next_cell=which)
+    t_np, _, st_np = T.compute_table(m, dict(s, backend="numpy"), progress=False)
+    t_gpu, _, st_gpu = T.compute_table(m, dict(s, backend="cupy"), progress=False)
+    assert st_np["backend"] == "numpy" and st_gpu["backend"] == "cupy" and st_gpu["threads"] == 1
+    np.testing.assert_array_equal(t_gpu, t_np)
+    assert 0.0 < st_np["self_transition_fraction"] < 1.0
+
+
 @pytest.mark.gpu
 def test_cupy_table_equals_numpy(small_model):
     cp = pytest.importorskip("cupy", reason="CuPy is not installed (pip install cupy-cuda12x)")
