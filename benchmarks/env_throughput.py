@@ -40,8 +40,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,6 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cellrl.env import VecReprogrammingEnv  # noqa: E402
+from machine import MODEL_SIZES, machine_info  # noqa: E402,F401  (machine_info: also imported from here)
 from cellrl.model import random_model  # noqa: E402
 from cellrl.tasks import TaskGeometry  # noqa: E402
 from cellrl.train import TRAIN_DEFAULTS, build_agent, make_vec_env, quiet_numerics, set_torch_threads  # noqa: E402
@@ -65,7 +64,7 @@ REFERENCE = {k: TRAIN_DEFAULTS[k] for k in ("n_envs", "n_steps", "batch_size", "
 DEMO = dict(n_envs=8, n_steps=256, batch_size=64, n_epochs=5, learning_rate=5e-4)  # config.yaml demo overrides
 # name: (genes, cell types, regulators (actions = 2 x regulators), cells, quick cells, train settings)
 SIZES: dict[str, tuple[int, int, int, int, int, dict[str, Any]]] = {
-    "3000_genes": (3000, 10, 108, 2500, 1200, REFERENCE), "demo": (400, 6, 20, 2400, 2400, DEMO)}
+    name: (*MODEL_SIZES[name], train) for name, train in (("3000_genes", REFERENCE), ("demo", DEMO))}
 GOALS = {"ratio_3000_genes": 0.7, "demo_training_steps_per_s": 1000}
 
 
@@ -74,40 +73,6 @@ def problem(n_cells: int, n_genes: int, n_types: int, n_regulators: int, seed: i
     m = random_model(n_cells=n_cells, n_genes=n_genes, n_types=n_types, n_regulators=n_regulators, seed=seed)
     table = np.random.default_rng(seed).integers(0, m.n_cells, (m.n_cells, m.n_actions)).astype(np.int32)
     return TaskGeometry.from_model(m), table
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    """CPU model, ISA flags, cores, torch/numpy versions and threads, BLAS libraries."""
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            k, _, v = line.partition(":")
-            fields.setdefault(k.strip().lower(), v.strip())
-    except OSError:
-        pass
-    model = fields.get("model name")
-    if not model:
-        try:
-            out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
-            model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")),
-                         None)
-        except (OSError, subprocess.SubprocessError):
-            pass
-    if not model and "cpu part" in fields:
-        model = f"CPU implementer {fields.get('cpu implementer')} part {fields['cpu part']}"
-    flags = set((fields.get("flags") or fields.get("features") or "").split())
-    try:
-        from threadpoolctl import threadpool_info
-
-        blas = [{k: d.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
-                for d in threadpool_info() if d.get("user_api") == "blas"]
-    except Exception as e:  # pragma: no cover - informational only
-        blas = [{"error": str(e)}]
-    return dict(cpu_model=model or platform.processor() or platform.machine(), arch=platform.machine(),
-                isa={f: f in flags for f in ("avx2", "avx512f", "neon", "asimd", "sve")},
-                torch_cpu_capability=th.backends.cpu.get_cpu_capability(), cores=len(os.sched_getaffinity(0)),
-                os_cpu_count=os.cpu_count(), torch=th.__version__, torch_threads=threads, numpy=np.__version__,
-                blas=blas, python=platform.python_version(), host=platform.node())
 
 
 def bench_raw_env(geo: TaskGeometry, table: np.ndarray, n_envs: int, seconds: float) -> dict[str, Any]:
