@@ -51,7 +51,9 @@ import torch.nn.functional as F
 from stable_baselines3.common.callbacks import BaseCallback
 
 ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))  # benchmarks/machine.py, also when this file is loaded by path (tests)
 
 from cellrl.env import VecReprogrammingEnv  # noqa: E402
 from machine import MODEL_SIZES, machine_info  # noqa: E402,F401  (machine_info: also imported from here)
@@ -59,7 +61,6 @@ from cellrl.model import random_model  # noqa: E402
 from cellrl.tasks import TaskGeometry  # noqa: E402
 from cellrl.train import TRAIN_DEFAULTS, build_agent, make_vec_env, quiet_numerics, set_torch_threads  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 REFERENCE = {k: TRAIN_DEFAULTS[k] for k in ("n_envs", "n_steps", "batch_size", "n_epochs", "learning_rate")}
 DEMO = dict(n_envs=8, n_steps=256, batch_size=64, n_epochs=5, learning_rate=5e-4)  # config.yaml demo overrides
 # name: (genes, cell types, regulators (actions = 2 x regulators), cells, quick cells, train settings)
