@@ -174,10 +174,13 @@ def test_table_equals_dense_reference(model, which, n_pcs):
     assert 0.0 < (table == np.arange(N)[:, None]).mean() < 1.0  # both stagnations and moves occur
 
 
+@pytest.mark.parametrize("backend", ["numpy", "standin"])
 @pytest.mark.parametrize("d", [3, 30])
-def test_nearest_cell_is_exact_with_first_index_on_ties(d):
+def test_nearest_cell_is_exact_with_first_index_on_ties(d, backend, request):
     """NearestCell (KD-tree up to KD_TREE_MAX_DIMS PCs, float32 filter + float64 check above) equals the dense
-    float64 search; above, exact ties (duplicate cells) go to the lowest index."""
+    float64 search; above, exact ties (duplicate cells) go to the lowest index. ``standin``: the queries in another
+    array module (the GPU path's search, on the CPU stand-in for CuPy)."""
+    xp = request.getfixturevalue("standin_backend") if backend == "standin" else np
     rng = np.random.default_rng(d)
     P = rng.normal(size=(400, d)) * np.linspace(5.0, 0.1, d)  # PCA-like: variance falling along the PCs
     P[[10, 200, 399]] = P[50]  # duplicates of cell 50
@@ -185,7 +188,8 @@ def test_nearest_cell_is_exact_with_first_index_on_ties(d):
     assert near.brute == (d > nc.KD_TREE_MAX_DIMS)
     Q = np.vstack([P[rng.integers(0, 400, 300)] + rng.normal(size=(300, d)) * s  # near cells, gaps, far voids
                    for s in (0.01, 0.5, 5.0)] + [P[[50, 10, 7]], 1e3 * np.ones((1, d))])
-    got = near(Q)
+    got = near(xp.asarray(Q), xp)
+    assert isinstance(got, np.ndarray)
     d2 = ((Q[:, None, :] - P[None]) ** 2).sum(axis=2)
     np.testing.assert_array_equal(d2[np.arange(len(Q)), got], d2.min(axis=1))
     if near.brute:
