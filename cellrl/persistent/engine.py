@@ -40,7 +40,8 @@ at 0 is not pinned and propagates freely).
 
 A single-gene set is the table's action (``table[i, a]``); equality with CellOracle's own multi-gene
 ``simulate_shift`` is tested in tests/test_persistent_engine.py. Arrays live on ``xp`` (numpy or CuPy,
-:mod:`cellrl.xp`); the nearest-cell searches over all cells (KD-tree, NearestCell) run on the CPU.
+:mod:`cellrl.xp`); the embedding's KD-tree (celloracle) and NearestCell's KD-tree (up to 20 PCs) run on the CPU,
+NearestCell's brute-force search (more PCs, the default 50) on ``xp``.
 """
 
 from __future__ import annotations
