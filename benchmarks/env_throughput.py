@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))  # benchmarks/machine.py, also when this file is loaded by path (tests)
 
 from cellrl.env import VecReprogrammingEnv  # noqa: E402
-from machine import MODEL_SIZES, machine_info  # noqa: E402,F401  (machine_info: also imported from here)
+from machine import MODEL_SIZES, machine_info  # noqa: E402
 from cellrl.model import random_model  # noqa: E402
 from cellrl.tasks import TaskGeometry  # noqa: E402
 from cellrl.train import TRAIN_DEFAULTS, build_agent, make_vec_env, quiet_numerics, set_torch_threads  # noqa: E402

@@ -57,6 +57,11 @@ def machine_info(threads: int) -> dict[str, Any]:
                 host=platform.node(), gpu=gpu_info())
 
 
+def machine_with_load(threads: int = 1) -> dict[str, Any]:
+    """:func:`machine_info` plus the load average now (the machine is often shared with other jobs)."""
+    return {**machine_info(threads), "loadavg": os.getloadavg()}
+
+
 def gpu_info() -> dict[str, Any] | None:
     """Name, memory and CuPy / CUDA versions of the GPU CuPy sees (None without CuPy or a GPU)."""
     try:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import pickle
 import sys
 import time
@@ -51,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from machine import machine_with_load  # noqa: E402
 from cellrl.bfs import eval_allowed_mask  # noqa: E402
 from cellrl.config import dataset_config, load_config  # noqa: E402
 from cellrl.env import EnvParams  # noqa: E402
@@ -182,13 +182,6 @@ def cached_training_plans(cache_dir: Path, model_path: Path, engine: PersistentE
     return plans, "computed"
 
 
-def machine() -> dict[str, Any]:
-    """benchmarks/env_throughput.py's machine record (CPU model, ISA, cores, versions; 1 thread) + load average."""
-    from env_throughput import machine_info
-
-    return {**machine_info(1), "loadavg": os.getloadavg()}
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--results", default=str(ROOT / "results" / "demo"))
@@ -238,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     acts = action_table(table.shape[1], model.regulators, res_dir / "transitions" / "actions.tsv")
     allowed = eval_allowed_mask(model, table)
     cmd = " ".join(["benchmarks/persistent_demo.py", *(sys.argv[1:] if argv is None else argv)])
-    out: dict[str, Any] = {"machine": machine(), "command": cmd, "results": str(res_dir), "n_tasks": int(len(starts)),
+    out: dict[str, Any] = {"machine": machine_with_load(), "command": cmd, "results": str(res_dir), "n_tasks": int(len(starts)),
                            "n_exact_tasks": int(sub.sum()), "n_exact_start_cells": int(len(np.unique(starts[sub]))),
                            "n_types": int(geo.n_types), "max_steps": int(max_steps), "max_genes": int(args.max_genes),
                            "beam_width": int(args.beam_width), "env": s["env"], "transitions": s["transitions"],

@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from persistent_demo import machine, save_result  # noqa: E402
+from machine import machine_with_load  # noqa: E402
+from persistent_demo import save_result  # noqa: E402
 
 from cellrl.config import dataset_config, load_config  # noqa: E402
 from cellrl.env import EnvParams  # noqa: E402
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     mg = dict(DEFAULT_MAX_GENES, **{k: int(v) for k, v in (x.split("=") for x in args.max_genes)})
     cmd = " ".join(["benchmarks/persistent_real.py", *(sys.argv[1:] if argv is None else argv)])
-    out: dict[str, Any] = {"machine": machine(), "command": cmd, "datasets": {}}
+    out: dict[str, Any] = {"machine": machine_with_load(), "command": cmd, "datasets": {}}
     for name in args.datasets:
         t0 = time.perf_counter()
         out["datasets"][name] = run_dataset(name, Path(args.results_root), args.n_starts, args.beam_width,

@@ -24,6 +24,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 import persistent_demo as pdm  # noqa: E402
+from machine import machine_with_load  # noqa: E402
 from cellrl.env import PLAN_TIE_BREAKS, EnvParams  # noqa: E402
 from cellrl.evaluate import eval_tasks  # noqa: E402
 from cellrl.io import write_json  # noqa: E402
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     acts = pdm.action_table(table.shape[1], model.regulators, res_dir / "transitions" / "actions.tsv")
     allowed = pdm.eval_allowed_mask(model, table)
     engine = PersistentEngine.from_model(model, s["transitions"])
-    out = {"machine": pdm.machine(), "command": " ".join(["benchmarks/persistent_tie_break.py", *sys.argv[1:]]),
+    out = {"machine": machine_with_load(), "command": " ".join(["benchmarks/persistent_tie_break.py", *sys.argv[1:]]),
            "n_tasks": int(held.sum()), "n_start_cells": int(len(np.unique(starts[held]))), "max_genes":
            int(params.max_set_size), "max_steps": int(max_steps), "tie_breaks": {}}
     print(f"{out['n_tasks']} held-out tasks from {out['n_start_cells']} test cells", flush=True)

@@ -27,7 +27,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from env_throughput import machine_info  # noqa: E402
+from machine import machine_info  # noqa: E402
 
 POLICIES = ("agent", "bfs", "greedy", "random", "perturbation_score", "expression_diff")
 

@@ -25,7 +25,7 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from env_throughput import machine_info  # noqa: E402
+from machine import machine_info  # noqa: E402
 
 STAGES = ("synthetic_data", "synthetic_recipes", "ingest", "filter", "split", "base_grn", "oracle_prepare", "oracle_links", "fit_oracle",
           "transitions", "train", "bfs", "evaluate", "report")

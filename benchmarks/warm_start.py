@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -52,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from machine import machine_with_load  # noqa: E402
 from cellrl import checkpoints as ckpts  # noqa: E402
 from cellrl.config import deep_merge  # noqa: E402
 from cellrl.evaluate import evaluate  # noqa: E402
@@ -133,13 +133,6 @@ class Curve(BaseCallback):
         self._measure()
 
 
-def machine() -> dict[str, Any]:
-    """benchmarks/env_throughput.py's machine record (CPU model, ISA, cores, versions; 1 thread) + load average."""
-    from env_throughput import machine_info
-
-    return {**machine_info(1), "loadavg": os.getloadavg()}
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", default="demo")
@@ -173,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_base["total_timesteps"] = max(budgets)
     sets = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.set)}
     train_base.update(sets)
-    record: dict[str, Any] = {"machine": machine(), "dataset": args.dataset, "results": str(res),
+    record: dict[str, Any] = {"machine": machine_with_load(), "dataset": args.dataset, "results": str(res),
                               "table_shape": list(table.shape), "table_sha256": sha256_array(table),
                               "budgets": budgets, "seeds": seeds, "train": train_base, "env": env_base, "runs": []}
     t_all = time.perf_counter()

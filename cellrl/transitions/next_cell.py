@@ -286,20 +286,21 @@ def _candidate_scores(xp: ModuleType, s: Any, scores: Any, cells: Any, candidate
     return near_pos, near_score, dir_best
 
 
-def _certified_nearest(xp: ModuleType, pos: Any, best_score: Any, s: Any, gain: float, scores: Any, cells: Any,
-                       candidates: Any, radius: Any, nearest: NearestCell) -> np.ndarray:
-    """(n, A) next cells (numpy) of :func:`pca_nearest` from the candidate scores of ``gain * s``: the best
-    candidate when it is strictly nearer than the cell itself, else the cell; an answer the candidates cannot
-    certify (a cell outside the K may be nearer) comes from ``nearest`` (all cells)."""
+def _certified_nearest(xp: ModuleType, pos: Any, best_score: Any, s: Any, s2: Any, gain: float, scores: Any,
+                       cells: Any, candidates: Any, radius: Any, nearest: NearestCell) -> np.ndarray:
+    """(n, A) next cells (numpy) of :func:`pca_nearest` from the candidate scores of ``gain * s`` (``s2`` the
+    (n, A) ``|s|^2``): the best candidate when it is strictly nearer than the cell itself, else the cell; an
+    answer the candidates cannot certify (a cell outside the K may be nearer) comes from ``nearest`` (all
+    cells)."""
     move = best_score < 0
     out = to_numpy(xp.where(move, xp.take_along_axis(candidates, pos, axis=1), cells[:, None]))
-    s2 = (s * s).sum(axis=2) * float(gain * gain)  # |g s|^2 (exact scaling for g a power of two)
-    dist = xp.sqrt(xp.maximum(s2 + xp.minimum(best_score, 0.0), 0.0))  # |p_i + g s - p_next|
-    unsure = to_numpy(dist > radius[:, None] - xp.sqrt(s2))
+    gs2 = s2 * float(gain * gain)  # |g s|^2 (exact scaling for g a power of two)
+    dist = xp.sqrt(xp.maximum(gs2 + xp.minimum(best_score, 0.0), 0.0))  # |p_i + g s - p_next|
+    unsure = to_numpy(dist > radius[:, None] - xp.sqrt(gs2))
     if unsure.any():
         r, a = np.nonzero(unsure)
-        ri = r if xp is np else xp.asarray(r)
-        out[r, a] = nearest(scores[cells[ri]] + s[ri, a if xp is np else xp.asarray(a)] * float(gain), xp)
+        r_x, a_x = xp.asarray(r), xp.asarray(a)  # no copy on numpy
+        out[r, a] = nearest(scores[cells[r_x]] + s[r_x, a_x] * float(gain), xp)
     return out
 
 
@@ -311,7 +312,8 @@ def pca_nearest(xp: ModuleType, s: Any, scores: Any, cells: Any, candidates: Any
     these when it is negative (strictly nearer than itself), else stays; answers the candidates cannot certify
     come from ``nearest`` (all cells). ``block``: cells scored at once, as in :func:`pca_direction`."""
     pos, best_score, _ = _candidate_scores(xp, s, scores, cells, candidates, block, near_gain=1.0)
-    return _certified_nearest(xp, pos, best_score, s, 1.0, scores, cells, candidates, radius, nearest)
+    return _certified_nearest(xp, pos, best_score, s, (s * s).sum(axis=2), 1.0, scores, cells, candidates, radius,
+                              nearest)
 
 
 def pca_direction(xp: ModuleType, s: Any, scores: Any, cells: Any, candidates: Any, half_gap: Any,
@@ -332,8 +334,9 @@ def pca_step_direction(xp: ModuleType, s: Any, gain: float, scores: Any, cells: 
     from one pass over the candidates (:func:`_candidate_scores`)."""
     pos, best_score, best_dir = _candidate_scores(xp, s, scores, cells, candidates, block, near_gain=float(gain),
                                                   direction=True)
-    out = _certified_nearest(xp, pos, best_score, s, float(gain), scores, cells, candidates, radius, nearest)
-    move = to_numpy(xp.sqrt((s * s).sum(axis=2)) > half_gap[:, None])
+    s2 = (s * s).sum(axis=2)
+    out = _certified_nearest(xp, pos, best_score, s, s2, float(gain), scores, cells, candidates, radius, nearest)
+    move = to_numpy(xp.sqrt(s2) > half_gap[:, None])
     stay = out == to_numpy(cells)[:, None]
     return np.where(stay, np.where(move, to_numpy(best_dir), out), out)
 
