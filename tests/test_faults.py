@@ -407,6 +407,21 @@ def test_overlay_errors_name_the_overlay_file(tmp_path, monkeypatch):
     assert "good.yaml" not in msg
 
 
+@pytest.mark.parametrize("overlays", [["mesc.yaml"], ["paul15_subset.yaml"], ["paul15_full.yaml"],
+                                      ["seed_scale.yaml"], ["demo_persistent.yaml"],
+                                      ["mesc.yaml", "demo_persistent.yaml", "persistent_exact_all.yaml"]])
+def test_example_overlays_validate(overlays):
+    """Every overlay shipped in config/examples validates on top of config/config.yaml, in the documented order."""
+    from cellrl.config import dataset_config
+
+    cfg = _base()
+    for name in overlays:
+        cfg = deep_merge(cfg, yaml.safe_load((ROOT / "config" / "examples" / name).read_text()))
+    validate_config(cfg, " + ".join(overlays))
+    if "persistent_exact_all.yaml" in overlays:  # exact search then covers every test cell of every type
+        assert dataset_config(cfg, "mesc", "persistent")["evaluate"]["persistent_exact_starts"] == 1000
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 9. h5ad as scanpy users keep it: rna.layer (X | raw | <layer>); scaled X points at the alternatives
 # ---------------------------------------------------------------------------------------------------------------
