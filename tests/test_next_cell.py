@@ -196,6 +196,23 @@ def test_nearest_cell_is_exact_with_first_index_on_ties(d, backend, request):
         np.testing.assert_array_equal(got, d2.argmin(axis=1))  # first on ties
         assert got[-4] == got[-3] == 10 and got[-2] == 7
     assert len(set(got[:900].tolist())) > 100  # a real search, not one cell
+    # the moving cell itself wins exact ties (a duplicate is no move); the first index otherwise
+    dup = np.array([399, 200, 50])
+    assert near(xp.asarray(P[dup]), xp, prefer=xp.asarray(dup)).tolist() == dup.tolist()
+    assert len(set(near(xp.asarray(P[dup]), xp).tolist())) == 1
+
+
+def test_duplicate_cell_stays_where_the_search_leaves_the_candidates():
+    """A step the candidates cannot certify goes to the all-cell search; there a cell and its duplicate tie, and
+    the cell stays (as the candidate path would): a duplicate is the same expression state, not a move."""
+    X = np.vstack([SCORES, SCORES[1]])  # cell 5 duplicates cell 1
+    sp_ = nc.pca_space(X - X.mean(axis=0), 2, 2)
+    u = sp_.scores[4] - sp_.scores[1]
+    s = np.tile(0.6 * u / np.linalg.norm(u), (2, 1, 1))  # 0.6 towards cell 4: nearest to cells 1 and 5 alike
+    cells = np.array([1, 5])
+    assert (0.6 > sp_.radius[cells] - 0.6).all()  # not certified by the 2 candidates: the all-cell search answers
+    got = nc.pca_nearest(np, s, sp_.scores, cells, sp_.candidates[cells], sp_.radius[cells], sp_.nearest)
+    assert got[:, 0].tolist() == [1, 5]
 
 
 @pytest.mark.parametrize("which", MODELS)

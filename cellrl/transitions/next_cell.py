@@ -12,7 +12,7 @@ cells in that space and ``r_i`` the distance to the nearest one:
   cell (its Voronoi cell): a change too small to make the cell more like another cell than like itself is no
   move. Searched among ``{i} + N_K(i)`` first; an answer is certain when ``|p_i + s - p_best| <= R_i - |s|``
   (``R_i`` the distance to the K-th nearest cell: every other cell is farther), else over all cells
-  (:class:`NearestCell`; first index on ties).
+  (:class:`NearestCell`; ``i`` on ties, so a duplicate of the cell never counts as a move, else the first index).
 * ``pca_step``: ``pca`` with the displacement taken ``g = transitions.step_gain`` times
   (default 4), ``argmin_j |p_j - (p_i + g s)|`` over all cells, ``i`` included (the same exact search; ``g = 1``
   is ``pca``). The step is sized by the simulated change: a strong perturbation jumps several cells along its
@@ -82,7 +82,8 @@ class NearestCell:
     float32 product per cache-sized block of queries finds the nearest cell up to that product's rounding bound,
     and the few queries where another cell lies within the bound are settled by float64 differences
     ``|q - p_j|^2`` (first index on ties). Paul15's far steps (50 PCs, 2,660 cells): ~6x faster than the KD-tree,
-    same answers. The brute-force search runs in the queries' array module (CuPy: on the GPU)."""
+    same answers. The brute-force search runs in the queries' array module (CuPy: on the GPU). ``prefer``: per
+    query a cell that wins exact ties (the moving cell itself: a point as near to it as to its duplicate stays)."""
 
     def __init__(self, scores: np.ndarray, tree: Any = None) -> None:
         self.scores = np.ascontiguousarray(scores, dtype=np.float64)
@@ -103,12 +104,18 @@ class NearestCell:
 
             self.tree = tree if tree is not None else cKDTree(self.scores)
 
-    def __call__(self, q: Any, xp: ModuleType = np) -> np.ndarray:
-        """(m,) int64 nearest cell (numpy) of each row of ``q`` (m, d). ``xp``: the array module ``q`` lives in; the
-        brute-force search runs there (on the GPU for CuPy, in larger blocks), the KD-tree on the CPU."""
+    def __call__(self, q: Any, xp: ModuleType = np, prefer: Any = None) -> np.ndarray:
+        """(m,) int64 nearest cell (numpy) of each row of ``q`` (m, d); ``prefer`` (m,) cells that win ties (first
+        index otherwise). ``xp``: the array module ``q`` and ``prefer`` live in; the brute-force search runs there
+        (on the GPU for CuPy, in larger blocks), the KD-tree on the CPU."""
         if not self.brute:
             q = np.ascontiguousarray(to_numpy(q), dtype=np.float64)
-            return self.tree.query(q, k=1, workers=-1 if len(q) > 50_000 else 1)[1].astype(np.int64)
+            out = self.tree.query(q, k=1, workers=-1 if len(q) > 50_000 else 1)[1].astype(np.int64)
+            if prefer is not None:  # the same float64 sums for both: a duplicate's tie compares equal
+                pref = to_numpy(prefer).astype(np.int64)
+                d_pref = ((q - self.scores[pref]) ** 2).sum(axis=1)
+                out = np.where(d_pref <= ((q - self.scores[out]) ** 2).sum(axis=1), pref, out)
+            return out
         aug_t, scores = self._on(xp)
         q = xp.ascontiguousarray(xp.asarray(q, dtype=xp.float64))
         N, d = self.scores.shape
@@ -136,7 +143,10 @@ class NearestCell:
         if rows:  # float64 distances for every cell within the bound; first (lowest) index on ties
             r, c = xp.concatenate(rows), xp.concatenate(cols)
             dist = ((q[r] - scores[c]) ** 2).sum(axis=1)
-            o = xp.lexsort(xp.stack([c.astype(xp.float64), dist, r.astype(xp.float64)]))  # by row, distance, index
+            key = c.astype(xp.float64)
+            if prefer is not None:  # a query's own cell is within the bound whenever it could tie: it sorts first
+                key = xp.where(c == xp.asarray(prefer)[r], -1.0, key)
+            o = xp.lexsort(xp.stack([key, dist, r.astype(xp.float64)]))  # by row, distance, index
             r, c = r[o], c[o]
             first = xp.concatenate([xp.ones(1, dtype=bool), r[1:] != r[:-1]])
             out[r[first]] = c[first]
@@ -291,7 +301,7 @@ def _certified_nearest(xp: ModuleType, pos: Any, best_score: Any, s: Any, s2: An
     """(n, A) next cells (numpy) of :func:`pca_nearest` from the candidate scores of ``gain * s`` (``s2`` the
     (n, A) ``|s|^2``): the best candidate when it is strictly nearer than the cell itself, else the cell; an
     answer the candidates cannot certify (a cell outside the K may be nearer) comes from ``nearest`` (all
-    cells)."""
+    cells; the cell itself on ties, as among the candidates)."""
     move = best_score < 0
     out = to_numpy(xp.where(move, xp.take_along_axis(candidates, pos, axis=1), cells[:, None]))
     gs2 = s2 * float(gain * gain)  # |g s|^2 (exact scaling for g a power of two)
@@ -300,7 +310,8 @@ def _certified_nearest(xp: ModuleType, pos: Any, best_score: Any, s: Any, s2: An
     if unsure.any():
         r, a = np.nonzero(unsure)
         r_x, a_x = xp.asarray(r), xp.asarray(a)  # no copy on numpy
-        out[r, a] = nearest(scores[cells[r_x]] + s[r_x, a_x] * float(gain), xp)
+        ci = cells[r_x]
+        out[r, a] = nearest(scores[ci] + s[r_x, a_x] * float(gain), xp, prefer=ci)
     return out
 
 
