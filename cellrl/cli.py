@@ -148,6 +148,8 @@ def resolve_start(model: Any, geometry: Any, start: str) -> tuple[int, str]:
     A type stands for its representative: the test cell of that type most cosine-similar to the type's
     centroid (any cell of the type when it has no test cell).
     """
+    from .tasks import split_mask
+
     names = np.asarray(model.cell_names).astype(str)
     hit = np.flatnonzero(names == start)
     if len(hit):
@@ -159,7 +161,7 @@ def resolve_start(model: Any, geometry: Any, start: str) -> tuple[int, str]:
                          f"{', '.join(str(x) for x in geometry.type_names)}; cell names look like {names[0]!r}",
                          field="start") from None
     of_type = geometry.type_ids == t
-    test = of_type & (np.asarray(geometry.split).astype(str) == "test")
+    test = of_type & split_mask(geometry.split, "test")
     pool = np.flatnonzero(test if test.any() else of_type)
     best = pool[np.argmax(geometry.cos_sim[pool, t])]
     return int(best), f"representative of type {geometry.type_names[t]} ({'test' if test.any() else 'any'} cell " \

@@ -121,6 +121,10 @@ class TaskGeometry:
     def n_types(self) -> int:
         return int(len(self.type_names))
 
+    def in_split(self, name: str) -> np.ndarray:
+        """(C,) bool: the cells of split ``name`` (train | val | test)."""
+        return split_mask(self.split, name)
+
     def type_index(self, name: str) -> int:
         """Index of cell type ``name``; InputError listing the known types when unknown."""
         hits = np.flatnonzero(self.type_names == str(name))
@@ -155,6 +159,11 @@ class TaskGeometry:
         """The scaler state (for checkpoints and provenance)."""
         return {"mean": self.mean.copy(), "std": self.std.copy(), "goal_threshold": self.goal_threshold.copy(),
                 "goal_percentile": self.goal_percentile, "centroid_percentile": self.centroid_percentile}
+
+
+def split_mask(split: np.ndarray, name: str) -> np.ndarray:
+    """(C,) bool: the cells whose split label is ``name`` (labels as str, bytes or objects)."""
+    return np.asarray(split).astype(str) == name
 
 
 def _group_percentile(values: np.ndarray, groups: np.ndarray, n_groups: int, q: float) -> np.ndarray:
@@ -241,6 +250,6 @@ def allowed_mask(table: np.ndarray, split: np.ndarray, training: bool) -> np.nda
     cells = np.arange(table.shape[0])[:, None]
     ok = (table != cells) & (table >= 0)
     if training:
-        is_train = np.asarray(split).astype(str) == "train"
+        is_train = split_mask(split, "train")
         ok &= is_train[np.clip(table, 0, None)]
     return ok

@@ -111,7 +111,7 @@ class BcData:
 def training_graph(geo: TaskGeometry, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(allowed (C, A), goal (T, C)) of the training graph: the training mask, no edge out of a held-out
     cell and only training goal cells, so nothing derived from it touches a validation or test cell."""
-    is_train = np.asarray(geo.split).astype(str) == "train"
+    is_train = geo.in_split("train")
     allowed = allowed_mask(table, geo.split, training=True) & is_train[:, None]
     goal = np.asarray(geo.goal_mask, bool) & is_train[None, :]
     return allowed, goal
@@ -178,7 +178,7 @@ def bc_data(geo: TaskGeometry, table: np.ndarray, env_params: Any, gamma: float,
     table = np.asarray(table)
     paths = paths if paths is not None else training_paths(geo, table, env_params, gamma)
     allowed = paths.allowed
-    is_train = np.asarray(geo.split).astype(str) == "train"
+    is_train = geo.in_split("train")
     safe = np.clip(table, 0, None)
     cells, targets, optimal = [], [], []
     n_pairs = n_total = 0
@@ -413,7 +413,7 @@ def warm_start(agent: Any, geo: TaskGeometry, table: np.ndarray, env_params: Any
                learning_rate=BC_LEARNING_RATE, value_coef=BC_VALUE_COEF, seed=int(train_cfg.get("seed", 0)))
     rec = behaviour_clone(agent, geo, data, **fit)
     out = {"method": method, "pairs": data.n_pairs, "pairs_total": data.n_pairs_total,
-           "training_cells": int((np.asarray(geo.split).astype(str) == "train").sum()),
+           "training_cells": int(geo.in_split("train").sum()),
            "mean_optimal_length": float(data.dist.mean()) if len(data) else None,
            "mean_optimal_actions": float(data.optimal.sum(1).mean()) if len(data) else None,
            **rec, "ppo_learning_rate": ppo_config(train_cfg)["learning_rate"], "env_steps": 0,

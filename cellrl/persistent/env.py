@@ -100,7 +100,7 @@ def training_proxy(geo: TaskGeometry) -> np.ndarray:
     cached = geo.__dict__.get("_training_proxy")
     if cached is not None:
         return cached
-    is_train = np.asarray(geo.split).astype(str) == "train"
+    is_train = geo.in_split("train")
     proxy = np.arange(len(is_train), dtype=np.int64)
     goal = np.asarray(geo.goal_mask, bool).T                     # (C, T) goal membership of every cell
     _, kind = np.unique(goal, axis=0, return_inverse=True)

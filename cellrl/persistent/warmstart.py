@@ -60,7 +60,7 @@ MAX_PLANS = 32
 
 def training_starts(geo: TaskGeometry, per_type: int) -> np.ndarray:
     """``per_type`` training cells of each cell type, evenly spread over its training cells (index order)."""
-    is_train = np.asarray(geo.split).astype(str) == "train"
+    is_train = geo.in_split("train")
     out = []
     for t in range(geo.n_types):
         cells = np.flatnonzero(is_train & (geo.type_ids == t))
@@ -82,7 +82,7 @@ def training_plans(engine: Engine, geo: TaskGeometry, starts: np.ndarray, max_ge
     move onto a held-out cell enters its training proxy, as in the training env; ``all_optimal``: with every
     optimal action per plan state and up to ``max_plans`` - 1 other shortest plans; ``tie_break``: which
     shortest plan, ``env.plan_tie_break``; :func:`~cellrl.persistent.search.exact`)."""
-    is_train = np.asarray(geo.split).astype(str) == "train"
+    is_train = geo.in_split("train")
     starts = np.asarray(starts, np.int64)
     if not is_train[starts].all():
         raise ValueError("warm-start plans must start from training cells")
