@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     acts = action_table(table.shape[1], model.regulators, res_dir / "transitions" / "actions.tsv")
     allowed = eval_allowed_mask(model, table)
     cmd = " ".join(["benchmarks/persistent_demo.py", *(sys.argv[1:] if argv is None else argv)])
-    out: dict[str, Any] = {"machine": machine_with_load(), "command": cmd, "results": str(res_dir), "n_tasks": int(len(starts)),
+    out: dict[str, Any] = {"machine": machine_with_load(), "command": cmd, "results": str(res_dir),
+                           "n_tasks": int(len(starts)),
                            "n_exact_tasks": int(sub.sum()), "n_exact_start_cells": int(len(np.unique(starts[sub]))),
                            "n_types": int(geo.n_types), "max_steps": int(max_steps), "max_genes": int(args.max_genes),
                            "beam_width": int(args.beam_width), "env": s["env"], "transitions": s["transitions"],

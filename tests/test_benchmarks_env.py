@@ -30,16 +30,21 @@ def test_machine_info_and_tiny_measure():
 
 
 def test_real_data_exact_reachable_success(tmp_path):
-    """Success per method on the tasks exact search solves: tasks keyed by (start cell, target), exact's failures
-    and tasks exact did not search left out."""
-    import pandas as pd
+    """Success per method on the tasks exact search solves (from the persistent summary's success_vs_exact), the
+    number of such tasks, and one scope when exact search ran on every task."""
+    import json
 
     b = _bench("real_data")
-    rows = [("exact", 1, 0, True), ("exact", 1, 1, False), ("exact", 2, 0, True),
-            ("agent", 1, 0, True), ("agent", 1, 1, False), ("agent", 2, 0, True), ("agent", 3, 0, True),
-            ("greedy", 1, 0, False), ("greedy", 1, 1, True), ("greedy", 2, 0, True), ("greedy", 3, 0, True)]
-    f = tmp_path / "episodes.parquet"
-    pd.DataFrame(rows, columns=["policy", "start_cell", "target_id", "success"]).to_parquet(f)
-    success, n = b.exact_reachable_success(f)
-    assert n == 2 and success == {"agent": 1.0, "exact": 1.0, "greedy": 0.5}
-    assert b.exact_reachable_success(tmp_path / "missing.parquet") == ({}, 0)
+    f = tmp_path / "benchmark" / "persistent" / "summary.json"
+    f.parent.mkdir(parents=True)
+    f.write_text(json.dumps({"training": {"timesteps": 10}, "protocol": {"n_exact_tasks": 4, "n_episodes": 4,
+                                                                         "max_set_size": 3},
+                             "methods": {"exact": {"exact_tasks": {"success": 0.5}},
+                                         "agent": {"exact_tasks": {"success": 0.5}, "success_vs_exact": 1.0},
+                                         "greedy": {"exact_tasks": {"success": 0.25}, "success_vs_exact": 0.5}}}))
+    q = b.collect_persistent(tmp_path)
+    assert q["n_exact_reachable_tasks"] == 2
+    assert {k: v["success_exact_reachable"] for k, v in q["methods"].items()} == {"agent": 1.0, "exact": 1.0,
+                                                                                 "greedy": 0.5}
+    assert q["agent_minus_greedy_exact_reachable"] == 0.5 and q["methods"]["agent"]["success_all_tasks"] == 0.5
+    assert b.collect_persistent(tmp_path / "missing") is None
