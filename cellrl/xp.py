@@ -50,6 +50,20 @@ def blas_threads(n: int | None) -> ContextManager:
     """Context manager: NumPy's BLAS limited to ``n`` threads (no-op for None)."""
     if n is None:
         return contextlib.nullcontext()
-    from threadpoolctl import threadpool_limits
+    return _controller().limit(limits=n, user_api="blas")
 
-    return threadpool_limits(limits=n, user_api="blas")
+
+_CONTROLLER: list = []  # [(number of loaded modules, ThreadpoolController)]
+
+
+def _controller() -> Any:
+    """A threadpoolctl controller, kept while no module was imported since (finding the loaded libraries takes
+    ~2 ms per call; a new import may load another BLAS)."""
+    import sys
+
+    from threadpoolctl import ThreadpoolController
+
+    if not _CONTROLLER or _CONTROLLER[0][0] != len(sys.modules):
+        ctl = ThreadpoolController()
+        _CONTROLLER[:] = [(len(sys.modules), ctl)]
+    return _CONTROLLER[0][1]

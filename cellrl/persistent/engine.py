@@ -56,14 +56,12 @@ import scipy.sparse as sp
 
 from cellrl.errors import InputError
 from cellrl.model import OracleModel
-from cellrl.transitions import (TransitionSettings, build_actions, embedding_float32, sample_neighbors,
-                                select_backend, unit_vectors)
+from cellrl.transitions import (TransitionSettings, build_actions, embedding_float32, neighbor_stats,
+                                sample_neighbors, select_backend, unit_vectors)
 from cellrl.transitions import next_cell as nc
 from cellrl.xp import to_numpy
 
 NONE, KO, OE = 0, 1, 2
-EXACT_BELOW = 1e-6  # |D|^2 / (|X_i|^2 + |X_j|^2) under which a pair's numerator is formed from D explicitly
-GRAM_BLOCK = 64  # cells per Gram block when precomputing neighbour statistics
 MAX_BATCH = 2048  # envs simulated at once
 MIN_THREAD_BATCH = 128  # smallest share of a batch given to one thread
 ZD_MAX_BYTES = 2 << 30  # precomputed neighbour differences (cells x 2R x k float64) up to this size
@@ -100,32 +98,6 @@ def _rows_of(xp: ModuleType, indptr: Any, per_row: Any) -> Any:
     if xp is np:
         return np.repeat(per_row, np.diff(indptr))
     return per_row[xp.searchsorted(indptr[1:], xp.arange(int(indptr[-1])), side="right")]
-
-
-def neighbor_stats(xp: ModuleType, X: Any, nbr: Any, G: int) -> tuple[Any, Any, Any]:
-    """Per (cell i, neighbour m): ``ssA`` = sum_g (D - mean D)^2, ``s1`` = sum_g D with ``D = X_j - X_i``, and
-    ``near`` (|D|^2 < EXACT_BELOW (|X_i|^2 + |X_j|^2): near-duplicates whose linear numerator would cancel).
-    Gram products per block of cells against the union of their neighbours; near pairs formed exactly."""
-    n, k = nbr.shape
-    sq = xp.einsum("ng,ng->n", X, X)
-    rowsum = X.sum(axis=1)
-    cross = xp.empty((n, k))
-    for s0 in range(0, n, GRAM_BLOCK):
-        nb = nbr[s0:s0 + GRAM_BLOCK]
-        uni, inv = xp.unique(nb.ravel(), return_inverse=True)
-        gram = X[s0:s0 + GRAM_BLOCK] @ X[uni].T
-        cross[s0:s0 + GRAM_BLOCK] = xp.take_along_axis(gram, inv.reshape(nb.shape), axis=1)
-    sq_i, sq_j = sq[:, None], sq[nbr]
-    ssD = sq_j + sq_i - 2.0 * cross
-    s1 = rowsum[nbr] - rowsum[:, None]
-    near = ssD < EXACT_BELOW * (sq_i + sq_j)
-    if bool(near.any()):
-        fi, fm = xp.nonzero(near)
-        D = X[nbr[fi, fm]] - X[fi]
-        ssD[fi, fm] = xp.einsum("fg,fg->f", D, D)
-        s1[fi, fm] = D.sum(axis=1)
-    ssA = xp.maximum(ssD - s1 * s1 / G, 0.0)
-    return ssA, s1, near
 
 
 class PersistentEngine:
@@ -171,7 +143,7 @@ class PersistentEngine:
         self.E = np.asarray(model.embedding, dtype=np.float64)
         self.nbr = xp.asarray(nbr)
         self.u, self.ubar = unit_vectors(xp, xp.asarray(self.E), self.nbr, embedding_float32(model))
-        ssA, s1, near = neighbor_stats(xp, self.X, self.nbr, G)
+        ssA, s1, near = neighbor_stats(xp, self.X, self.nbr)
         with np.errstate(divide="ignore"):
             self.inv_a = 1.0 / xp.sqrt(ssA)  # inf where D is constant: corr NaN -> 1 like CellOracle
         self.mean_D = s1 / G

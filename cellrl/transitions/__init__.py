@@ -69,8 +69,8 @@ from typing import Any
 from . import maths, neighbors, runner, settings
 from .maths import (CORRECTION_BATCH, EXACT_BELOW, GRAM_BLOCK, ROUNDING_TOL, SPARSE_Q_BELOW, TINY_INPUT,
                     ChunkCorrelation, ClusterLinear, ClusterPlan, cluster_linear, correlation, embedding_float32,
-                    embedding_shift, packed_expression, perturbation_input, plan_cluster, propagate, reachable,
-                    reachable_sets, transition_probabilities, unit_response, unit_vectors, unpack)
+                    embedding_shift, neighbor_stats, packed_expression, perturbation_input, plan_cluster, propagate,
+                    reachable, reachable_sets, transition_probabilities, unit_response, unit_vectors, unpack)
 from .neighbors import knn_like_sklearn, sample_neighbors, weighted_choice_rows
 from .runner import (ChunkResult, Context, bytes_per_cell, celloracle_dense_bytes, choose_chunk_cells, chunk_plan,
                      chunk_workers, compute_table, log, model_fingerprint, nearest_cells, prepare, run_chunk,

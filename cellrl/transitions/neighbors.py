@@ -4,6 +4,7 @@ identical indices and random draws, computed faster (scipy's KD-tree on all core
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -18,19 +19,22 @@ def sample_neighbors(embedding: np.ndarray, n_neighbors: int = 200, sampled_frac
 
     Returns ``(cells, k)`` int64: with ``knn_random`` the sampled subset (k = int(sampled_fraction *
     (n_neighbors + 1))), in CellOracle's order; else all ``n_neighbors + 1`` neighbours. Cell order matters
-    for the random stream, so this runs once over all cells (O(cells x n_neighbors) memory).
+    for the random stream, so this runs once over all cells (O(cells x n_neighbors) memory). The draw (which
+    ranks each cell keeps) does not depend on the neighbours, so it runs in a thread beside their search.
     """
     n = embedding.shape[0]
     check_n_neighbors(n, n_neighbors)
-    neigh = knn_like_sklearn(embedding, n_neighbors + 1)  # (n, n_neighbors + 1), distance order, self excluded
     if not knn_random:
-        return neigh.astype(np.int64)
-    m = neigh.shape[1]
+        return knn_like_sklearn(embedding, n_neighbors + 1).astype(np.int64)
+    m = n_neighbors + 1  # neighbours per cell (distance order, self excluded)
     p = np.linspace(sampling_probs[0], sampling_probs[1], m)
     p = p / p.sum()
     size = int(sampled_fraction * (n_neighbors + 1))
-    pick = weighted_choice_rows(np.random.RandomState(seed), n, m, size, p)
-    return neigh[np.arange(n)[:, None], pick].astype(np.int64)
+    with ThreadPoolExecutor(1, thread_name_prefix="cellrl-draw") as pool:
+        pick_f = pool.submit(weighted_choice_rows, np.random.RandomState(seed), n, m, size, p)
+        neigh = knn_like_sklearn(embedding, m)  # (n, m)
+        pick = pick_f.result()
+    return np.take_along_axis(neigh, pick, axis=1).astype(np.int64)
 
 
 def check_n_neighbors(n_cells: int, n_neighbors: int) -> None:

@@ -52,6 +52,7 @@ from ..xp import to_numpy
 
 DEFAULT_N_PCS = 50  # when neither transitions.n_pcs nor the model's meta (oracle n_pcs) gives one
 CPU_BLOCK = 32  # cells scored at once by pca_direction on CPU (cache-sized candidate offsets)
+SMALL_PRODUCT = 2e9  # multiply-adds under which pca_space's covariance product runs on one BLAS thread
 KD_TREE_MAX_DIMS = 20  # NearestCell: a KD-tree up to this many PCs, a brute-force search above (see there)
 EMBEDDING_MODELS = ("celloracle", "prob_max")  # the models that read P_ij or the embedding shift
 
@@ -124,12 +125,13 @@ class NearestCell:
         block = max(64, (1 << (18 if xp is np else 26)) // max(N, 1))
         qa = xp.empty((min(block, len(q)), d + 1), dtype=xp.float32)
         qa[:, d] = 1.0
+        g_buf = xp.empty((len(qa), N), dtype=xp.float32)  # reused by every block (no page faults per block)
         rows, cols = [], []
         for b in range(0, len(q), block):
             qb = q[b:b + block]
             n, ar = len(qb), xp.arange(len(qb))
             qa[:n, :d] = qb
-            g = qa[:n] @ aug_t  # (n, N) |p_j|^2 - 2 q.p_j
+            g = xp.matmul(qa[:n], aug_t, out=g_buf[:n])  # (n, N) |p_j|^2 - 2 q.p_j
             j = g.argmin(axis=1)
             thr = g[ar, j] + self._slack * (2.0 * self._sq_max + xp.einsum("nd,nd->n", qb, qb))
             out[b:b + n] = j
@@ -169,17 +171,22 @@ def pca_space(X: np.ndarray, n_pcs: int, n_candidates: int) -> PcaSpace:
     in few dimensions)."""
     from scipy.spatial import cKDTree
 
+    from ..xp import blas_threads
+
     X = np.asarray(X, dtype=np.float64)
     N, G = X.shape
     d = int(max(1, min(n_pcs, G, N - 1)))
     Xc = X - X.mean(axis=0)
-    if G <= N:
-        L = top_eigenvectors(Xc.T @ Xc, d)[1]
-    else:  # fewer cells than genes: eigenvectors of the Gram matrix, mapped back to genes
-        w, U = top_eigenvectors(Xc @ Xc.T, d)
-        L = (Xc.T @ U) / np.sqrt(np.maximum(w, np.finfo(np.float64).tiny))
-    L = L * np.where(L[np.abs(L).argmax(axis=0), np.arange(L.shape[1])] < 0, -1.0, 1.0)
-    scores = Xc @ L
+    # a small covariance on one BLAS thread: waking the pool costs more than it saves, and its threads then spin
+    # beside the neighbour search and the chunks that follow (Paul15: prepare 0.12 -> 0.08 s on 2 cores)
+    with blas_threads(1 if N * G * min(N, G) < SMALL_PRODUCT else None):
+        if G <= N:
+            L = top_eigenvectors(Xc.T @ Xc, d)[1]
+        else:  # fewer cells than genes: eigenvectors of the Gram matrix, mapped back to genes
+            w, U = top_eigenvectors(Xc @ Xc.T, d)
+            L = (Xc.T @ U) / np.sqrt(np.maximum(w, np.finfo(np.float64).tiny))
+        L = L * np.where(L[np.abs(L).argmax(axis=0), np.arange(L.shape[1])] < 0, -1.0, 1.0)
+        scores = Xc @ L
     K = int(min(n_candidates, N - 1))
     tree = cKDTree(scores)
     dist, ind = tree.query(scores, k=K + 1, workers=-1)
@@ -224,14 +231,14 @@ def n_pcs_of(setting: int | None, meta: dict[str, Any] | None) -> int:
     return int(n) if n else DEFAULT_N_PCS
 
 
-def candidate_offsets(xp: ModuleType, scores: Any, cells: Any, candidates: Any) -> Any:
+def candidate_offsets(xp: ModuleType, scores: Any, cells: Any, candidates: Any, out: Any = None) -> Any:
     """(n, K, d) ``p_j - p_i`` for the candidates ``j`` of each of ``cells``: one pass of a numba kernel on CPU
-    (the same subtractions, ~2x faster), else one gather subtracted in place."""
+    (the same subtractions, ~2x faster; into ``out`` when given), else one gather subtracted in place."""
     if xp is np and _offsets_numba is not None and scores.dtype == np.float64:
         n, K = candidates.shape
         return _offsets_numba(np.ascontiguousarray(scores), np.ascontiguousarray(cells, dtype=np.int64),
                               np.ascontiguousarray(candidates, dtype=np.int64),
-                              np.empty((n, K, scores.shape[1])))
+                              np.empty((n, K, scores.shape[1])) if out is None else out)
     D = xp.take(scores, candidates, axis=0)
     D -= scores[cells][:, None, :]
     return D
@@ -270,18 +277,24 @@ def _candidate_scores(xp: ModuleType, s: Any, scores: Any, cells: Any, candidate
     ``direction``: :func:`pca_direction`'s best candidate, a cell index (n, A) (else None). ``g s.D_j`` is
     ``(g s).D_j`` exactly for g a power of two (the default 4: each product and partial sum scaled exactly)."""
     n, A = int(cells.shape[0]), int(s.shape[1])
+    K, d = int(candidates.shape[1]), int(scores.shape[1])
     near_pos = near_score = dir_best = None
     if near_gain is not None:
         near_pos = xp.empty((n, A), dtype=candidates.dtype)
         near_score = xp.empty((n, A), dtype=s.dtype)
     if direction:
         dir_best = xp.empty((n, A), dtype=candidates.dtype)
+    step = min(n, n if block is None else int(block))
+    # work arrays allocated once and reused by every block (fresh large temporaries cost page faults)
+    D_buf, sD_buf, score_buf = (xp.empty((step, K, d)), xp.empty((step, A, K)),
+                                xp.empty((step, A, K)) if near_gain is not None else None)
     for b in _blocks(n, block):
-        D = candidate_offsets(xp, scores, cells[b], candidates[b])  # (b, K, d)
+        m = min(b.stop, n) - b.start
+        D = candidate_offsets(xp, scores, cells[b], candidates[b], out=D_buf[:m])  # (b, K, d)
         Dsq = xp.einsum("nkd,nkd->nk", D, D)  # (b, K)
-        sD = xp.matmul(s[b], D.transpose(0, 2, 1))  # (b, A, K)
+        sD = xp.matmul(s[b], D.transpose(0, 2, 1), out=sD_buf[:m])  # (b, A, K)
         if near_pos is not None:
-            score = sD * (-2.0 * float(near_gain))
+            score = xp.multiply(sD, -2.0 * float(near_gain), out=score_buf[:m])
             score += Dsq[:, None, :]
             near_pos[b] = xp.argmin(score, axis=2)  # first on ties
             near_score[b] = xp.take_along_axis(score, near_pos[b][:, :, None], axis=2)[:, :, 0]

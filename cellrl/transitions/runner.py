@@ -39,8 +39,8 @@ log = logging.getLogger("cellrl.transitions")
 @dataclass
 class Context:
     """Everything a chunk needs, prepared once (on the backend). Without ``embedding`` (the PCA next-cell models,
-    which use only the PCA displacement) the embedding fields ``E``, ``nbr``, ``u``, ``ubar`` and ``tree`` are
-    None: no neighbour sampling, correlation, transition probabilities or embedding shift."""
+    which use only the PCA displacement) the embedding fields ``E``, ``nbr`` and ``tree`` are None: no neighbour
+    sampling, correlation, transition probabilities or embedding shift."""
 
     xp: ModuleType
     settings: TransitionSettings
@@ -50,8 +50,7 @@ class Context:
     sqsum: Any  # (N,) sum_g X^2
     E: Any  # (N, 2)
     nbr: Any  # (N, k)
-    u: Any  # (N, k, 2)
-    ubar: Any  # (N, 2)
+    float32_embedding: bool  # unit vectors in float32 (embedding_float32), computed per chunk
     values: Any  # (A,)
     plans: list[ClusterPlan]
     tree: Any  # scipy cKDTree on E (CPU; the celloracle model only)
@@ -83,9 +82,9 @@ class Context:
 
 def prepare(model: OracleModel, settings: TransitionSettings, xp: ModuleType,
             nbr: np.ndarray | None = None, embedding: bool | None = None) -> Context:
-    """Neighbours, unit vectors, per-cluster propagation plans, the PCA space and the KD-tree: the
-    action-independent part. ``embedding``: compute the embedding path (default: only where the next-cell model
-    needs it, :func:`cellrl.transitions.next_cell.needs_embedding`)."""
+    """Neighbours, per-cluster propagation plans, the PCA space and the KD-tree: the action-independent part
+    (the unit vectors of the embedding shift come per chunk). ``embedding``: compute the embedding path (default:
+    only where the next-cell model needs it, :func:`cellrl.transitions.next_cell.needs_embedding`)."""
     from scipy.spatial import cKDTree
 
     if embedding is None:
@@ -104,17 +103,17 @@ def prepare(model: OracleModel, settings: TransitionSettings, xp: ModuleType,
         if settings.next_cell != "celloracle":
             pca = nc.pca_space(X, nc.n_pcs_of(settings.n_pcs, model.meta), settings.n_neighbors)
         plans = plans_f.result()
-    E = Ex = nbr_x = u = ubar = tree = None
+    E = Ex = nbr_x = tree = None
     if embedding:
         E = np.asarray(model.embedding, dtype=np.float64)
         Ex = xp.asarray(E)
         nbr_x = xp.asarray(nbr)
-        u, ubar = unit_vectors(xp, Ex, nbr_x, embedding_float32(model))
         tree = cKDTree(E) if settings.next_cell == "celloracle" else None
     Xx = xp.asarray(X)
     on = (lambda a: None if pca is None else xp.asarray(a))
     return Context(xp=xp, settings=settings, actions=acts, X=Xx, rowsum=Xx.sum(axis=1),
-                   sqsum=xp.einsum("ng,ng->n", Xx, Xx), E=Ex, nbr=nbr_x, u=u, ubar=ubar,
+                   sqsum=xp.einsum("ng,ng->n", Xx, Xx), E=Ex, nbr=nbr_x,
+                   float32_embedding=embedding_float32(model),
                    values=xp.asarray(acts.values), plans=plans, tree=tree, n_genes=X.shape[1], embedding=embedding,
                    pca=pca, scores=on(pca and pca.scores), loadings=on(pca and pca.loadings),
                    candidates=on(pca and pca.candidates), half_gap=on(pca and pca.half_gap),
@@ -152,7 +151,8 @@ def run_chunk(ctx: Context, cells: np.ndarray, cluster: int, keep_delta: bool = 
         disp, n_clipped = cc.disp, cc.n_clipped
         # 6. transition probabilities and embedding shift
         P = transition_probabilities(xp, cc.corr, ctx.settings.sigma_corr)
-        shift = embedding_shift(xp, P, ctx.u[ci], ctx.ubar[ci])  # (n, A, 2)
+        u, ubar = unit_vectors(xp, ctx.E, nbr, ctx.float32_embedding, cells=ci)  # (n, k, 2), (n, 2)
+        shift = embedding_shift(xp, P, u, ubar)  # (n, A, 2)
     else:  # 2-3. the PCA displacement alone (same operations as inside correlation)
         split = linear_split(xp, ctx.sqsum, ci, plan, lin, d, XT, ctx.values)
         disp, n_clipped = pca_displacement(xp, split, plan, lin, ctx.loadings), split.n_clipped(xp, plan, A)
