@@ -309,8 +309,11 @@ def run(sets: list[str], genes: int, co_actions: int, co_max_gib: float, backend
             oom = {"fit": f"peak_gib = {base:.2f} + {c:.3e} * cells^2 (CellOracle's loop, {genes} genes, "
                           f"measured at {sorted(int(x) for x in n)} cells)",
                    "cells_at_machine_ram": int(np.sqrt(max(total_gib - base, 0) / c)), "machine_ram_gib": total_gib}
+    from machine import machine_info
+
     return {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
-            "cpus": os.cpu_count(), "ram_gib": total_gib, "load_avg_at_end": os.getloadavg(),
+            "cpus": os.cpu_count(), "machine": machine_info(threads=len(os.sched_getaffinity(0))),
+            "ram_gib": total_gib, "load_avg_at_end": os.getloadavg(),
             "settings": SETTINGS, "demo_atlas": DEMO, "genes": genes, "backend": backend,
             "celloracle_out_of_memory": oom, "results": results}
 
@@ -356,7 +359,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chunk-cells", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3,
                     help="full-table repeats of the engine (median reported; 1 above 2M cell-actions)")
-    ap.add_argument("--summary", action="store_true", help=f"also write {SUMMARY.relative_to(ROOT)}")
+    ap.add_argument("--summary", action="store_true", help=f"also write {SUMMARY.relative_to(ROOT)} (or --summary-file)")
+    ap.add_argument("--summary-file", type=Path, default=SUMMARY,
+                    help="where --summary writes (e.g. benchmarks/results/transitions_paul15.json for a Paul15-only "
+                         "run, which leaves the reported all-sets run as it is)")
     ap.add_argument("--next-cell", default="celloracle", help="transitions.next_cell of the engine's table "
                     "(CellOracle's loop is always its own)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -382,12 +388,15 @@ def main(argv: list[str] | None = None) -> None:
     if res["celloracle_out_of_memory"]:
         print(f"CellOracle out of memory: {res['celloracle_out_of_memory']}")
     if a.summary:
-        SUMMARY.parent.mkdir(parents=True, exist_ok=True)
+        summary = a.summary_file if a.summary_file.is_absolute() else ROOT / a.summary_file
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        old = json.loads(summary.read_text()) if summary.exists() else {}
         if a.next_cell != "celloracle":  # one model's run, next to the reference run's entries
-            old = json.loads(SUMMARY.read_text()) if SUMMARY.exists() else {}
             res = {**old, "next_cell_runs": {**old.get("next_cell_runs", {}), a.next_cell: res}}
-        SUMMARY.write_text(json.dumps(res, indent=1, default=float) + "\n")
-        print(f"saved {SUMMARY}")
+        elif "next_cell_runs" in old:  # a new reference run keeps the other models' runs
+            res["next_cell_runs"] = old["next_cell_runs"]
+        summary.write_text(json.dumps(res, indent=1, default=float) + "\n")
+        print(f"saved {summary}")
 
 
 if __name__ == "__main__":

@@ -239,7 +239,7 @@ def candidate_offsets(xp: ModuleType, scores: Any, cells: Any, candidates: Any, 
         return _offsets_numba(np.ascontiguousarray(scores), np.ascontiguousarray(cells, dtype=np.int64),
                               np.ascontiguousarray(candidates, dtype=np.int64),
                               np.empty((n, K, scores.shape[1])) if out is None else out)
-    D = xp.take(scores, candidates, axis=0)
+    D = xp.take(scores, candidates, axis=0, out=out)
     D -= scores[cells][:, None, :]
     return D
 
