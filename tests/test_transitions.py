@@ -155,6 +155,45 @@ def test_weighted_choice_replays_numpy(m, size, n, seed):
     assert np.array_equal(fast, slow)
 
 
+def test_union_is_unique_with_inverse():
+    """The Gram blocks' neighbour union by marking equals np.unique(return_inverse) (duplicates, gaps, one row)."""
+    from cellrl.transitions.maths import _union
+
+    rng = np.random.default_rng(3)
+    for nb in (rng.integers(0, 50, (7, 9)), np.array([[4, 4, 4]]), rng.integers(40, 50, (3, 30))):
+        uni, inv = _union(np, nb, 50)
+        ref_uni, ref_inv = np.unique(nb.ravel(), return_inverse=True)
+        np.testing.assert_array_equal(uni, ref_uni)
+        np.testing.assert_array_equal(inv, ref_inv.reshape(nb.shape))
+
+
+def test_blas_threads_limits_and_restores():
+    """blas_threads(1) caps NumPy's BLAS inside the block and restores it after, reusing its threadpoolctl
+    controller until a module is imported."""
+    from threadpoolctl import threadpool_info
+
+    from cellrl import xp as xpmod
+
+    def blas() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas()
+    with xpmod.blas_threads(1):
+        assert blas() and set(blas()) == {1}
+        ctl = xpmod._controller()
+    assert blas() == before
+    assert xpmod._controller() is ctl  # no import since: the same controller
+    import sys
+
+    sys.modules["_cellrl_test_marker"] = sys  # a new module: the controller is rebuilt
+    try:
+        assert xpmod._controller() is not ctl
+    finally:
+        del sys.modules["_cellrl_test_marker"]
+    with xpmod.blas_threads(None):
+        assert blas() == before
+
+
 def test_propagation_equals_do_simulation(small_model):
     from celloracle.trajectory.oracle_GRN import _do_simulation
 
