@@ -22,7 +22,10 @@ CellOracle's ``knn_imputation`` and coefficients by CellOracle's ``fit_GRN_for_s
 
 Results: printed, and saved as JSON under benchmarks/out/ (git-ignored). ``--summary`` with the default
 ``--next-cell celloracle`` rewrites benchmarks/results/transitions.json; with another next-cell model it only
-replaces that model's run under ``next_cell_runs`` there (the other entries keep their numbers).
+replaces that model's run under ``next_cell_runs`` there (the other entries keep their numbers); a reference run
+keeps the other models' runs. ``--summary-file`` writes elsewhere: ``--sets paul15,demo3000 --celloracle-actions
+12 --repeats 5 [--next-cell pca_step_direction] --summary --summary-file benchmarks/results/transitions_recheck.json``
+is the re-run of the current code recorded there.
 """
 
 from __future__ import annotations
@@ -359,10 +362,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chunk-cells", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3,
                     help="full-table repeats of the engine (median reported; 1 above 2M cell-actions)")
-    ap.add_argument("--summary", action="store_true", help=f"also write {SUMMARY.relative_to(ROOT)} (or --summary-file)")
+    ap.add_argument("--summary", action="store_true",
+                    help=f"also write {SUMMARY.relative_to(ROOT)} (or --summary-file)")
     ap.add_argument("--summary-file", type=Path, default=SUMMARY,
-                    help="where --summary writes (e.g. benchmarks/results/transitions_paul15.json for a Paul15-only "
-                         "run, which leaves the reported all-sets run as it is)")
+                    help="where --summary writes (e.g. benchmarks/results/transitions_recheck.json for a re-run "
+                         "on some sets, which leaves the reported all-sets run as it is)")
     ap.add_argument("--next-cell", default="celloracle", help="transitions.next_cell of the engine's table "
                     "(CellOracle's loop is always its own)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
