@@ -284,7 +284,7 @@ def _candidate_scores(xp: ModuleType, s: Any, scores: Any, cells: Any, candidate
         near_score = xp.empty((n, A), dtype=s.dtype)
     if direction:
         dir_best = xp.empty((n, A), dtype=candidates.dtype)
-    step = min(n, n if block is None else int(block))
+    step = n if block is None else min(n, int(block))  # the rows of _blocks' slices
     # work arrays allocated once and reused by every block (fresh large temporaries cost page faults)
     D_buf, sD_buf, score_buf = (xp.empty((step, K, d)), xp.empty((step, A, K)),
                                 xp.empty((step, A, K)) if near_gain is not None else None)
